@@ -1,0 +1,321 @@
+"""Typed configs: the model (:class:`ModelConfig`) and the training run (:class:`TrainConfig`).
+
+Both are plain dataclasses whose field names form one flat namespace, so a YAML file, a
+preset and ``--field value`` on the command line all set fields the same way. Values are
+checked against the annotations, and a wrong type or an unknown name gives a one-line
+:class:`~layerlab.errors.LayerlabError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import LayerlabError, choices_error
+
+PLACEMENT_NAMES = ("post", "pre", "peri", "mix", "lns", "sandwich")
+# A per-block schedule may name only the placements that describe one block.
+BLOCK_PLACEMENTS = ("post", "pre", "peri", "lns", "sandwich")
+PLACEMENT_ALIASES = {"subln": "sandwich"}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a layerlab GPT. Saved in ``config.json`` of every model directory."""
+
+    vocab_size: int = 320
+    context: int = 256
+    layers: int = 4
+    width: int = 256
+    heads: int = 4
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp_hidden: int | None = None  # default: 4*width for gelu, 8/3*width rounded to 64 for swiglu
+    positions: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    placement: str | list[str] = "pre"
+    mix_alpha: float = 0.25
+    init: Literal["standard", "scaled"] = "scaled"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        from .norms import NORMS  # late import: norms depends on nothing but torch
+
+        if self.norm not in NORMS:
+            raise choices_error("norm", self.norm, list(NORMS))
+        if isinstance(self.placement, str):
+            self.placement = PLACEMENT_ALIASES.get(self.placement, self.placement)
+            if self.placement not in PLACEMENT_NAMES:
+                raise choices_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
+        else:
+            self.placement = [PLACEMENT_ALIASES.get(p, p) for p in self.placement]
+            for p in self.placement:
+                if p not in BLOCK_PLACEMENTS:
+                    raise choices_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
+            if len(self.placement) != self.layers:
+                raise LayerlabError(
+                    f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
+                )
+        for name in ("context", "layers", "width", "heads", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.width % self.heads:
+            raise LayerlabError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.positions == "rope" and (self.width // self.heads) % 2:
+            raise LayerlabError(f"rope needs an even head dimension, got {self.width // self.heads}")
+        if not 0.0 <= self.mix_alpha <= 1.0:
+            raise LayerlabError(f"mix_alpha must be in [0, 1], got {self.mix_alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LayerlabError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def hidden(self) -> int:
+        """Width of the MLP's inner layer."""
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":  # 2/3 of 4d keeps SwiGLU's parameters equal to GELU's (Shazeer, 2020)
+            return -(-int(8 * self.width / 3) // 64) * 64
+        return 4 * self.width
+
+    def block_placements(self) -> list[str]:
+        """The placement of each block, with mix and schedules resolved.
+
+        mix: Post-LN for the first floor(alpha*L) blocks, Pre-LN after (Li et al., 2024, Mix-LN).
+        """
+        if isinstance(self.placement, list):
+            return list(self.placement)
+        if self.placement == "mix":
+            n_post = int(self.mix_alpha * self.layers)
+            return ["post"] * n_post + ["pre"] * (self.layers - n_post)
+        return [self.placement] * self.layers
+
+    def has_final_norm(self) -> bool:
+        """Post-LN's last block already ends in a norm; every other design adds one before the head."""
+        return self.block_placements()[-1] != "post"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains. Saved in ``layerlab.json`` of every run directory."""
+
+    data: str | None = None  # None: the embedded corpus
+    tokenizer: str = "byte"
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 16
+    log_every: int = 10
+    telemetry_every: int = 50
+    save_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    compile: bool | None = None  # None: on for CUDA, off elsewhere
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LayerlabError(f"lr must be positive, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
+# Fields that may change on --resume without breaking exact continuation checks.
+RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "log_every", "telemetry_every", "save_every",
+                     "device", "compile"}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+_HINTS = {**_hints(ModelConfig), **_hints(TrainConfig)}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
+    """Return ``value`` as type ``tp``, or raise ValueError. Text from the CLI is parsed as YAML."""
+    if from_text and isinstance(value, str):
+        try:
+            value = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            pass
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, False)
+            except ValueError:
+                continue
+        raise ValueError
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ValueError
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and from_text:
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, list):
+            raise ValueError
+        return [_coerce(v, item, False) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    raise ValueError
+
+
+def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str = "config") -> dict[str, Any]:
+    """Validate names and types of a flat field dict; return it with values coerced."""
+    out = {}
+    for name, value in values.items():
+        key = name.replace("-", "_")
+        if key not in ALL_FIELDS:
+            raise LayerlabError(
+                f"unknown field {name!r} in {source}; valid fields: {', '.join(sorted(ALL_FIELDS))}"
+            )
+        tp = _HINTS[key]
+        try:
+            out[key] = _coerce(value, tp, from_text)
+        except ValueError:
+            raise LayerlabError(
+                f"field {key!r} in {source} expects {_type_name(tp)}, got {value!r}"
+            ) from None
+    return out
+
+
+def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise LayerlabError(f"{source} must be a mapping of field: value")
+    flat: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key in ("model", "train") and isinstance(value, dict):
+            flat.update(value)  # sections are optional: names are unique across both
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Fields from a YAML config file (flat, or with ``model:`` and ``train:`` sections)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LayerlabError(f"config file not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise LayerlabError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return check_fields(_flatten_yaml(doc, str(p)), source=str(p))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("layerlab.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """Fields of a shipped preset (``src/layerlab/presets/NAME.yaml``)."""
+    if name not in preset_names():
+        raise choices_error("preset", name, preset_names())
+    text = resources.files("layerlab.presets").joinpath(f"{name}.yaml").read_text()
+    return check_fields(_flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
+
+
+@dataclass
+class RunSpec:
+    """A model and a training config, plus the preset they started from."""
+
+    model: ModelConfig
+    train: TrainConfig
+    preset: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "model": self.model.to_dict(), "train": self.train.to_dict()}
+
+
+def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat field dict into (model fields, train fields)."""
+    model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
+    train = {k: v for k, v in values.items() if k in TRAIN_FIELDS}
+    return model, train
+
+
+def resolve(preset: str | None = None, config_file: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Layer preset < config file < overrides into a validated :class:`RunSpec`.
+
+    With neither a preset nor a config file, preset ``tiny`` is the base.
+    """
+    values: dict[str, Any] = {}
+    if preset is None and config_file is None:
+        preset = "tiny"
+    if preset is not None:
+        values.update(read_preset(preset))
+    if config_file is not None:
+        values.update(read_yaml(config_file))
+    values.update(check_fields(overrides or {}, source="command line"))
+    model, train = split_fields(values)
+    return RunSpec(ModelConfig(**model), TrainConfig(**train), preset=preset)

@@ -1,0 +1,303 @@
+"""The layerlab GPT: any registered norm in any placement, as a Hugging Face causal LM.
+
+Shapes: B batch, T query positions, S key positions (T + cached), C width, H heads,
+D head dim (C // H), F MLP hidden, V vocabulary.
+
+The module names are the adapter's names, so no adapter is needed for our own model:
+``embed``, ``pos`` (learned positions), ``blocks[i].{ln1, attn, ln2, mlp}``, ``ln_f``, ``lm_head``.
+Placements add ``ln1_out``/``ln2_out`` (peri) or ``attn.inner_norm``/``mlp.inner_norm`` (sandwich).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import MODEL_FIELDS, ModelConfig
+from .norms import build_norm, lns_scale
+
+
+class LayerlabConfig(PreTrainedConfig):
+    """Hugging Face view of :class:`~layerlab.config.ModelConfig` (the fields are stored as-is)."""
+
+    model_type = "layerlab"
+    attribute_map = {
+        "num_hidden_layers": "layers",
+        "hidden_size": "width",
+        "num_attention_heads": "heads",
+        "max_position_embeddings": "context",
+    }
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig) -> LayerlabConfig:
+        return cls(**cfg.to_dict(), tie_word_embeddings=cfg.tie_embeddings)
+
+    def to_model_config(self) -> ModelConfig:
+        return ModelConfig(**{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, D) for rotate-half RoPE (Su et al., 2021; GPT-NeoX/Llama layout)."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    ang = positions.float()[:, None] * inv[None, :]  # (T, D/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (T, D)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, inner_norm: bool):
+        super().__init__()
+        self.layer_idx, self.heads, self.dropout = layer_idx, cfg.heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.width, cfg.width, bias=cfg.bias)
+        self.proj.residual_out = True  # depth-scaled init applies here
+        self.inner_norm = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps) if inner_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache: Cache | None = None, mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None and T > 1,
+        )
+        y = y.transpose(1, 2).reshape(B, T, C)
+        if self.inner_norm is not None:  # Sub-LN: norm before the output projection
+            y = self.inner_norm(y)
+        return self.drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, inner_norm: bool):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        hidden = cfg.hidden
+        self.fc = nn.Linear(cfg.width, (2 if self.gated else 1) * hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.width, bias=cfg.bias)
+        self.proj.residual_out = True
+        self.inner_norm = build_norm(cfg.norm, hidden, eps=cfg.norm_eps) if inner_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.fc(x)  # (B, T, F) or (B, T, 2F)
+        if self.gated:  # SwiGLU (Shazeer, 2020)
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:  # tanh-approximated GELU, as GPT-2
+            h = F.gelu(h, approximate="tanh")
+        if self.inner_norm is not None:
+            h = self.inner_norm(h)
+        return self.drop(self.proj(h))
+
+
+# ---------------------------------------------------------------- placements
+# Each placement is the forward of one block; ``attn_kw`` carries rope, cache and mask.
+
+
+def _pre(b: Block, x, attn_kw):
+    """x = x + F(s * Norm(x)); s = 1/sqrt(l) for LNS, else 1."""
+    x = x + b.attn(b.ln1(x) * b.scale if b.scale != 1.0 else b.ln1(x), **attn_kw)
+    return x + b.mlp(b.ln2(x) * b.scale if b.scale != 1.0 else b.ln2(x))
+
+
+def _post(b: Block, x, attn_kw):
+    """x = Norm(x + F(x))."""
+    x = b.ln1(x + b.attn(x, **attn_kw))
+    return b.ln2(x + b.mlp(x))
+
+
+def _peri(b: Block, x, attn_kw):
+    """x = x + Norm_out(F(Norm_in(x)))."""
+    x = x + b.ln1_out(b.attn(b.ln1(x), **attn_kw))
+    return x + b.ln2_out(b.mlp(b.ln2(x)))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one block arranges its norms. ``forward(block, x, attn_kw)`` is the block's forward."""
+
+    forward: Callable
+    out_norms: bool = False  # peri: a norm on each sublayer's output
+    inner_norm: bool = False  # sandwich/Sub-LN: a norm inside each sublayer
+    depth_scale: bool = False  # LNS: norm outputs of block l scaled by 1/sqrt(l)
+    doc: str = ""
+
+
+PLACEMENTS: dict[str, Placement] = {
+    "pre": Placement(_pre, doc="Pre-LN: x + F(Norm(x)) (Xiong et al., 2020)"),
+    "post": Placement(_post, doc="Post-LN: Norm(x + F(x)) (Vaswani et al., 2017)"),
+    "peri": Placement(_peri, out_norms=True, doc="Peri-LN: x + Norm(F(Norm(x))) (Kim et al., 2025)"),
+    "lns": Placement(_pre, depth_scale=True, doc="LayerNorm Scaling (Sun et al., 2025, Curse of Depth)"),
+    "sandwich": Placement(_pre, inner_norm=True, doc="Sub-LN (Wang et al., 2022, Magneto)"),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, placement: str):
+        super().__init__()
+        p = PLACEMENTS[placement]
+        self.index, self.placement = index, placement
+        self.scale = lns_scale(index + 1) if p.depth_scale else 1.0
+        self.ln1 = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, index, inner_norm=p.inner_norm)
+        self.ln2 = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg, inner_norm=p.inner_norm)
+        if p.out_norms:
+            self.ln1_out = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
+            self.ln2_out = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
+        self._forward = p.forward
+
+    def forward(self, x, rope=None, cache=None, mask=None):
+        return self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
+
+    def extra_repr(self) -> str:
+        return f"placement={self.placement}, scale={self.scale:.4g}"
+
+
+class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
+    """A GPT whose every block has a configurable norm and placement."""
+
+    config_class = LayerlabConfig
+    base_model_prefix = "layerlab"
+    _tied_weights_keys = {"lm_head.weight": "embed.weight"}
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LayerlabConfig):
+        super().__init__(config)
+        cfg = config.to_model_config()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.pos = nn.Embedding(cfg.context, cfg.width) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, p) for i, p in enumerate(cfg.block_placements()))
+        self.ln_f = build_norm(cfg.norm if cfg.has_final_norm() else "none", cfg.width, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, init_std); output projections N(0, init_std/sqrt(2L)) when init is 'scaled'.
+
+        The depth scaling is GPT-2's (Radford et al., 2019). LNS turns it off, as the Curse of
+        Depth paper prescribes. Norms initialise themselves in their constructors.
+        """
+        cfg = self.config.to_model_config() if not hasattr(self, "cfg") else self.cfg
+        std = cfg.init_std
+        scaled = cfg.init == "scaled" and "lns" not in cfg.block_placements()
+        if isinstance(module, nn.Linear):
+            s = std / math.sqrt(2 * cfg.layers) if scaled and getattr(module, "residual_out", False) else std
+            nn.init.normal_(module.weight, mean=0.0, std=s)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, _ = x.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
+        if past + T > self.cfg.context and self.pos is not None:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the context of {self.cfg.context}")
+        rope = None
+        if self.pos is not None:
+            x = x + self.pos(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids[0], self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.drop(x)
+        mask = self._mask(attention_mask, B, T, past, x.device)
+
+        hidden = [] if output_hidden_states else None
+        for block in self.blocks:
+            if hidden is not None:
+                hidden.append(x)
+            x = block(x, rope=rope, cache=past_key_values, mask=mask)
+        x = self.ln_f(x)
+        if hidden is not None:  # as Hugging Face GPT-2: the last entry is after the final norm
+            hidden.append(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)  # (B, T, V)
+
+        loss = None
+        if labels is not None:  # Hugging Face convention: labels are inputs, shifted here
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+        )
+
+    @staticmethod
+    def _mask(attention_mask, B: int, T: int, past: int, device) -> torch.Tensor | None:
+        """None where plain causal attention is right; else a (B, 1, T, S) boolean mask."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and (past == 0 or T == 1):
+            return None
+        S = past + T
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
+        mask = causal[None, None].expand(B, 1, T, S)
+        if padded:
+            mask = mask & attention_mask[:, None, None, -S:].bool()
+            # a fully masked row (left padding) would give NaN: let it attend to itself
+            mask = mask | torch.eye(T, S, dtype=torch.bool, device=device).roll(past, dims=1)[None, None]
+        return mask
+
+
+def build_model(cfg: ModelConfig) -> LayerlabForCausalLM:
+    """A freshly initialised model for ``cfg``."""
+    return LayerlabForCausalLM(LayerlabConfig.from_model_config(cfg))
+
+
+def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Parameter count; tied weights counted once."""
+    seen = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in seen.values())
+    if exclude_embeddings and isinstance(model, LayerlabForCausalLM):
+        n -= model.embed.weight.numel() + (model.pos.weight.numel() if model.pos is not None else 0)
+    return n

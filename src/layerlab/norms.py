@@ -1,0 +1,296 @@
+"""Normalization modules, one registry.
+
+Every norm is built as ``NORMS[name](dim, *, eps)`` and maps ``(..., dim) -> (..., dim)``.
+Token-wise norms accept any leading shape; batch-level norms (powernorm, batchnorm, prepbn)
+treat every leading position as one sample of the batch, i.e. BatchNorm "over tokens".
+
+Definitions follow ../shared/PAPERS.md §1; constants that the abstracts leave open come from
+the papers' public code, cited in each class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import choices_error
+
+NORMS: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str):
+    """Class decorator: add a norm to the registry under ``name``."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        NORMS[name] = cls
+        cls.norm_name = name
+        return cls
+
+    return wrap
+
+
+def build_norm(name: str, dim: int, *, eps: float = 1e-5) -> nn.Module:
+    """Build a registered norm; an unknown name raises an error listing the valid ones."""
+    if name not in NORMS:
+        raise choices_error("norm", name, list(NORMS))
+    return NORMS[name](dim, eps=eps)
+
+
+@register("layernorm")
+class LayerNorm(nn.Module):
+    """(x - mean) / std * g + b (Ba et al., 2016)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+@register("rmsnorm")
+class RMSNorm(nn.Module):
+    """x / rms(x) * g (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+@register("crmsnorm")
+class CRMSNorm(nn.Module):
+    """Compressed RMSNorm (Jiang et al., 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers").
+
+    The paper stores a zero-mean d-vector in its first d-1 coordinates and recovers the last
+    as -sum(others). Our residual stream keeps all d coordinates (so placements and adapters
+    need no special case); this module reads only the first d-1 and rebuilds the last, so
+    its output equals RMSNorm(x) exactly whenever x is zero-mean, which is the case after
+    ``convert --to crmsnorm``. rms = sqrt((sum_{i<d} x_i^2 + (sum_{i<d} x_i)^2) / d).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = x[..., :-1]  # (..., d-1) stored coordinates
+        last = -head.sum(-1, keepdim=True)  # (..., 1) recovered coordinate
+        full = torch.cat([head, last], dim=-1)
+        return F.rms_norm(full, self.weight.shape, self.weight, self.eps)
+
+
+@register("dyt")
+class DyT(nn.Module):
+    """Dynamic Tanh: g * tanh(a * x) + b, learnable scalar a initialised to 0.5.
+
+    Zhu et al., 2025, "Transformers without Normalization"; init values from
+    facebookresearch/DyT ``dynamic_tanh.py`` (alpha_init_value=0.5, weight 1, bias 0).
+    """
+
+    alpha_init = 0.5
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        del eps  # DyT has no statistics to stabilise
+        self.alpha = nn.Parameter(torch.full((1,), self.alpha_init))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha * x) * self.weight + self.bias
+
+
+@register("seednorm")
+class SeeDNorm(nn.Module):
+    """Self-rescaled dynamic RMSNorm: (tanh(x·β)·α + γ) ⊙ x / rms(x).
+
+    x·β is a dot product over the hidden dimension, one scalar per token, so the scale
+    varies with the input. SeeDNorm (2025). γ starts at 1 and α at 1, β at 0, so the
+    module starts as plain RMSNorm and β still receives gradient.
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.alpha = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.tanh(x @ self.beta).unsqueeze(-1)  # (..., 1)
+        return (gate * self.alpha + self.gamma) * F.rms_norm(x, (x.shape[-1],), None, self.eps)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (N, C): every leading position is one sample of the batch."""
+    return x.reshape(-1, x.shape[-1])
+
+
+class _PowerFunction(torch.autograd.Function):
+    """Forward by a quadratic mean, backward by PowerNorm's approximate gradient.
+
+    Shen et al., 2020, "PowerNorm: Rethinking Batch Normalization in Transformers",
+    Algorithm 1, as in sIncerass/powernorm ``mask_powernorm.py``: the gradient is
+    g - (1 - alpha_bkw) * ema_gz * z, divided by the batch quadratic mean, and ema_gz
+    tracks mean(g * z) across steps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_phi, ema_gz, eps, abkw, use_batch):
+        var = (x * x).mean(dim=0, keepdim=True)  # (1, C) batch quadratic mean
+        z = x / (var + eps).sqrt() if use_batch else x / (running_phi + eps).sqrt()
+        ctx.save_for_backward(z, var, weight, ema_gz)
+        ctx.eps, ctx.abkw = eps, abkw
+        return z * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, var, weight, ema_gz = ctx.saved_tensors
+        g = grad_out * weight
+        approx = g - (1 - ctx.abkw) * ema_gz * z
+        ema_gz.add_((approx * z).mean(dim=0, keepdim=True))
+        grad_x = approx / (var + ctx.eps).sqrt()
+        return grad_x, (grad_out * z).sum(0), grad_out.sum(0), None, None, None, None, None
+
+
+@register("powernorm")
+class PowerNorm(nn.Module):
+    """PowerNorm (Shen et al., 2020): batch-level, no mean subtraction, running quadratic mean.
+
+    As in the public code (sIncerass/powernorm ``MaskPowerNorm``), the input is first divided
+    by its per-token RMS (``GroupScaling1D`` with one group); then by the batch quadratic mean
+    during the first ``warmup_iters`` training steps and by the running quadratic mean after,
+    with the approximate backward. Eval always uses the running quadratic mean.
+    Constants from that code: alpha_fwd=0.999, alpha_bkw=0.99. Its warmup of 10000 updates
+    exceeds our CPU runs, so we default to 100 and say so here.
+    """
+
+    alpha_fwd = 0.999
+    alpha_bkw = 0.99
+    warmup_iters = 100
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_phi", torch.ones(1, dim))
+        self.register_buffer("ema_gz", torch.zeros(1, dim))
+        self.register_buffer("iters", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = _flat(x)
+        x = x / (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # GroupScaling1D, one group
+        if not self.training:
+            y = x / (self.running_phi + self.eps).sqrt() * self.weight + self.bias
+            return y.reshape(shape)
+        self.iters += 1
+        it = int(self.iters)
+        use_batch = it <= self.warmup_iters
+        y = _PowerFunction.apply(
+            x, self.weight, self.bias, self.running_phi, self.ema_gz, self.eps, self.alpha_bkw, use_batch
+        )
+        with torch.no_grad():
+            var = x.detach().pow(2).mean(0, keepdim=True)
+            if it < self.warmup_iters:  # cumulative average during warmup, as the reference code does
+                self.running_phi.mul_((it - 1) / it).add_(var / it)
+            self.running_phi.mul_(self.alpha_fwd).add_((1 - self.alpha_fwd) * var)
+        return y.reshape(shape)
+
+
+@register("batchnorm")
+class BatchNorm(nn.Module):
+    """BatchNorm over tokens: statistics over every (batch, position) sample."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(_flat(x)).reshape(x.shape)
+
+
+class RepBN(nn.Module):
+    """BN(x) + η·x with a learnable scalar η (init 1), SLAB (Guo et al., 2024) ``RepBN``."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eta = nn.Parameter(torch.ones(1))
+        self.bn = nn.BatchNorm1d(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.bn(_flat(x)) + self.eta * _flat(x)).reshape(x.shape)
+
+
+@register("prepbn")
+class PRepBN(nn.Module):
+    """Progressive RepBN: γ·LN(x) + (1-γ)·RepBN(x), γ decaying linearly from 1 to 0.
+
+    SLAB (Guo et al., 2024), ``LinearNorm`` in xinghaochen/SLAB: each training forward
+    lowers a step counter; γ = remaining / total. In eval mode only RepBN is used, which
+    can be folded into the next linear layer. ``total`` is set from the run's step count
+    by :func:`set_norm_schedule` (the model config's ``norm_schedule_steps``).
+    """
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.ln = LayerNorm(dim, eps=eps)
+        self.repbn = RepBN(dim, eps=eps)
+        self.register_buffer("total", torch.zeros((), dtype=torch.long))
+        self.register_buffer("remaining", torch.zeros((), dtype=torch.long))
+
+    @property
+    def gamma(self) -> float:
+        return float(self.remaining) / max(int(self.total), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.repbn(x)
+        gamma = self.gamma
+        if self.remaining > 0:
+            self.remaining -= 1
+        if gamma == 0.0:
+            return self.repbn(x)
+        return gamma * self.ln(x) + (1 - gamma) * self.repbn(x)
+
+
+@register("none")
+class NoNorm(nn.Module):
+    """Identity: the LN-free transformer."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        del dim, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def set_norm_schedule(model: nn.Module, steps: int) -> None:
+    """Give every scheduled norm (PRepBN) its decay length in training forwards."""
+    for m in model.modules():
+        if isinstance(m, PRepBN):
+            m.total.fill_(steps)
+            m.remaining.fill_(steps)
+
+
+def is_batch_norm(name: str) -> bool:
+    """Norms whose output depends on the other samples in the batch."""
+    return name in {"powernorm", "batchnorm", "prepbn"}
+
+
+# A dimension-free constant used by LNS; kept here so placements and tests agree on it.
+def lns_scale(layer: int) -> float:
+    """LayerNorm Scaling factor for 1-indexed block ``layer``: 1/sqrt(l) (Sun et al., 2025)."""
+    return 1.0 / math.sqrt(layer)
