@@ -188,9 +188,12 @@ def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
             return value
         raise ValueError
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = list(typing.get_args(tp))
+        if from_text and isinstance(value, str) and "," in value:  # "pre,post" is a list where one is allowed
+            args.sort(key=lambda a: typing.get_origin(a) is not list)
+        for arg in args:
             try:
-                return _coerce(value, arg, False)
+                return _coerce(value, arg, from_text)
             except ValueError:
                 continue
         raise ValueError
@@ -217,6 +220,8 @@ def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
         raise ValueError
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_text and isinstance(value, str):  # YAML 1.1 reads "1e-3" as text
             return float(value)
         raise ValueError
     if tp is str:
@@ -268,11 +273,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         doc = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise LayerlabError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return check_fields(_flatten_yaml(doc, str(p)), source=str(p))
+    return check_fields(_flatten_yaml(doc, str(p)), from_text=True, source=str(p))
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("layerlab.presets").iterdir() if p.name.endswith(".yaml"))
+    files = resources.files("layerlab.presets").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
 
 
 def read_preset(name: str) -> dict[str, Any]:

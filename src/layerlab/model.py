@@ -70,7 +70,8 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, cache: Cache | None = None, mask=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -265,9 +266,8 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:  # Hugging Face convention: labels are inputs, shifted here
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+            loss = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(hidden) if hidden is not None else None,

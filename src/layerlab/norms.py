@@ -114,9 +114,10 @@ class DyT(nn.Module):
 class SeeDNorm(nn.Module):
     """Self-rescaled dynamic RMSNorm: (tanh(x·β)·α + γ) ⊙ x / rms(x).
 
-    x·β is a dot product over the hidden dimension, one scalar per token, so the scale
-    varies with the input. SeeDNorm (2025). γ starts at 1 and α at 1, β at 0, so the
-    module starts as plain RMSNorm and β still receives gradient.
+    x·β is a dot product of the raw input with β over the hidden dimension, one scalar per
+    token, so the scale varies with the input (SeeDNorm, arXiv 2510.22777). Init as the paper
+    gives for language modelling: γ = 1, α = 1, β = 0, so it starts as RMSNorm while β still
+    receives gradient. The paper's multi-head variant (one scalar per head) is not built.
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-5):
@@ -167,16 +168,18 @@ class _PowerFunction(torch.autograd.Function):
 class PowerNorm(nn.Module):
     """PowerNorm (Shen et al., 2020): batch-level, no mean subtraction, running quadratic mean.
 
-    As in the public code (sIncerass/powernorm ``MaskPowerNorm``), the input is first divided
-    by its per-token RMS (``GroupScaling1D`` with one group); then by the batch quadratic mean
-    during the first ``warmup_iters`` training steps and by the running quadratic mean after,
-    with the approximate backward. Eval always uses the running quadratic mean.
-    Constants from that code: alpha_fwd=0.999, alpha_bkw=0.99. Its warmup of 10000 updates
-    exceeds our CPU runs, so we default to 100 and say so here.
+    As in the public code (sIncerass/powernorm, ``fairseq/modules/norms/mask_powernorm.py``),
+    the input is first divided by its per-token RMS (``GroupScaling1D``); then by the batch
+    quadratic mean during the first ``warmup_iters`` training forwards and by the running
+    quadratic mean after, with the approximate backward. Eval uses the running quadratic mean.
+    Constants from that code: alpha_fwd = alpha_bkw = 0.9, eps 1e-5.
+    Two deviations, both because a norm is built from ``(dim, eps)`` alone: GroupScaling uses
+    one group (the reference uses one per attention head), and the warmup is 100 forwards
+    (the reference passes the LR warmup, 8000 updates, which exceeds our CPU runs).
     """
 
-    alpha_fwd = 0.999
-    alpha_bkw = 0.99
+    alpha_fwd = 0.9
+    alpha_bkw = 0.9
     warmup_iters = 100
 
     def __init__(self, dim: int, *, eps: float = 1e-5):
@@ -222,12 +225,19 @@ class BatchNorm(nn.Module):
 
 
 class RepBN(nn.Module):
-    """BN(x) + η·x with a learnable scalar η (init 1), SLAB (Guo et al., 2024) ``RepBN``."""
+    """BN(x) + η·x with a learnable scalar η, SLAB (Guo et al., 2024) ``RepBN``.
+
+    Init as in SLAB's language-model code (``llama/modeling/llama-350M/modeling_llama.py``):
+    η = 0 and the BN affine weight and bias = 0, so RepBN starts at zero and is learnt while
+    PRepBN's blend still leans on LayerNorm.
+    """
 
     def __init__(self, dim: int, *, eps: float = 1e-5):
         super().__init__()
-        self.eta = nn.Parameter(torch.ones(1))
+        self.eta = nn.Parameter(torch.zeros(1))
         self.bn = nn.BatchNorm1d(dim, eps=eps)
+        nn.init.zeros_(self.bn.weight)
+        nn.init.zeros_(self.bn.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.bn(_flat(x)) + self.eta * _flat(x)).reshape(x.shape)
@@ -238,7 +248,8 @@ class PRepBN(nn.Module):
     """Progressive RepBN: γ·LN(x) + (1-γ)·RepBN(x), γ decaying linearly from 1 to 0.
 
     SLAB (Guo et al., 2024), ``LinearNorm`` in xinghaochen/SLAB: each training forward
-    lowers a step counter; γ = remaining / total. In eval mode only RepBN is used, which
+    lowers a step counter; γ = remaining / total (their r0 = 1, and no LN-only warm phase,
+    as in their classification default warm=0). In eval mode only RepBN is used, which
     can be folded into the next linear layer. ``total`` is set from the run's step count
     by :func:`set_norm_schedule` (the model config's ``norm_schedule_steps``).
     """

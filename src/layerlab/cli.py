@@ -1,0 +1,137 @@
+"""The ``layerlab`` command line: thin wrappers over the public Python functions."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .errors import LayerlabError
+
+app = typer.Typer(
+    help="Build, train, analyze and compress the layers of transformer language models.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+
+
+def _quiet_hf() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def parse_extra(args: list[str]) -> dict[str, Any]:
+    """``--field value`` / ``--field=value`` pairs left over by the declared options."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise LayerlabError(f"unexpected argument {arg!r}; fields are given as --field value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise LayerlabError(f"option --{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+TRAIN_EXAMPLE = """
+Examples:
+
+  layerlab train                                   # preset tiny, embedded corpus, ~5 min on CPU
+
+  layerlab train --preset debug --norm rmsnorm --placement peri --out runs/peri
+
+  layerlab train --placement mix --mix-alpha 0.25 --layers 8 --lr 1e-3 --mlp swiglu --positions rope
+
+  layerlab train --placement pre,pre,post,post --layers 4   # a per-block schedule
+
+  layerlab train --resume runs/peri --steps 600             # continue, or extend, a run
+
+Any config field can be given as --field value (see presets in src/layerlab/presets/).
+"""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=TRAIN_EXAMPLE)
+def train(
+    ctx: typer.Context,
+    preset: Annotated[str | None, typer.Option(help="debug | tiny | small (default tiny)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file with any config fields")] = None,
+    norm: Annotated[str | None, typer.Option(help="layernorm | rmsnorm | crmsnorm | dyt | seednorm | "
+                                             "powernorm | prepbn | batchnorm | none")] = None,
+    placement: Annotated[str | None, typer.Option(
+        help="post | pre | peri | mix | lns | sandwich, or a comma-separated per-block schedule")] = None,
+    mix_alpha: Annotated[float | None, typer.Option(help="share of Post-LN blocks for mix")] = None,
+    layers: Annotated[int | None, typer.Option(help="number of blocks")] = None,
+    width: Annotated[int | None, typer.Option(help="model width")] = None,
+    data: Annotated[str | None, typer.Option(help=".txt, .jsonl, .parquet or a directory (default: embedded)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="byte | bpe:N")] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>-<placement>-<norm>-...)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue this run directory exactly")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Train a GPT with any norm and placement; the run directory is a Hugging Face model."""
+    from .train import train as run_train
+
+    overrides = {k: v for k, v in dict(norm=norm, placement=placement, mix_alpha=mix_alpha, layers=layers,
+                                       width=width, data=data, tokenizer=tokenizer, steps=steps).items()
+                 if v is not None}
+    if isinstance(overrides.get("placement"), str) and "," in overrides["placement"]:
+        overrides["placement"] = [p.strip() for p in overrides["placement"].split(",")]
+    from .config import check_fields
+
+    overrides = check_fields(overrides, source="command line")
+    overrides.update(check_fields(parse_extra(ctx.args), from_text=True, source="command line"))
+    _quiet_hf()
+    res = run_train(preset=preset, config=config, overrides=overrides, out=out, resume=resume, progress=progress)
+    typer.echo(f"model: {res.run_dir}")
+    typer.echo(f"step {res.step}: validation loss {res.val_loss:.4f} nats/token, {res.val_bpb:.4f} bits/byte")
+
+
+@app.command(epilog="Example:\n\n  layerlab sample runs/tiny-pre-layernorm-L4-d256 --prompt 'The for statement' --tokens 200")
+def sample(
+    model: Annotated[Path, typer.Argument(help="model directory")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "\n",
+    tokens: Annotated[int, typer.Option(help="new tokens to generate")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens")] = 50,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Print a continuation of PROMPT by a model directory."""
+    from .generate import sample as run_sample
+
+    _quiet_hf()
+    typer.echo(run_sample(model, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed))
+
+
+@app.command(epilog="Example:\n\n  layerlab export runs/tiny-pre-layernorm-L4-d256 --to gpt2 --out gpt2-tiny")
+def export(
+    model: Annotated[Path, typer.Argument(help="layerlab model directory")],
+    to: Annotated[str, typer.Option(help="target architecture: gpt2")] = "gpt2",
+    out: Annotated[Path, typer.Option(help="output directory")] = ...,
+) -> None:
+    """Write a layerlab model of a standard design as a plain Hugging Face model (no layerlab needed)."""
+    from .export import export as run_export
+
+    _quiet_hf()
+    typer.echo(f"wrote {run_export(model, to=to, out=out)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except LayerlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
+
+
+if __name__ == "__main__":
+    main()

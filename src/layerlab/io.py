@@ -1,0 +1,130 @@
+"""Files: atomic writes, hashes, safe loading and the ``layerlab.json`` manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerlabError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LayerlabError(f"missing file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LayerlabError(f"{path} is not valid JSON: {e}") from None
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide a result, for provenance."""
+    import numpy
+    import tokenizers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "layerlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__, "numpy": numpy.__version__, "python": platform.python_version(),
+    }
+
+
+MANIFEST = "layerlab.json"
+
+
+def write_manifest(directory: str | Path, command: str, args: dict[str, Any], **fields: Any) -> None:
+    """Write ``layerlab.json``: what was done, with which arguments, library versions, and results."""
+    atomic_write_json(Path(directory) / MANIFEST, {"command": command, "args": args, "versions": versions(), **fields})
+
+
+@contextmanager
+def output_dir(out: str | Path, *, protect: tuple[str | Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` only if the block completes.
+
+    An interrupted command leaves nothing half-written. Writing into (or inside) a
+    ``protect``-ed input directory, or over a non-empty directory, is refused.
+    """
+    out = Path(out)
+    for src in protect:
+        src = Path(src).resolve()
+        if out.resolve() == src or src in out.resolve().parents:
+            raise LayerlabError(f"refusing to write into the input directory {src}; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LayerlabError(f"output {out} already exists and is not empty; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A directory that looks like a Hugging Face model, or a one-line error saying why not."""
+    path = Path(path)
+    if not path.exists():
+        raise LayerlabError(f"model path does not exist: {path}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise LayerlabError(f"{path} is not a model directory (no config.json)")
+    return path
+
+
+def load_causal_lm(path: str | Path, device: str | None = None):
+    """Load a causal LM directory (layerlab or Hugging Face) for inference, safely.
+
+    Weights come from safetensors, or from a PyTorch file with ``weights_only=True``.
+    """
+    path = check_model_dir(path)
+    import transformers
+
+    from . import model as _registers_layerlab  # noqa: F401  (Auto class registration)
+
+    try:
+        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerlabError(f"cannot load model from {path}: {first}") from None
+    return m.to(device).eval() if device else m.eval()

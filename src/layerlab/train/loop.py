@@ -1,0 +1,334 @@
+"""The training loop: AdamW, warmup + cosine, clipping, evaluation, telemetry, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import RESUMABLE_CHANGES, ModelConfig, RunSpec, TrainConfig, check_fields, resolve
+from ..data import TokenData, build_tokenizer, iter_documents, load_tokenizer
+from ..errors import LayerlabError
+from ..io import MANIFEST, read_json, write_manifest
+from ..model import LayerlabForCausalLM, build_model, num_params
+from ..norms import set_norm_schedule
+from . import telemetry
+from .checkpoint import load_checkpoint, read_state, save_checkpoint, truncate_metrics
+
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(LayerlabError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float
+    val_bpb: float
+    params: int
+    interrupted: bool = False
+
+
+def cache_dir() -> Path:
+    """Where tokenized corpora are kept: $LAYERLAB_CACHE, else ~/.cache/layerlab."""
+    return Path(os.environ.get("LAYERLAB_CACHE") or Path.home() / ".cache" / "layerlab")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LayerlabError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LayerlabError("device cuda was asked for, but CUDA is not available")
+    return dev
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    floor = tc.lr * tc.min_lr_ratio
+    return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: never on norms' scales and shifts nor on biases (all 1-d)."""
+    decay, no_decay = [], []
+    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _step_seed(seed: int, step: int) -> int:
+    # Every step draws its batch and dropout masks from its own seed, so a resumed run
+    # replays exactly the batches and masks of an uninterrupted one without saving RNG state.
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def _differences(a: dict, b: dict, ignore: set[str]) -> list[str]:
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if k not in ignore
+            and a.get(k) != b.get(k)]
+
+
+def default_run_dir(spec: RunSpec) -> Path:
+    m = spec.model
+    placement = m.placement if isinstance(m.placement, str) else "schedule"
+    return Path("runs") / f"{spec.preset or 'custom'}-{placement}-{m.norm}-L{m.layers}-d{m.width}"
+
+
+def _saved_spec(run_dir: Path) -> RunSpec:
+    manifest = read_json(run_dir / MANIFEST)
+    if manifest.get("command") != "train":
+        raise LayerlabError(f"{run_dir} is not a layerlab training run ({MANIFEST} says {manifest.get('command')!r})")
+    args = manifest["args"]
+    return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"))
+
+
+def _comparable(spec: RunSpec) -> dict[str, Any]:
+    return {**{k: v for k, v in spec.model.to_dict().items() if k != "vocab_size"}, **spec.train.to_dict()}
+
+
+def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str, Any] | None,
+             out: str | Path | None, resume: str | Path | None) -> tuple[RunSpec, Path, bool]:
+    """Decide the spec and directory of a run, and whether it continues an existing one.
+
+    ``--resume DIR`` continues DIR with its saved config; fields given again must agree,
+    except those in ``RESUMABLE_CHANGES`` (e.g. ``steps``, to extend a run). ``--out DIR``
+    on an existing run of the same config continues it too; any other existing, non-empty
+    directory is refused.
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / MANIFEST).exists():
+            raise LayerlabError(f"cannot resume {run_dir}: not a layerlab run directory ({MANIFEST} missing)")
+        saved = _saved_spec(run_dir)
+        if preset is None and config is None:
+            asked = check_fields(overrides or {}, source="command line")
+            changed = {k: v for k, v in asked.items() if k in _comparable(saved) and _comparable(saved)[k] != v}
+        else:
+            requested = resolve(preset, config, overrides)
+            changed = {k: v for k, v in _comparable(requested).items() if _comparable(saved).get(k) != v}
+        spec = saved
+        bad = sorted(k for k in changed if k not in RESUMABLE_CHANGES)
+        if bad:
+            diffs = ", ".join(f"{k}: saved {_comparable(saved)[k]!r}, asked {changed[k]!r}" for k in bad)
+            raise LayerlabError(f"cannot resume {run_dir}: incompatible config ({diffs})")
+        for k, v in changed.items():
+            setattr(spec.train, k, v)
+        return spec, run_dir, True
+
+    spec = resolve(preset, config, overrides)
+    run_dir = Path(out) if out is not None else default_run_dir(spec)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / MANIFEST).exists():
+            raise LayerlabError(f"output directory {run_dir} exists and is not a layerlab run; choose another --out")
+        saved = _saved_spec(run_dir)
+        diffs = _differences(_comparable(saved), _comparable(spec), RESUMABLE_CHANGES)
+        if diffs:
+            raise LayerlabError(
+                f"output directory {run_dir} holds a run of a different config ({'; '.join(diffs[:4])}); "
+                "choose another --out"
+            )
+        for k in RESUMABLE_CHANGES & set(TrainConfig.__dataclass_fields__):
+            setattr(saved.train, k, getattr(spec.train, k))
+        return saved, run_dir, True
+    return spec, run_dir, False
+
+
+class _Log:
+    """Appends one JSON object per logged step to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenData, tc: TrainConfig, context: int, device, autocast) -> float:
+    """Mean cross-entropy (nats/token) over the first ``eval_batches`` validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.iter_eval_batches(tc.batch_size, context, tc.eval_batches):
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x).logits
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
+        TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )
+
+
+def train(preset: str | None = None, config: str | Path | None = None, overrides: dict[str, Any] | None = None,
+          out: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
+          echo=print) -> TrainResult:
+    """Train a layerlab GPT; the run directory is a Hugging Face model directory.
+
+    ``preset`` < ``config`` (YAML) < ``overrides`` (field: value) give the config; with none of
+    them, preset ``tiny``. Returns the final step, validation loss and bits per byte.
+    """
+    spec, run_dir, continuing = plan_run(preset, config, overrides, out, resume)
+    mc, tc = spec.model, spec.train
+    device = pick_device(tc.device)
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    use_compile = tc.compile if tc.compile is not None else device.type == "cuda"
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # ---- tokenizer and data
+    state = read_state(run_dir) if continuing else None
+    if continuing and state is not None:
+        tokenizer = load_tokenizer(run_dir)
+    else:
+        tokenizer = build_tokenizer(tc.tokenizer, lambda: iter_documents(tc.data))
+    data = TokenData.prepare(tc.data, tokenizer, cache_dir())
+    data.check_length(mc.context)
+    mc.vocab_size = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
+
+    # ---- model and optimizer
+    torch.manual_seed(tc.seed)
+    model: LayerlabForCausalLM = build_model(mc)
+    set_norm_schedule(model, tc.steps * tc.grad_accum)
+    model.to(device)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                                  fused=fused or None)
+    start = 0
+    if state is not None:
+        start = load_checkpoint(run_dir, model, optimizer)
+        model.to(device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if start == 0:
+        tokenizer.save(run_dir)
+        (run_dir / METRICS).unlink(missing_ok=True)
+    truncate_metrics(run_dir / METRICS, start)
+    n_params = num_params(model)
+
+    results: dict[str, Any] = dict(state.get("results", {})) if state else {}
+
+    def manifest(status: str) -> None:
+        write_manifest(run_dir, "train", spec.to_dict(), status=status, params=n_params,
+                       data={"source": tc.data or "embedded", "tokens": data.n_tokens, "bytes": data.n_bytes,
+                             "tokenizer": tokenizer.name}, results=results)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, model, optimizer, step, {"results": results})
+
+    manifest("running")
+    if start >= tc.steps:
+        echo(f"{run_dir} is already trained to step {start} of {tc.steps}")
+        return TrainResult(run_dir, start, results.get("val_loss", float("nan")),
+                           results.get("val_bpb", float("nan")), n_params)
+    echo(f"{'resuming' if start else 'training'} {n_params / 1e6:.2f}M params on {device} "
+         f"({mc.layers} layers, width {mc.width}, {mc.norm}, {mc.placement}) -> {run_dir}")
+
+    step_fn = torch.compile(model) if use_compile else model
+    log = _Log(run_dir / METRICS)
+    tokens_per_step = tc.batch_size * mc.context * tc.grad_accum
+    bpb = 1 / (math.log(2) * data.bytes_per_token)
+    model.train()
+    step = start
+    interrupted = False
+    last_val = results.get("val_loss")
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task("train", total=tc.steps, completed=start, loss="-", val="-", tps="-")
+            if start == 0:  # the step-0 validation loss, as a baseline for "did it learn"
+                results["val_loss_step0"] = evaluate(model, data, tc, mc.context, device, autocast)
+                log.write({"step": 0, "val_loss": results["val_loss_step0"],
+                           "val_bpb": results["val_loss_step0"] * bpb})
+            t_last, tok_since = time.perf_counter(), 0
+            while step < tc.steps:
+                lr = lr_at(step, tc)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(_step_seed(tc.seed, step))
+                gen = torch.Generator().manual_seed(_step_seed(tc.seed, step))
+                want_tel = tc.telemetry_every > 0 and (step + 1) % tc.telemetry_every == 0
+                loss_sum = 0.0
+                stats_ctx = telemetry.residual_stats(model) if want_tel else nullcontext({})
+                with stats_ctx as stats:
+                    for micro in range(tc.grad_accum):
+                        x, y = data.get_batch("train", tc.batch_size, mc.context, gen)
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        with autocast():
+                            logits = step_fn(x).logits
+                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                        (loss / tc.grad_accum).backward()
+                        loss_sum += float(loss.detach())
+                loss_val = loss_sum / tc.grad_accum
+                if not math.isfinite(loss_val):
+                    saved = read_state(run_dir)
+                    kept = f"last good checkpoint (step {saved['step']}) kept" if saved else "no checkpoint was saved"
+                    raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}; stopped, {kept} in {run_dir}")
+                record: dict[str, Any] = {}
+                if want_tel:
+                    record["grad_norm_block"] = telemetry.grad_norms(model)
+                    before = telemetry.snapshot(model)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tok_since += tokens_per_step
+                if want_tel:
+                    record["update_ratio_block"] = telemetry.update_ratios(model, before)
+                    record["resid_rms_block"] = stats["resid_rms"]
+                    record["max_abs_block"] = stats["max_abs"]
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    last_val = evaluate(model, data, tc, mc.context, device, autocast)
+                    record.update(val_loss=last_val, val_bpb=last_val * bpb)
+                    results.update(val_loss=last_val, val_bpb=last_val * bpb, step=step)
+                if step % tc.log_every == 0 or record or step == tc.steps:
+                    now = time.perf_counter()
+                    tps = tok_since / max(now - t_last, 1e-9)
+                    t_last, tok_since = now, 0
+                    log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                               "tokens": step * tokens_per_step, "tok_per_s": tps, **record})
+                    bar.update(task, loss=f"{loss_val:.3f}", tps=f"{tps:,.0f}")
+                if "val_loss" in record:
+                    bar.update(task, val=f"{last_val:.3f}")
+                bar.update(task, completed=step)
+                if step % tc.save_every == 0 or step == tc.steps:
+                    checkpoint(step)
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint(step)
+        echo(f"interrupted: checkpoint of step {step} saved; continue with: layerlab train --resume {run_dir}")
+    finally:
+        log.close()
+    manifest("interrupted" if interrupted else "finished")
+    if interrupted:
+        raise SystemExit(130)
+    return TrainResult(run_dir, step, last_val, last_val * bpb, n_params)

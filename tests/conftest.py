@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+from layerlab.config import ModelConfig
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Token caches go to a per-session folder, never the user's ~/.cache."""
+    os.environ["LAYERLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    """A model small enough that a forward and backward take milliseconds."""
+    base = dict(layers=3, width=32, heads=2, context=16, vocab_size=64)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def perturb(model, scale: float = 0.05, seed: int = 0):
+    """Move every parameter off its init so that tests see more than ones and zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
