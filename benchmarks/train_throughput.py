@@ -22,7 +22,7 @@ round to round) so that machine noise hits all of them alike. The MEDIAN over ro
 with the ratios layerlab / HF, layerlab / x-transformers and layerlab / max(peers).
 
 MFU: the machine's fp32 matmul peak is measured in the same run (``--peak-size`` square ``torch.mm``,
-a few samples before the rounds and one per round; median GFLOP/s). Model FLOPs per token are
+two samples after every round, so it sees the same noise as the models; median GFLOP/s). Model FLOPs per token are
 estimated as ``6 * N + 12 * layers * width * context`` with N the non-embedding parameters (Kaplan et
 al., 2020, "Scaling Laws for Neural Language Models", Table 1, forward 2N + 2·L·T·d, times 3 for
 training; Chowdhery et al., 2022, PaLM, Appendix B, "6N + 12LHQT"). MFU = achieved FLOP/s / peak.
@@ -36,7 +36,7 @@ each is printed relative to layernorm.
 Run (``pip install -e '.[bench]'`` gives x-transformers)::
 
     python benchmarks/train_throughput.py                      # widths 256 512, 5 rounds of 10 steps
-    python benchmarks/train_throughput.py --quick              # smoke test, < 1 minute on 2 CPU cores
+    python benchmarks/train_throughput.py --quick              # smoke test (batch 2 x 128 tokens), < 1 minute
     python benchmarks/train_throughput.py --widths 256 --no-norms --json out.json
 
 Results for the reference machine are in ``docs/performance.md``.
@@ -257,22 +257,32 @@ def bench_width(width: int, args, device: torch.device, peak: list[float]) -> di
         if abs(p - ref) / ref > 0.01:
             print(f"  WARNING: {name} differs from layerlab by more than 1% in parameters")
 
-    def peak_sample() -> None:
-        peak.extend(matmul_gflops(args.peak_size, device, 1))
-
-    round_robin(runners, batches, args.warmup, args.repeats, device, between=peak_sample, label=f"w{width} ")
+    round_robin(runners, batches, args.warmup, args.repeats, device, between=peak_sampler(args, device, peak),
+                label=f"w{width} ")
     tokens = args.batch * args.context
     for r in runners:
         med = statistics.median(r.samples)
         info[r.name].update(step_s_samples=r.samples, step_s_median=med, tok_s_median=tokens / med,
                             tok_s_samples=[tokens / s for s in r.samples])
     ll, hfv, xt = (info[n]["tok_s_median"] for n in IMPLS)
+    ours, hf_s, xt_s = (r.samples for r in runners)
     return {"width": width, "layers": cfg.layers, "heads": cfg.heads, "context": cfg.context, "batch": args.batch,
             "impls": info, "ratio_vs_hf": ll / hfv, "ratio_vs_xtransformers": ll / xt,
-            "ratio_vs_best_peer": ll / max(hfv, xt)}
+            "ratio_vs_best_peer": ll / max(hfv, xt), "paired_ratio_vs_hf": paired_speedup(ours, hf_s),
+            "paired_ratio_vs_xtransformers": paired_speedup(ours, xt_s)}
 
 
-def bench_norms(args, device: torch.device) -> dict:
+def paired_speedup(ours: list[float], theirs: list[float]) -> float:
+    """Median over rounds of theirs / ours step time within the same round (round-level noise cancels)."""
+    return statistics.median(t / o for o, t in zip(ours, theirs))
+
+
+def peak_sampler(args, device: torch.device, peak: list[float]) -> Callable[[], None]:
+    """Called after each round: two fp32 matmul samples into ``peak``."""
+    return lambda: peak.extend(matmul_gflops(args.peak_size, device, 2))
+
+
+def bench_norms(args, device: torch.device, peak: list[float]) -> dict:
     batches = make_batches(args.steps, args.batch, args.context, device, args.seed)
     runners = []
     for norm in NORMS:
@@ -285,10 +295,12 @@ def bench_norms(args, device: torch.device) -> dict:
         runners.append(make_runner(norm, model, logits, device))
     print(f"\nper-norm timing: layerlab width 256, layers {args.layers}, placement pre, "
           f"{args.steps} steps x {args.repeats} rounds")
-    round_robin(runners, batches, args.warmup, args.repeats, device, label="norms ")
-    base = statistics.median(runners[0].samples)
+    round_robin(runners, batches, args.warmup, args.repeats, device, between=peak_sampler(args, device, peak),
+                label="norms ")
+    base = runners[0]
     return {r.name: {"step_s_median": statistics.median(r.samples), "step_s_samples": r.samples,
-                     "relative_to_layernorm": statistics.median(r.samples) / base} for r in runners}
+                     "relative_to_layernorm": statistics.median(r.samples) / statistics.median(base.samples),
+                     "paired_relative_to_layernorm": 1 / paired_speedup(r.samples, base.samples)} for r in runners}
 
 
 # ---------------------------------------------------------------- report
@@ -308,17 +320,20 @@ def print_report(results: dict) -> None:
             d = w["impls"][name]
             print(f"| {w['width']} | {name} | {d['params']:,d} | {d['tok_s_median']:,.0f} | "
                   f"{d['achieved_gflops']:.1f} | {d['mfu'] * 100:.1f}% | {ll / d['tok_s_median']:.3f}x |")
-    print("\n| width | layerlab / HF | layerlab / x-transformers | layerlab / max(peers) | target >= 1.0 |")
+    print("\nratios of median tok/s (in brackets: median over rounds of the same-round ratio)\n")
+    print("| width | layerlab / HF | layerlab / x-transformers | layerlab / max(peers) | target >= 1.0 |")
     print("|---:|---:|---:|---:|---|")
     for w in results["widths"]:
         met = "met" if w["ratio_vs_best_peer"] >= 1.0 else "NOT met"
-        print(f"| {w['width']} | {w['ratio_vs_hf']:.3f}x | {w['ratio_vs_xtransformers']:.3f}x | "
+        print(f"| {w['width']} | {w['ratio_vs_hf']:.3f}x ({w['paired_ratio_vs_hf']:.3f}x) | "
+              f"{w['ratio_vs_xtransformers']:.3f}x ({w['paired_ratio_vs_xtransformers']:.3f}x) | "
               f"{w['ratio_vs_best_peer']:.3f}x | {met} |")
     if results.get("norms"):
-        print("\n| norm | median step (ms) | relative to layernorm |")
-        print("|---|---:|---:|")
+        print("\n| norm | median step (ms) | relative to layernorm | same-round ratio, median |")
+        print("|---|---:|---:|---:|")
         for name, d in results["norms"].items():
-            print(f"| {name} | {d['step_s_median'] * 1e3:.1f} | {d['relative_to_layernorm']:.2f}x |")
+            print(f"| {name} | {d['step_s_median'] * 1e3:.1f} | {d['relative_to_layernorm']:.2f}x | "
+                  f"{d['paired_relative_to_layernorm']:.2f}x |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -326,8 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512])
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=None, help="sequence length (default 256; --quick: 128)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; --quick: 2)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
@@ -335,11 +350,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time every registered norm (default on)")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the fp32 peak")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="smoke test: width 256, 2 rounds of 3 steps")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: width 256, 2 rounds of 3 steps, batch 2 x context 128 unless given")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # a full-size step takes seconds on 2 cores, so the smoke test also shrinks the batch
         args.widths, args.repeats, args.steps, args.warmup = [256], 2, 3, 2
+    args.batch = args.batch or (2 if args.quick else 8)
+    args.context = args.context or (128 if args.quick else 256)
     return args
 
 
@@ -359,21 +377,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device {device} ({dev_name}), {os.cpu_count()} CPU cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, x-transformers {xt_version}")
 
-    matmul_gflops(args.peak_size, device, 2)  # warm the BLAS
-    peak = matmul_gflops(args.peak_size, device, 5)
-    print(f"fp32 matmul warm-up samples: {', '.join(f'{g:.1f}' for g in peak)} GFLOP/s")
+    warm = matmul_gflops(args.peak_size, device, 3)  # warms the BLAS; not part of the peak
+    print(f"fp32 matmul warm-up: {', '.join(f'{g:.1f}' for g in warm)} GFLOP/s")
+    peak: list[float] = []  # filled between rounds, so that the peak sees the same noise as the models
     widths = [bench_width(w, args, device, peak) for w in args.widths]
+    norms = bench_norms(args, device, peak) if args.norms else None
     peak_med = statistics.median(peak)
     for w in widths:
         for d in w["impls"].values():
             d["achieved_gflops"] = d["tok_s_median"] * d["flops_per_token"] / 1e9
             d["mfu"] = d["achieved_gflops"] / peak_med
     results = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "command": " ".join(["python", *sys.argv]) if argv is None else " ".join(argv),
         "args": vars(args), "device": str(device), "device_name": dev_name, "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "x_transformers": xt_version, "peak_gflops_samples": peak, "peak_gflops_median": peak_med,
-        "widths": widths, "norms": bench_norms(args, device) if args.norms else None,
+        "x_transformers": xt_version, "peak_warmup_gflops": warm, "peak_gflops_samples": peak,
+        "peak_gflops_median": peak_med, "widths": widths, "norms": norms,
     }
     print_report(results)
     if args.json:

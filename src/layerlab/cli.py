@@ -74,7 +74,7 @@ def train(
     data: Annotated[str | None, typer.Option(help=".txt, .jsonl, .parquet or a directory (default: embedded)")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="byte | bpe:N")] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>-<placement>-<norm>-...)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>-<placement>-<norm>-…)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run directory exactly")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
@@ -96,7 +96,10 @@ def train(
     typer.echo(f"step {res.step}: validation loss {res.val_loss:.4f} nats/token, {res.val_bpb:.4f} bits/byte")
 
 
-@app.command(epilog="Example:\n\n  layerlab sample runs/tiny-pre-layernorm-L4-d256 --prompt 'The for statement' --tokens 200")
+SAMPLE_EXAMPLE = "Example:\n\n  layerlab sample runs/tiny-pre-layernorm-L4-d256 --prompt 'The for statement'"
+
+
+@app.command(epilog=SAMPLE_EXAMPLE)
 def sample(
     model: Annotated[Path, typer.Argument(help="model directory")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "\n",

@@ -95,8 +95,11 @@ def _saved_spec(run_dir: Path) -> RunSpec:
     manifest = read_json(run_dir / MANIFEST)
     if manifest.get("command") != "train":
         raise LayerlabError(f"{run_dir} is not a layerlab training run ({MANIFEST} says {manifest.get('command')!r})")
-    args = manifest["args"]
-    return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"))
+    try:
+        args = manifest["args"]
+        return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"))
+    except (KeyError, TypeError) as e:
+        raise LayerlabError(f"{run_dir / MANIFEST} does not hold a readable run config ({e})") from None
 
 
 def _comparable(spec: RunSpec) -> dict[str, Any]:
@@ -114,6 +117,8 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
     """
     if resume is not None:
         run_dir = Path(resume)
+        if out is not None and Path(out).resolve() != run_dir.resolve():
+            raise LayerlabError("--resume continues a run in its own directory; drop --out or make it the same")
         if not (run_dir / MANIFEST).exists():
             raise LayerlabError(f"cannot resume {run_dir}: not a layerlab run directory ({MANIFEST} missing)")
         saved = _saved_spec(run_dir)

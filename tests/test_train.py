@@ -1,0 +1,211 @@
+"""Training end to end on the debug preset: outputs, exact resume, divergence, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import layerlab
+from layerlab.errors import LayerlabError
+from layerlab.train import TrainingDiverged, train
+from layerlab.train import checkpoint as ckpt_mod
+from layerlab.train import loop as loop_mod
+
+FAST = {"steps": 12, "eval_every": 6, "save_every": 4, "log_every": 1, "telemetry_every": 3}
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "debug"
+    res = train(preset="debug", overrides=dict(FAST), out=out, progress=False, echo=lambda *a: None)
+    return res
+
+
+def test_run_directory_is_a_hugging_face_model(debug_run):
+    d = debug_run.run_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.jsonl",
+                 "layerlab.json", "optimizer.pt", "trainer_state.json"):
+        assert (d / name).exists(), name
+    model = AutoModelForCausalLM.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+    assert isinstance(tok.decode(out[0]), str)
+
+
+def test_result_and_manifest(debug_run):
+    assert debug_run.step == 12
+    assert math.isfinite(debug_run.val_loss) and debug_run.val_bpb > 0
+    man = json.loads((debug_run.run_dir / "layerlab.json").read_text())
+    assert man["command"] == "train" and man["status"] == "finished"
+    assert man["args"]["model"]["layers"] == 2 and "torch" in man["versions"]
+    assert man["results"]["val_loss"] == pytest.approx(debug_run.val_loss)
+    assert man["results"]["val_loss_step0"] > man["results"]["val_loss"], "the model must learn"
+
+
+def test_metrics_hold_per_block_telemetry(debug_run):
+    rows = _metrics(debug_run.run_dir)
+    tel = [r for r in rows if "grad_norm_block" in r]
+    assert [r["step"] for r in tel] == [3, 6, 9, 12]
+    for key in ("grad_norm_block", "update_ratio_block", "resid_rms_block", "max_abs_block"):
+        assert len(tel[0][key]) == 2 and all(v > 0 and math.isfinite(v) for v in tel[0][key])
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 12]
+
+
+def test_saved_model_gives_identical_logits(debug_run):
+    model = AutoModelForCausalLM.from_pretrained(debug_run.run_dir).eval()
+    again = AutoModelForCausalLM.from_pretrained(debug_run.run_dir).eval()
+    x = torch.randint(0, 256, (2, 32))
+    assert torch.equal(model(x).logits, again(x).logits)
+
+
+def test_rerunning_a_finished_run_is_a_no_op(debug_run):
+    before = (debug_run.run_dir / "model.safetensors").read_bytes()
+    res = train(preset="debug", overrides=dict(FAST), out=debug_run.run_dir, progress=False, echo=lambda *a: None)
+    assert res.step == 12 and (debug_run.run_dir / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "prepbn"])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, norm):
+    """Ctrl-C at step 4 saves a checkpoint; resuming gives the same loss at every later step."""
+    over = dict(FAST, norm=norm, dropout=0.1)
+    full = train(preset="debug", overrides=over, out=tmp_path / "full", progress=False, echo=lambda *a: None)
+
+    real_save = ckpt_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_interrupt(run_dir, model, optimizer, step, extra=None):
+        real_save(run_dir, model, optimizer, step, extra)
+        calls["n"] += 1
+        if step == 4 and calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        train(preset="debug", overrides=over, out=tmp_path / "cut", progress=False, echo=lambda *a: None)
+    assert e.value.code == 130
+    assert json.loads((tmp_path / "cut" / "trainer_state.json").read_text())["step"] == 4
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    resumed = train(resume=tmp_path / "cut", progress=False, echo=lambda *a: None)
+    a, b = _losses(full.run_dir), _losses(resumed.run_dir)
+    assert sorted(a) == sorted(b)
+    assert all(a[k] == b[k] for k in a), {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+    assert resumed.val_loss == full.val_loss
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real_ce = loop_mod.F.cross_entropy
+    calls = {"n": 0}
+
+    class FakeF:
+        def __getattr__(self, name):
+            return getattr(torch.nn.functional, name)
+
+        @staticmethod
+        def cross_entropy(logits, y, **kw):
+            calls["n"] += 1
+            loss = real_ce(logits, y, **kw)
+            return loss * float("nan") if calls["n"] > 6 and not kw else loss
+
+    monkeypatch.setattr(loop_mod, "F", FakeF())
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step \d+; stopped, last good checkpoint "
+                                               r"\(step 4\) kept"):
+        train(preset="debug", overrides=dict(FAST), out=tmp_path / "nan", progress=False, echo=lambda *a: None)
+    assert json.loads((tmp_path / "nan" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_non_utf8_text_trains(tmp_path):
+    f = tmp_path / "bin.txt"
+    f.write_bytes(b"\xff\xfe\x00 caf\xe9 " * 400 + "plain text é ✓ ".encode() * 200)
+    res = train(preset="debug", overrides={"data": str(f), "steps": 2, "eval_every": 2}, out=tmp_path / "r",
+                progress=False, echo=lambda *a: None)
+    assert math.isfinite(res.val_loss)
+
+
+def test_bpe_tokenizer_run_loads_with_auto_tokenizer(tmp_path):
+    res = train(preset="debug", overrides={"tokenizer": "bpe:300", "steps": 2, "eval_every": 2},
+                out=tmp_path / "bpe", progress=False, echo=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(res.run_dir)
+    assert len(tok) == 300
+    assert AutoModelForCausalLM.from_pretrained(res.run_dir).config.vocab_size == 320
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"norm": "layernrom"}, "unknown norm 'layernrom'; valid: .*rmsnorm"),
+    ({"placement": "middle"}, "unknown placement 'middle'; valid: "),
+    ({"data": "/no/such/file.txt"}, "data path does not exist"),
+])
+def test_bad_input_errors(tmp_path, overrides, message):
+    with pytest.raises(LayerlabError, match=message):
+        train(preset="debug", overrides=overrides, out=tmp_path / "x", progress=False, echo=lambda *a: None)
+
+
+def test_empty_and_short_data(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(LayerlabError, match="data is empty"):
+        train(preset="debug", overrides={"data": str(empty)}, out=tmp_path / "a", progress=False)
+    short = tmp_path / "short.txt"
+    short.write_text("too short " * 20)
+    with pytest.raises(LayerlabError, match="data too short: validation split has \\d+ tokens, need at least 65"):
+        train(preset="debug", overrides={"data": str(short)}, out=tmp_path / "b", progress=False)
+
+
+def test_existing_directories_are_protected(tmp_path, debug_run):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(LayerlabError, match="exists and is not a layerlab run"):
+        train(preset="debug", out=other, progress=False)
+    with pytest.raises(LayerlabError, match="holds a run of a different config \\(layers: 2 -> 3"):
+        train(preset="debug", overrides=dict(FAST, layers=3), out=debug_run.run_dir, progress=False)
+    with pytest.raises(LayerlabError, match="cannot resume .*: incompatible config \\(width: saved 64, asked 128\\)"):
+        train(resume=debug_run.run_dir, overrides={"width": 128}, progress=False)
+    with pytest.raises(LayerlabError, match="not a layerlab run directory"):
+        train(resume=other, progress=False)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "layerlab", "train", "--preset", "debug", "--norm", "fancy", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("error: unknown norm 'fancy'; valid:")
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_cli_train_and_sample(tmp_path):
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    r = runner.invoke(app, ["train", "--preset", "debug", "--steps", "3", "--eval-every", "3", "--lr", "1e-3",
+                            "--placement", "pre,post", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"model: {out}" in r.output and "bits/byte" in r.output
+    man = json.loads((out / "layerlab.json").read_text())
+    assert man["args"]["train"]["lr"] == 1e-3 and man["args"]["model"]["placement"] == ["pre", "post"]
+    r = runner.invoke(app, ["sample", str(out), "--prompt", "The ", "--tokens", "10", "--temperature", "0"])
+    assert r.exit_code == 0 and r.output.startswith("The ")
+    r = runner.invoke(app, ["train", "--help"])
+    assert "Examples" in r.output
+
+
+def test_layerlab_import_registers_auto_classes():
+    from transformers import AutoConfig
+
+    assert AutoConfig.for_model("layerlab").__class__ is layerlab.LayerlabConfig
