@@ -18,8 +18,13 @@ The loss is computed the same way for all three, outside the model, from ``model
 
 Method: each model is warmed up (``--warmup`` steps), then the implementations ALTERNATE in rounds
 (``--repeats`` rounds; each round times ``--steps`` steps of every model, the order rotating from
-round to round) so that machine noise hits all of them alike. The MEDIAN over rounds is reported,
-with the ratios layerlab / HF, layerlab / x-transformers and layerlab / max(peers).
+round to round) so that machine noise hits all of them alike. Within a round the models take turns
+step by step (``--interleave step``, the default: A B C A B C ...; ``block`` runs A A A B B B C C C),
+because on a shared 2-core machine a slow spell of ten seconds or more would otherwise land on one
+model's block. Each step is timed on its own (fixed random batches, the same for every model). The MEDIAN
+over rounds of each model's mean step time is reported as tokens/s, with the ratios layerlab / HF,
+layerlab / x-transformers and layerlab / max(peers); in brackets, the median over rounds of the
+same-round ratio, in which a round-long slowdown cancels.
 
 MFU: the machine's fp32 matmul peak is measured in the same run (``--peak-size`` square ``torch.mm``,
 two samples after every round, so it sees the same noise as the models; median GFLOP/s). Model FLOPs per token are
@@ -188,15 +193,13 @@ def make_batches(n: int, batch: int, context: int, device: torch.device, seed: i
     return out
 
 
-def time_steps(runner: Runner, batches: list[tuple], device: torch.device) -> float:
-    """Seconds per step over all ``batches``."""
-    gc.collect()
+def time_step(runner: Runner, inp: torch.Tensor, tgt: torch.Tensor, device: torch.device) -> float:
+    """Seconds of one training step."""
     sync(device)
     t0 = time.perf_counter()
-    for inp, tgt in batches:
-        runner.step(inp, tgt)
+    runner.step(inp, tgt)
     sync(device)
-    return (time.perf_counter() - t0) / len(batches)
+    return time.perf_counter() - t0
 
 
 def matmul_gflops(size: int, device: torch.device, repeats: int = 1) -> list[float]:
@@ -213,22 +216,37 @@ def matmul_gflops(size: int, device: torch.device, repeats: int = 1) -> list[flo
     return out
 
 
-def round_robin(runners: list[Runner], batches: list[tuple], warmup: int, repeats: int, device: torch.device,
+def round_robin(runners: list[Runner], batches: list[tuple], args, device: torch.device,
                 between: Callable[[], None] | None = None, label: str = "") -> None:
-    """Warm up every runner, then time them in ``repeats`` alternating rounds (order rotating)."""
+    """Warm up every runner, then time them in ``args.repeats`` alternating rounds (order rotating).
+
+    Each round times ``len(batches)`` steps of every runner. With ``args.interleave == "step"`` the
+    runners take turns step by step within the round (A B C A B C ...), so that a noise burst of a few
+    seconds lands on all of them; with ``"block"`` each runner does its steps in one block (AAA BBB CCC).
+    """
     for r in runners:
-        for i in range(warmup):
+        for i in range(args.warmup):
             loss = r.step(*batches[i % len(batches)])
         if not torch.isfinite(loss):
             raise RuntimeError(f"{r.name}: non-finite loss during warmup")
-    for k in range(repeats):
+    for k in range(args.repeats):
         order = runners[k % len(runners):] + runners[:k % len(runners)]
-        for r in order:
-            r.samples.append(time_steps(r, batches, device))
+        spent = {r.name: 0.0 for r in runners}
+        gc.collect()
+        if args.interleave == "step":
+            for inp, tgt in batches:
+                for r in order:
+                    spent[r.name] += time_step(r, inp, tgt, device)
+        else:
+            for r in order:
+                for inp, tgt in batches:
+                    spent[r.name] += time_step(r, inp, tgt, device)
+        for r in runners:
+            r.samples.append(spent[r.name] / len(batches))
         if between is not None:
             between()
         line = "  ".join(f"{r.name} {r.samples[-1] * 1e3:7.1f} ms" for r in runners)
-        print(f"  {label}round {k + 1}/{repeats}: {line}", flush=True)
+        print(f"  {label}round {k + 1}/{args.repeats}: {line}", flush=True)
 
 
 # ---------------------------------------------------------------- runs
@@ -257,8 +275,7 @@ def bench_width(width: int, args, device: torch.device, peak: list[float]) -> di
         if abs(p - ref) / ref > 0.01:
             print(f"  WARNING: {name} differs from layerlab by more than 1% in parameters")
 
-    round_robin(runners, batches, args.warmup, args.repeats, device, between=peak_sampler(args, device, peak),
-                label=f"w{width} ")
+    round_robin(runners, batches, args, device, between=peak_sampler(args, device, peak), label=f"w{width} ")
     tokens = args.batch * args.context
     for r in runners:
         med = statistics.median(r.samples)
@@ -295,8 +312,7 @@ def bench_norms(args, device: torch.device, peak: list[float]) -> dict:
         runners.append(make_runner(norm, model, logits, device))
     print(f"\nper-norm timing: layerlab width 256, layers {args.layers}, placement pre, "
           f"{args.steps} steps x {args.repeats} rounds")
-    round_robin(runners, batches, args.warmup, args.repeats, device, between=peak_sampler(args, device, peak),
-                label="norms ")
+    round_robin(runners, batches, args, device, between=peak_sampler(args, device, peak), label="norms ")
     base = runners[0]
     return {r.name: {"step_s_median": statistics.median(r.samples), "step_s_samples": r.samples,
                      "relative_to_layernorm": statistics.median(r.samples) / statistics.median(base.samples),
@@ -346,6 +362,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model per round")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before the rounds")
+    p.add_argument("--interleave", choices=("step", "block"), default="step",
+                   help="within a round, alternate models every step (default) or run each model's steps in a block")
     p.add_argument("--norms", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every registered norm (default on)")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the fp32 peak")

@@ -1,0 +1,266 @@
+"""LayerView: any supported model as an ordered list of blocks with named parts.
+
+One registry entry per architecture maps the fixed names (``ln1``, ``attn``, ``ln2``, ``mlp``,
+final norm, unembedding) onto the model's module paths, as TransformerLens'
+``component_mapping`` does. layerlab's own model uses these names natively.
+
+Everything that reads or edits layers goes through a :class:`LayerView`:
+- :meth:`LayerView.trace` hooks the residual stream entering and leaving each block and the
+  output each sublayer adds to it, for one forward at a time;
+- :meth:`LayerView.skip` runs the model with blocks removed, without copying it;
+- :meth:`LayerView.linears` lists a block's linear weights as (out, in) matrices;
+- :meth:`LayerView.replace` swaps a named part (a norm, say) for another module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import LayerlabError
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module paths of one architecture, relative to the loaded model."""
+
+    blocks: str
+    embed: str
+    final_norm: str | None
+    unembed: str | None
+    parts: dict[str, str]  # fixed name -> path inside a block; missing parts are absent
+    attn_out: str  # path inside a block whose output is what attention adds to the residual stream
+    mlp_out: str  # likewise for the MLP
+    causal: bool
+    placement: str  # where the norms sit: "pre" or "post" (layerlab models say per block)
+
+
+ARCHS: dict[str, Arch] = {
+    "layerlab": Arch("blocks", "embed", "ln_f", "lm_head", {"ln1": "ln1", "attn": "attn", "ln2": "ln2", "mlp": "mlp"},
+                     "attn", "mlp", causal=True, placement="per-block"),
+    "gpt2": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
+                 {"ln1": "ln_1", "attn": "attn", "ln2": "ln_2", "mlp": "mlp"}, "attn", "mlp",
+                 causal=True, placement="pre"),
+    "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                  {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                  "self_attn", "mlp", causal=True, placement="pre"),
+    "bert": Arch("encoder.layer", "embeddings", None, None,
+                 {"ln1": "attention.output.LayerNorm", "attn": "attention", "ln2": "output.LayerNorm",
+                  "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post"),
+}
+# model_type (config.json) -> architecture entry
+MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+               "bert": "bert"}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _first(x):
+    """The hidden states of a module output that may be a tensor or a tuple."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@dataclass
+class BlockView:
+    index: int
+    module: nn.Module
+    parts: dict[str, nn.Module]
+    attn_out: nn.Module
+    mlp_out: nn.Module
+
+    def __getattr__(self, name: str) -> nn.Module | None:
+        parts = self.__dict__.get("parts", {})
+        if name in ("ln1", "attn", "ln2", "mlp"):
+            return parts.get(name)
+        raise AttributeError(name)
+
+
+@dataclass
+class Trace:
+    """What one traced forward recorded: lists indexed by block.
+
+    ``resid_in[l]`` (B, T, C) enters block l, ``resid_out[l]`` leaves it, ``attn[l]`` and
+    ``mlp[l]`` are what each sublayer adds, ``mid[l]`` is the stream the MLP's residual
+    branch starts from (after attention was added, and normalised in Post-LN). Entries are replaced on every forward; a metric
+    reduces them to running statistics before the next batch.
+    """
+
+    resid_in: list[torch.Tensor | None] = field(default_factory=list)
+    resid_out: list[torch.Tensor | None] = field(default_factory=list)
+    attn: list[torch.Tensor | None] = field(default_factory=list)
+    mlp: list[torch.Tensor | None] = field(default_factory=list)
+    mid: list[torch.Tensor | None] = field(default_factory=list)  # the stream between attention and MLP
+    final: torch.Tensor | None = None  # the final norm's output
+
+
+class LayerView:
+    """An ordered list of blocks with named parts, over any supported model."""
+
+    def __init__(self, model: nn.Module, arch_name: str):
+        self.model, self.arch_name = model, arch_name
+        arch = ARCHS[arch_name]
+        self.arch = arch
+        root = model
+        if arch_name == "bert" and hasattr(model, "bert"):  # BertFor* heads wrap a BertModel
+            root = model.bert
+        self.root = root
+        blocks = _get(root, arch.blocks)
+        self.blocks: list[BlockView] = []
+        for i, b in enumerate(blocks):
+            parts = {}
+            for name, path in arch.parts.items():
+                try:
+                    parts[name] = _get(b, path)
+                except AttributeError:
+                    continue
+            attn_out, mlp_out = _get(b, arch.attn_out), _get(b, arch.mlp_out)
+            if arch_name == "layerlab" and b.placement == "peri":  # the output norms are what is added
+                attn_out, mlp_out = b.ln1_out, b.ln2_out
+            self.blocks.append(BlockView(i, b, parts, attn_out, mlp_out))
+        self.embed = _get(root, arch.embed)
+        self.final_norm = _get(model, arch.final_norm) if arch.final_norm else None
+        self.unembed = _get(model, arch.unembed) if arch.unembed else None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def causal(self) -> bool:
+        return self.arch.causal
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.unembed is not None
+
+    def placements(self) -> list[str]:
+        """The norm placement of each block."""
+        if self.arch_name == "layerlab":
+            return [b.module.placement for b in self.blocks]
+        return [self.arch.placement] * self.num_layers
+
+    # ------------------------------------------------------------------ running
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """One forward in eval mode, no cache. Returns the model's output object."""
+        kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        if self.causal:
+            kw["use_cache"] = False
+        return self.model(input_ids=input_ids, **kw)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding applied to a residual state (the logit lens)."""
+        if self.unembed is None:
+            raise LayerlabError(f"{self.arch_name} models have no language-model head")
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.unembed(h)
+
+    @contextmanager
+    def trace(self, sublayers: bool = True) -> Iterator[Trace]:
+        """Hook the residual stream around every block (and each sublayer's output) during forwards."""
+        n = self.num_layers
+        t = Trace([None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
+        handles = []
+
+        def pre(store, i):
+            def fn(module, args, kwargs):
+                store[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return fn
+
+        def post(store, i):
+            def fn(module, args, output):
+                store[i] = _first(output).detach()
+
+            return fn
+
+        for b, placement in zip(self.blocks, self.placements(), strict=True):
+            handles.append(b.module.register_forward_pre_hook(pre(t.resid_in, b.index), with_kwargs=True))
+            handles.append(b.module.register_forward_hook(post(t.resid_out, b.index)))
+            if sublayers:
+                handles.append(b.attn_out.register_forward_hook(post(t.attn, b.index)))
+                handles.append(b.mlp_out.register_forward_hook(post(t.mlp, b.index)))
+                if placement == "post" and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
+                    handles.append(b.ln1.register_forward_hook(post(t.mid, b.index)))
+                elif b.ln2 is not None:  # otherwise the second norm's input is the stream itself
+                    handles.append(b.ln2.register_forward_pre_hook(pre(t.mid, b.index), with_kwargs=True))
+        if self.final_norm is not None:
+            handles.append(self.final_norm.register_forward_hook(
+                lambda m, a, o: setattr(t, "final", _first(o).detach())))
+        try:
+            yield t
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def skip(self, *indices: int) -> Iterator[None]:
+        """Run with the given blocks removed: each passes its input through unchanged.
+
+        The block still runs (its output is replaced by a forward hook), so nothing is copied
+        and the model is left exactly as it was.
+        """
+        handles = []
+        for i in indices:
+            block = self.blocks[i].module
+            handles.append(block.register_forward_hook(_passthrough, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ editing
+    def linears(self, index: int) -> dict[str, torch.Tensor]:
+        """Every 2-d weight of block ``index`` as an (out, in) matrix, keyed by its path in the block."""
+        out = {}
+        for name, m in self.blocks[index].module.named_modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            # GPT-2's Conv1D stores (in, out); every other linear stores (out, in)
+            out[name] = w.detach().t() if type(m).__name__ == "Conv1D" else w.detach()
+        return out
+
+    def replace(self, index: int, part: str, new: nn.Module) -> nn.Module:
+        """Put ``new`` in place of part ``part`` of block ``index``; return the old module."""
+        path = self.arch.parts.get(part)
+        if path is None:
+            raise LayerlabError(f"unknown part {part!r}; valid: {', '.join(self.arch.parts)}")
+        parent_path, _, attr = path.rpartition(".")
+        parent = _get(self.blocks[index].module, parent_path) if parent_path else self.blocks[index].module
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        self.blocks[index].parts[part] = new
+        return old
+
+
+def _passthrough(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (x, *output[1:])
+    return x
+
+
+def arch_of(model: nn.Module) -> str:
+    """The adapter entry for ``model``, or an error listing the supported architectures."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise LayerlabError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    return MODEL_TYPES[model_type]
+
+
+def view(model: nn.Module) -> LayerView:
+    """The :class:`LayerView` of a loaded model."""
+    return LayerView(model, arch_of(model))
+
+

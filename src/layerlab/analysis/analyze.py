@@ -1,0 +1,278 @@
+"""``analyze``: every per-layer measurement of ../shared/PAPERS.md §3 in one streaming pass.
+
+Fixed sample sizes (documented in docs/report-format.md):
+- ``SAMPLE_TOKENS`` tokens feed effective rank, intrinsic dimension and anisotropy;
+- ``SAMPLE_SEQUENCES`` whole sequences feed prompt entropy and curvature;
+- layer removal runs on the first ``removal_tokens`` tokens (one extra forward per block).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import LayerView, view
+from ..data import EMBEDDED, iter_documents
+from ..errors import LayerlabError
+from ..io import check_model_dir, versions
+from .report import Report
+from .stats import StreamStats, TokenSample, sample_measures
+
+DEFAULT_TOKENS = 8192
+SAMPLE_TOKENS = 1024
+SAMPLE_SEQUENCES = 8
+REMOVAL_TOKENS = 2048
+VAL_FRACTION = 0.1  # the embedded corpus' validation split: its last 10%, as in training
+
+
+def load_for_analysis(path: str | Path):
+    """(model, tokenizer) of a model directory: a causal LM, or a BERT-style encoder."""
+    import transformers
+
+    from .. import model as _registers_layerlab  # noqa: F401
+
+    path = check_model_dir(path)
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LayerlabError(f"{path / 'config.json'} is not valid JSON") from None
+    from ..adapters import MODEL_TYPES
+
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
+    auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = auto.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:  # corrupt or truncated weights surface as many exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayerlabError(f"cannot load model from {path}: {first}") from None
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise LayerlabError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    return model.eval(), tok
+
+
+def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int) -> list[int]:
+    """Token ids to analyze: the embedded corpus' validation split, or ``data`` from its start."""
+    if data is None or data == EMBEDDED:
+        text = b"\n\n".join(iter_documents(None))
+        text = text[int(len(text) * (1 - VAL_FRACTION)):]
+        docs: Iterator[bytes] = iter([text])
+    else:
+        docs = iter_documents(data)
+    ids: list[int] = []
+    for doc in docs:
+        ids += tokenizer(doc.decode("utf-8", errors="replace"), add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= 2 * tokens:
+            break
+    return ids
+
+
+def batches(view_: LayerView, tokenizer, ids: list[int], tokens: int, seq_len: int,
+            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches holding ``tokens`` real tokens in all.
+
+    Encoders get [CLS] ... [SEP] around each window; a short last window is right-padded,
+    which the measures skip through the mask.
+    """
+    special = [] if view_.causal else [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    if any(s is None for s in special):
+        special = []
+    body = seq_len - len(special)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, masks, used = [], [], 0
+    for start in range(0, len(ids), body):
+        window = ids[start:start + body][: max(tokens - used - len(special), 1)]
+        if len(window) < 2:
+            break
+        row = [special[0], *window, special[1]] if special else window
+        used += len(row)
+        masks.append([1] * len(row) + [0] * (seq_len - len(row)))
+        rows.append(row + [pad] * (seq_len - len(row)))
+        if len(rows) == batch_size or used >= tokens:
+            yield torch.tensor(rows), torch.tensor(masks)
+            rows, masks = [], []
+        if used >= tokens:
+            return
+    if rows:
+        yield torch.tensor(rows), torch.tensor(masks)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+def _masked_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    ce = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum")
+    return float(ce), int(valid.sum())
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).float()
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, tokens: int = DEFAULT_TOKENS,
+                  seq_len: int | None = None, batch_size: int = 8, removal_tokens: int = REMOVAL_TOKENS,
+                  spectra: bool = True, intrinsic: bool = True, progress: bool = True,
+                  model_dir: Path | None = None) -> dict:
+    """All measurements of one loaded model; returns its entry of the report (see docs/report-format.md)."""
+    if tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    v = view(model)
+    device = next(model.parameters()).device
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 512
+    seq_len = seq_len or min(256 if v.causal else 128, max_pos)
+    ids = analysis_text_ids(tokenizer, data, tokens)
+    available = len(ids)
+    if available < tokens:
+        warnings.warn(f"data holds only {available} tokens for this tokenizer, fewer than --tokens {tokens}; "
+                      "analyzing what exists", stacklevel=2)
+    if available < 4:
+        raise LayerlabError("data too short: fewer than 4 tokens to analyze")
+    L = v.num_layers
+    stream, sample = StreamStats(L), TokenSample(L + 1, SAMPLE_TOKENS, SAMPLE_SEQUENCES)
+    removal_sum = torch.zeros(L, dtype=torch.float64)
+    removal_seen, removal_norm, full_removal_loss = 0, 0, 0.0  # norm: predicted tokens, or sequences
+    max_final = 0.0
+    n_batches = math.ceil(min(tokens, available) / (seq_len * batch_size)) + 1
+    with _progress(progress) as bar:
+        task = bar.add_task(f"analyze {name}", total=n_batches)
+        for input_ids, mask in batches(v, tokenizer, ids, tokens, seq_len, batch_size):
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            with v.trace() as t:
+                out = v.forward(input_ids, mask)
+            states = [t.resid_in[0], *t.resid_out]
+            stream.update(states, t.attn, t.mlp, t.mid, mask)
+            sample.update(states, mask)
+            if t.final is not None:
+                max_final = max(max_final, float(t.final.abs().max()))
+            if v.has_lm_head:
+                stream.update_lens(states, v.logits_from_hidden, input_ids, mask)
+            if removal_seen < removal_tokens:  # layer removal on the first removal_tokens tokens
+                if v.causal:
+                    full, n = _masked_loss(out.logits, input_ids, mask)
+                    full_removal_loss += full
+                else:
+                    base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
+                for i in range(L):
+                    with v.skip(i):
+                        o = v.forward(input_ids, mask)
+                    if v.causal:
+                        removal_sum[i] += _masked_loss(o.logits, input_ids, mask)[0]
+                    else:
+                        pooled = _pooled(o.last_hidden_state, mask)
+                        removal_sum[i] += float((1 - F.cosine_similarity(pooled, base)).sum())
+                removal_seen += int(mask.sum())
+                removal_norm += n
+            bar.advance(task)
+        bar.update(task, completed=n_batches)
+    res = stream.results()
+    measures = sample_measures(sample, intrinsic=intrinsic)
+    shift = full_removal_loss if v.causal else 0.0
+    removal = ((removal_sum - shift) / max(removal_norm, 1)).tolist()
+
+    spectra_rows, spectra_blocks = [], [{"esd_alpha": None, "stable_rank": None}] * L
+    if spectra:
+        from ..train.loop import cache_dir
+        from .spectra import block_summary, spectra_cached
+
+        found = spectra_cached(v, model_dir, cache_dir(), progress=progress)
+        spectra_rows = [dict(block=s.block, name=s.name, shape=list(s.shape), esd_alpha=s.esd_alpha,
+                             stable_rank=s.stable_rank) for s in found]
+        spectra_blocks = block_summary(found, L)
+
+    placements = v.placements()
+    var = res["var"]
+    layers = []
+    for i in range(L):
+        maxes = {"resid": res["max_resid"][i + 1], "attn": res["max_attn"][i], "mlp": res["max_mlp"][i]}
+        layers.append({
+            "index": i, "placement": placements[i],
+            "angular_distance": res["ang"][i][i + 1], "angular_distance_last_token": res["ang_last"][i][i + 1],
+            "block_influence": res["block_influence"][i], "relative_contribution": res["relative_contribution"][i],
+            "attn_relative_contribution": res["attn_relative_contribution"][i], "attn_cosine": res["attn_cosine"][i],
+            "mlp_relative_contribution": res["mlp_relative_contribution"][i], "mlp_cosine": res["mlp_cosine"][i],
+            "hidden_rms": res["rms"][i + 1], "variance_growth": var[i + 1] / var[i] if var[i] > 0 else None,
+            "max_abs_activation": max(maxes.values()), "max_abs": maxes,
+            **{k: measures[k][i + 1] for k in measures},
+            "logit_lens_loss": res["lens_ce"][i] if res["lens_ce"] else None,
+            "logit_lens_kl": res["lens_kl"][i] if res["lens_kl"] else None,
+            "removal_loss_delta": removal[i] if v.causal else None,
+            "removal_effect": None if v.causal else removal[i],
+            "esd_alpha": spectra_blocks[i]["esd_alpha"], "stable_rank": spectra_blocks[i]["stable_rank"],
+        })
+    matrix = res["ang_last"] if v.causal else res["ang"]
+    best = {}
+    for n in range(1, L):
+        d, start = min((matrix[s][s + n], s) for s in range(L - n + 1))
+        best[str(n)] = {"start": start, "distance": d}
+    points = [(res["max_resid"][0], -1, "embedding")] + [(lay["max_abs"][p], lay["index"], p) for lay in layers
+                                                          for p in ("resid", "attn", "mlp")]
+    if max_final:
+        points.append((max_final, L - 1, "final_norm"))
+    top = max(points)
+    return {
+        "name": name, "path": path, "arch": v.arch_name, "causal": v.causal, "num_layers": L,
+        "hidden_size": int(states[0].shape[-1]), "placements": placements, "loss": res["loss"], "layers": layers,
+        "embedding": {"hidden_rms": res["rms"][0], "max_abs_activation": res["max_resid"][0]},
+        "final_norm_max_abs": max_final or None,
+        "angular_distance_matrix": res["ang"], "angular_distance_matrix_last_token": res["ang_last"],
+        "best_block_to_prune": best,
+        "max_activation": {"value": top[0], "layer": top[1], "point": top[2]},
+        "weights": spectra_rows,
+        "samples": {"tokens": res["tokens"], "token_sample": sample.count, "sequences": res["sequences"],
+                    "removal_tokens": removal_seen, "seq_len": seq_len},
+    }
+
+
+def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, out: str | Path | None = None,
+            spectra: bool = True, seq_len: int | None = None, batch_size: int = 8,
+            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True) -> Report:
+    """Measure every layer of one or more models (paths or loaded (model, tokenizer) pairs).
+
+    Several models are overlaid in one report. With ``out``, writes report.json and report.html there.
+    """
+    if not models:
+        raise LayerlabError("give at least one model to analyze")
+    if tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    entries = []
+    names: set[str] = set()
+    for m in models:
+        if isinstance(m, (str, Path)):
+            model, tok = load_for_analysis(m)
+            name, path, model_dir = Path(m).resolve().name, str(m), Path(m)
+        else:
+            model, tok = m
+            name, path, model_dir = type(model).__name__, None, None
+        while name in names:
+            name += "'"
+        names.add(name)
+        entries.append(analyze_model(model, tok, name=name, path=path, data=data, tokens=tokens, seq_len=seq_len,
+                                     batch_size=batch_size, removal_tokens=removal_tokens, spectra=spectra,
+                                     progress=progress, model_dir=model_dir))
+    report = Report({
+        "format": "layerlab-report/1", "models": entries,
+        "provenance": {"data": str(data) if data else "embedded (validation split)", "tokens": tokens,
+                       "versions": versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    })
+    if out is not None:
+        report.save(out)
+    return report

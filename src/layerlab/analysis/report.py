@@ -1,0 +1,67 @@
+"""The report object returned by :func:`layerlab.analyze` and written as report.json / report.html."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write_bytes
+
+
+def _clean(x: Any) -> Any:
+    """NaN and Inf become null so that report.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+class Report:
+    """Per-layer measurements of one or more models (format: docs/report-format.md)."""
+
+    def __init__(self, data: dict):
+        self.data = _clean(data)
+
+    @property
+    def models(self) -> list[dict]:
+        return self.data["models"]
+
+    @property
+    def layers(self) -> list[dict]:
+        """The per-layer entries of the first model."""
+        return self.models[0]["layers"]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.models[0][key]
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.data, indent=indent)
+
+    def to_dataframe(self):
+        """One row per (model, layer); needs pandas."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_dataframe needs pandas: pip install pandas") from None
+        rows = []
+        for m in self.models:
+            for lay in m["layers"]:
+                row = {"model": m["name"], **{k: v for k, v in lay.items() if k != "max_abs"}}
+                row.update({f"max_abs_{k}": v for k, v in lay["max_abs"].items()})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    def save(self, out: str | Path) -> Path:
+        """Write report.json and report.html into ``out`` (created if needed), each atomically."""
+        from ..report import write_html
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "report.json", (self.to_json() + "\n").encode())
+        write_html(self.data, out / "report.html")
+        return out
