@@ -13,3 +13,10 @@ AutoConfig.register(LayerlabConfig.model_type, LayerlabConfig, exist_ok=True)
 AutoModelForCausalLM.register(LayerlabConfig, LayerlabForCausalLM, exist_ok=True)
 
 __all__ = ["LayerlabConfig", "LayerlabError", "LayerlabForCausalLM", "ModelConfig", "TrainConfig", "build_model"]
+
+
+def analyze(*models, **kwargs):
+    """Measure every layer of one or more models; see :func:`layerlab.analysis.analyze`."""
+    from .analysis import analyze as _analyze
+
+    return _analyze(*models, **kwargs)

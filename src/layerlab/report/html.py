@@ -271,9 +271,9 @@ def render_html(report: dict) -> str:
 
         page.add("<h2>Metrics by depth</h2>")
         for family in _FAMILIES:
-            fig = _family_figure(family, models, names, colors)
-            if fig is not None:
-                page.figure(family.title, fig, _family_alt(family), family.caption)
+            drawn = _family_figure(family, models, names, colors)
+            if drawn is not None:
+                page.figure(family.title, drawn[0], _family_alt(family, drawn[1]), family.caption)
 
         page.add("<h2>Angular distance across n blocks</h2>")
         page.add('<div class="heatmaps">')
@@ -287,10 +287,10 @@ def render_html(report: dict) -> str:
         page.add("</div>")
         page.add(f"<p class=\"muted\">{_esc(_HEATMAP_CAPTION) if drew_heatmap else 'No distance matrix.'}</p>")
 
-        fig = _family_figure(_MAX_ACTIVATION, models, names, colors)
-        if fig is not None:
+        drawn = _family_figure(_MAX_ACTIVATION, models, names, colors)
+        if drawn is not None:
             page.add(f"<h2>{_esc(_MAX_ACTIVATION.title)}</h2>")
-            page.figure(None, fig, _family_alt(_MAX_ACTIVATION), _MAX_ACTIVATION.caption)
+            page.figure(None, drawn[0], _family_alt(_MAX_ACTIVATION, drawn[1]), _MAX_ACTIVATION.caption)
 
         page.add("<h2>Per-layer numbers</h2>")
         page.add("<details><summary>All per-layer metrics (3 significant digits)</summary>")
@@ -575,8 +575,8 @@ def _x(model: dict) -> list[int]:
     return out
 
 
-def _family_alt(family: _Family) -> str:
-    metrics = "; ".join(p.title.replace("$", "") for p in family.panels)
+def _family_alt(family: _Family, panels: list[_Panel]) -> str:
+    metrics = "; ".join(p.title.replace("$", "").replace("\\", "") for p in panels)
     return f"{family.title} against block index: {metrics}"
 
 
@@ -586,8 +586,11 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _family_figure(family: _Family, models: list[dict], names: list[str], colors: list[str]) -> Figure | None:
-    """One figure for a metric family: a panel per metric group, models overlaid in their colours."""
+def _family_figure(
+    family: _Family, models: list[dict], names: list[str], colors: list[str]
+) -> tuple[Figure, list[_Panel]] | None:
+    """One figure for a metric family, a panel per metric group with the models overlaid in their colours, and
+    the panels drawn; None when no panel has a finite value."""
     panels = []
     for panel in family.panels:
         lines = []
@@ -617,7 +620,7 @@ def _family_figure(family: _Family, models: list[dict], names: list[str], colors
         handles = [Line2D([], [], color=c, lw=2.5) for c in colors]
         fig.legend(handles, [_mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
                    frameon=False, fontsize=9)
-    return fig
+    return fig, [panel for panel, _ in panels]
 
 
 def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors: list[str]) -> None:
