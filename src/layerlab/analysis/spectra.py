@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -50,12 +51,18 @@ import torch
 from ..errors import LayerlabError
 from ..io import atomic_write_json, sha256_file
 
+if TYPE_CHECKING:  # annotations only: any object with num_layers and linears(i) will do
+    from ..adapters import LayerView
+
 MIN_DIM = 16  # matrices with fewer singular values than this are skipped: too few eigenvalues for a tail fit
 MIN_TAIL = 10  # smallest tail fit_power_law will choose when it picks xmin itself
 MAX_CANDIDATES = 200  # at most this many xmin values are tried
 # Eigenvalues below this fraction of the largest are rank deficiency (singular values under ~1e-6 of the top
 # one), not spectrum; WeightWatcher drops evals below an absolute 1e-5, which depends on the weights' scale.
 ZERO_RTOL = 1e-12
+# A tail whose values sit within this relative spread of xmin on average (mean ln(x / xmin) below it) is flat, not
+# a power law: float32 rounding alone would give it an alpha in the millions (an orthogonal matrix, say).
+FLAT_RTOL = 1e-6
 # Bumped whenever the method changes, so that cached results from an older method are not reused.
 METHOD_VERSION = 1
 _KS_CHUNK = 1 << 22  # candidates x eigenvalues evaluated at once, to bound memory for very wide matrices
@@ -83,7 +90,7 @@ class MatrixSpectrum:
     block: int
     name: str
     shape: tuple[int, int]  # (out, in)
-    esd_alpha: float  # nan when the matrix has fewer than MIN_TAIL nonzero eigenvalues
+    esd_alpha: float  # nan when the matrix has no tail to fit (fewer than MIN_TAIL nonzero eigenvalues, or flat)
     stable_rank: float
     xmin: float
     n_tail: int
@@ -137,9 +144,9 @@ def _tail_alphas(logx: np.ndarray, starts: np.ndarray) -> np.ndarray:
     suffix = np.cumsum(logx[::-1])[::-1]  # suffix[i] = sum(logx[i:])
     m = n - starts
     denom = suffix[starts] - m * logx[starts]  # sum over the tail of ln(x / xmin)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # a tail of identical values has denom 0: no power law to speak of, alpha is inf and never chosen
-        return np.where(denom > 0, 1.0 + m / np.where(denom > 0, denom, 1.0), np.inf)
+    # a flat tail has no power law to speak of: alpha inf, never chosen
+    flat = denom <= m * FLAT_RTOL
+    return np.where(flat, np.inf, 1.0 + m / np.where(flat, 1.0, denom))
 
 
 def _ks_distances(logx: np.ndarray, starts: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -181,7 +188,8 @@ def fit_power_law(eigs: np.ndarray, xmin: float | None = None) -> PowerLawFit:
     sample value, among at most :data:`MAX_CANDIDATES` quantile-spaced ones leaving at least :data:`MIN_TAIL`
     points in the tail, whose fit has the smallest Kolmogorov-Smirnov distance to the tail; that is
     WeightWatcher's default method (see the module docstring). Non-positive values and numerical zeros (below
-    :data:`ZERO_RTOL` times the largest) are dropped first: they are rank deficiency, not spectrum.
+    :data:`ZERO_RTOL` times the largest) are dropped first: they are rank deficiency, not spectrum. Tails that are
+    flat to within :data:`FLAT_RTOL` (all values equal, up to rounding) are not fitted.
     """
     x = np.asarray(eigs, dtype=np.float64).ravel()
     if x.size == 0 or not np.all(np.isfinite(x)):
@@ -201,8 +209,8 @@ def fit_power_law(eigs: np.ndarray, xmin: float | None = None) -> PowerLawFit:
         tail_log = logx[start:]
         m = tail_log.size
         denom = float(tail_log.sum() - m * math.log(xmin))
-        if denom <= 0:
-            raise LayerlabError(f"every value in the tail equals xmin={xmin:g}; no power law to fit")
+        if denom <= m * FLAT_RTOL:
+            raise LayerlabError(f"the values in the tail all equal xmin={xmin:g}; no power law to fit")
         alpha = 1.0 + m / denom
         d = _ks_given_xmin(tail_log, math.log(xmin), alpha)
         return PowerLawFit(alpha=alpha, xmin=float(xmin), ks_distance=d, n_tail=m)
@@ -217,10 +225,9 @@ def fit_power_law(eigs: np.ndarray, xmin: float | None = None) -> PowerLawFit:
     ds = _ks_distances(logx, starts, alphas)
     best = int(np.argmin(ds))
     if not np.isfinite(ds[best]):
-        raise LayerlabError("no candidate xmin gives a finite power-law fit (are all the eigenvalues equal?)")
+        raise LayerlabError("no candidate xmin gives a power-law fit: the eigenvalues are (nearly) all equal")
     s = int(starts[best])
     return PowerLawFit(alpha=float(alphas[best]), xmin=float(x[s]), ks_distance=float(ds[best]), n_tail=n - s)
-
 
 
 # ---------------------------------------------------------------------------------------------------- a model
@@ -231,7 +238,7 @@ def _fit_or_none(eigs: np.ndarray) -> PowerLawFit | None:
         return None
 
 
-def weight_spectra(view, progress: bool = False) -> list[MatrixSpectrum]:
+def weight_spectra(view: LayerView, progress: bool = False) -> list[MatrixSpectrum]:
     """ESD alpha and stable rank of every 2-d weight of every block of a :class:`~layerlab.adapters.LayerView`.
 
     Matrices are listed block by block in the order ``view.linears`` gives them. Matrices whose smaller
@@ -277,11 +284,11 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
 def _method_ident() -> bytes:
     # results depend on the method as well as the weights: a new method must not reuse old files
     ident = {"method": METHOD_VERSION, "min_dim": MIN_DIM, "min_tail": MIN_TAIL, "max_candidates": MAX_CANDIDATES,
-             "zero_rtol": ZERO_RTOL}
+             "zero_rtol": ZERO_RTOL, "flat_rtol": FLAT_RTOL}
     return json.dumps(ident, sort_keys=True).encode()
 
 
-def spectra_key(view, model_dir: Path | None = None) -> str:
+def spectra_key(view: LayerView, model_dir: Path | None = None) -> str:
     """The cache key of a checkpoint: sha256 over the method and the weights.
 
     The weights are the ``*.safetensors`` files of ``model_dir`` (names and contents, sorted by name) when it has
@@ -337,7 +344,8 @@ def _read_cache(path: Path, key: str) -> list[MatrixSpectrum] | None:
         return None  # missing, truncated or foreign: recompute and overwrite
 
 
-def spectra_cached(view, model_dir: Path | None, cache_dir: Path, progress: bool = False) -> list[MatrixSpectrum]:
+def spectra_cached(view: LayerView, model_dir: Path | None, cache_dir: Path,
+                   progress: bool = False) -> list[MatrixSpectrum]:
     """:func:`weight_spectra`, computed once per checkpoint and then read from ``cache_dir``.
 
     The file is ``cache_dir / f"spectra-{key[:16]}.json"`` with ``key`` from :func:`spectra_key`; it is written
