@@ -156,7 +156,9 @@ def analyze(
     _quiet_hf()
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
-    out = out or Path("reports") / "-vs-".join(m.resolve().name for m in models)
+    from .analysis.analyze import model_label
+
+    out = out or Path("reports") / "-vs-".join(model_label(m) for m in models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
                          removal_tokens=removal_tokens, progress=progress)
     for m in report.models:

@@ -63,6 +63,12 @@ def load_for_analysis(path: str | Path):
     return model.eval(), tok
 
 
+def model_label(path: Path) -> str:
+    """A short name for plots: the directory's name, or its parent's when the directory is generically named."""
+    p = path.resolve()
+    return p.parent.name if p.name.lower() in {"model", "models", "checkpoint", "final"} else p.name
+
+
 def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int) -> list[int]:
     """Token ids to analyze: the embedded corpus' validation split, or ``data`` from its start."""
     if data is None or data == EMBEDDED:
@@ -258,7 +264,7 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     for m in models:
         if isinstance(m, (str, Path)):
             model, tok = load_for_analysis(m)
-            name, path, model_dir = Path(m).resolve().name, str(m), Path(m)
+            name, path, model_dir = model_label(Path(m)), str(m), Path(m)
         else:
             model, tok = m
             name, path, model_dir = type(model).__name__, None, None

@@ -26,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 __all__ = ["render_html", "write_html"]
 
@@ -100,8 +101,8 @@ _FAMILIES: tuple[_Family, ...] = (
         "output) and the ratio of its variance to that of the stream entering the block (above 1: the block "
         "grows the stream).",
         (
-            _Panel("RMS of the stream leaving the block", "RMS (log scale)", (_Series("hidden_rms", "x_l+1"),),
-                   log=True, embedding_key="hidden_rms"),
+            _Panel("RMS of the stream leaving the block", "RMS (log scale)",
+                   (_Series("hidden_rms", "leaving the block"),), log=True, embedding_key="hidden_rms"),
             _Panel("Variance growth", r"Var$(x_{l+1})$ / Var$(x_l)$", (_Series("variance_growth", "block"),),
                    hline=1.0),
         ),
@@ -206,9 +207,10 @@ h3 { font-size: 15px; margin: 16px 0 4px; }
         padding: 8px 14px 10px; }
 .card h3 { margin: 2px 0 6px; }
 table { border-collapse: collapse; }
-table.summary th { text-align: left; font-weight: 600; padding: 3px 14px 3px 0; vertical-align: top;
-                   white-space: nowrap; }
-table.summary td { padding: 3px 0; }
+table.summary { width: 100%; }
+table.summary th { text-align: left; font-weight: 600; padding: 3px 14px 3px 0; vertical-align: top; width: 38%; }
+table.summary th .muted { display: block; font-weight: 400; font-size: 12px; }
+table.summary td { padding: 3px 0; vertical-align: top; }
 figure { margin: 0 0 14px; }
 figcaption { color: #5b6472; font-size: 13px; max-width: 980px; margin-top: 2px; }
 img.plot { display: block; max-width: 100%; height: auto; }
@@ -361,12 +363,28 @@ def _swatch(color: str) -> str:
     return f'<span class="swatch" style="background:{color}"></span>'
 
 
-def _img(fig: Figure, alt: str, extra_class: str = "") -> str:
+def _png(fig: Figure) -> bytes:
+    """The figure as a PNG, reduced to a 256-colour palette when Pillow is there (plots lose nothing visible and
+    the file shrinks three- to four-fold)."""
     buf = io.BytesIO()
-    FigureCanvasAgg(fig)
     fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow comes with matplotlib
+        return buf.getvalue()
+    buf.seek(0)
+    with Image.open(buf) as image:
+        # median cut keeps white exactly white; Pillow < 9.1 has the constant on Image, not the Quantize enum
+        method = Image.Quantize.MEDIANCUT if hasattr(Image, "Quantize") else Image.MEDIANCUT
+        small = image.convert("RGB").quantize(colors=256, method=method)
+    out = io.BytesIO()
+    small.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def _img(fig: Figure, alt: str, extra_class: str = "") -> str:
     width, height = (round(v * _DPI) for v in fig.get_size_inches())
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    data = base64.b64encode(_png(fig)).decode("ascii")
     cls = "plot" + (f" {extra_class}" if extra_class else "")
     return (f'<img class="{cls}" width="{width}" height="{height}" alt="{_esc(alt)}" '
             f'src="data:image/png;base64,{data}">')
@@ -530,14 +548,14 @@ def _summary_card(model: dict, name: str, color: str) -> str:
         def listing(idx: Iterable[int]) -> str:
             return ", ".join(f"<b>{x[i]}</b> <span class=\"muted\">({values[i]:.3g})</span>" for i in idx)
 
-        rows.append((f"Most important blocks <span class=\"muted\">(by {label})</span>", listing(order[:k])))
-        rows.append((f"Least important blocks <span class=\"muted\">(by {label})</span>", listing(order[::-1][:k])))
+        rows.append((f"Most important blocks <span class=\"muted\">by {label}</span>", listing(order[:k])))
+        rows.append((f"Least important blocks <span class=\"muted\">by {label}</span>", listing(order[::-1][:k])))
     best = _best_blocks(model, _span_for(model)[0])
     which = "last-token" if model.get("causal", True) else "all-token"
     for n in (1, 2, 3):
         if n in best:
             start, dist = best[n]
-            note = f" <span class=\"muted\">({which} d = {dist:.3g})</span>" if not math.isnan(dist) else ""
+            note = f" <span class=\"muted\">({which} d&nbsp;=&nbsp;{dist:.3g})</span>" if not math.isnan(dist) else ""
             rows.append((f"Prune {n} block{'s' if n > 1 else ''}", f"<b>{_blocks(start, n)}</b>{note}"))
     if not any(n in best for n in (1, 2, 3)):
         rows.append(("Block to prune", "n/a"))
@@ -661,6 +679,7 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
         ax.axhline(panel.hline, color="0.55", lw=0.8, zorder=0)
     if panel.log:
         ax.set_yscale("log")
+        _readable_log_ticks(ax)
 
     handles = [Line2D([], [], color="0.25", ls=s.style, lw=1.6) for s in styles.values()]
     labels = [s.label for s in styles.values()]
@@ -673,6 +692,16 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
     ax.grid(True, alpha=0.3, lw=0.6)
     depth = max(len(_layers(models[m])) for m in drawn_models)
     _block_ticks(ax, depth, has_emb, finals)
+
+
+def _readable_log_ticks(ax: Axes) -> None:
+    """Plain numbers on a log axis: 1, 2, 5 per decade over a short range (where the default would label only
+    one decade, or none), decades otherwise; minor ticks unlabelled."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and math.log10(hi / lo) <= 2.5:
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _block_ticks(ax: Axes, depth: int, with_embedding: bool, finals: set[int]) -> None:
