@@ -253,3 +253,23 @@ def test_report_keys_and_best_block(tmp_path):
         n = int(n)
         assert best["distance"] == min(M[s][s + n] for s in range(3 - n + 1))
     json.dumps(entry)  # plain JSON types only
+
+
+@pytest.mark.parametrize("name", ["layerlab", "gpt2", "llama", "bert"])
+def test_replace_swaps_a_named_norm(name):
+    model = _build(name)
+    v = view(model)
+    ids, mask = _batch(pad=0)
+    with torch.no_grad():
+        before = v.forward(ids, mask)
+    old = v.replace(1, "ln2", torch.nn.Identity())
+    assert v.blocks[1].ln2.__class__.__name__ == "Identity"
+    with torch.no_grad():
+        changed = v.forward(ids, mask)
+    key = "logits" if v.causal else "last_hidden_state"
+    assert not torch.allclose(getattr(before, key), getattr(changed, key))
+    v.replace(1, "ln2", old)
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(v.forward(ids, mask), key), getattr(before, key))
+    with pytest.raises(LayerlabError, match="unknown part 'ln3'"):
+        v.replace(0, "ln3", old)
