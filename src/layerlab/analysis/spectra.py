@@ -50,6 +50,7 @@ import torch
 
 from ..errors import LayerlabError
 from ..io import atomic_write_json, sha256_file
+from .stats import one_thread
 
 if TYPE_CHECKING:  # annotations only: any object with num_layers and linears(i) will do
     from ..adapters import LayerView
@@ -248,7 +249,7 @@ def weight_spectra(view: LayerView, progress: bool = False) -> list[MatrixSpectr
     """
     jobs = [(i, name, w) for i in range(view.num_layers) for name, w in view.linears(i).items()]
     out: list[MatrixSpectrum] = []
-    with _progress(progress, len(jobs)) as advance:
+    with _progress(progress, len(jobs)) as advance, one_thread():  # see one_thread: LAPACK spins on 2 threads
         for i, name, w in jobs:
             advance()
             if min(w.shape) < MIN_DIM:

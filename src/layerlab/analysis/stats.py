@@ -12,7 +12,8 @@ entropy, curvature, intrinsic dimension, anisotropy) keep the first ``sample_tok
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -161,6 +162,21 @@ class TokenSample:
         return torch.cat(self.rows[i]) if self.rows[i] else torch.zeros(0, 0)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run small LAPACK decompositions on one thread.
+
+    Measured here (2 cores, another process busy): a 256x256 ``eigvalsh`` took 1.7 s with
+    torch's two threads and 5.5 ms with one; the multithreaded path spins against any other load.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def effective_rank(Z: torch.Tensor) -> float:
     """exp(Shannon entropy of the normalised singular values) (Roy & Vetterli, 2007).
 
@@ -224,12 +240,18 @@ def sample_measures(sample: TokenSample, intrinsic: bool = True) -> dict[str, li
     """The token-sample measures for every state."""
     out: dict[str, list[float]] = {k: [] for k in ("effective_rank", "prompt_entropy", "curvature",
                                                   "intrinsic_dimension", "anisotropy")}
-    for i in range(len(sample.rows)):
-        Z = sample.matrix(i)
-        out["effective_rank"].append(effective_rank(Z) if Z.numel() else float("nan"))
-        out["anisotropy"].append(anisotropy(Z))
-        out["intrinsic_dimension"].append(intrinsic_dimension(Z) if intrinsic and Z.numel() else float("nan"))
-        seqs = sample.seqs[i]
-        out["prompt_entropy"].append(float(np.nanmean([prompt_entropy(s) for s in seqs])) if seqs else float("nan"))
-        out["curvature"].append(float(np.nanmean([curvature(s) for s in seqs])) if seqs else float("nan"))
+    with one_thread():
+        for i in range(len(sample.rows)):
+            _measure_state(sample, i, out, intrinsic)
     return out
+
+
+def _measure_state(sample: TokenSample, i: int, out: dict[str, list[float]], intrinsic: bool) -> None:
+    """Append the sample measures of state ``i`` to ``out``."""
+    Z = sample.matrix(i)
+    out["effective_rank"].append(effective_rank(Z) if Z.numel() else float("nan"))
+    out["anisotropy"].append(anisotropy(Z))
+    out["intrinsic_dimension"].append(intrinsic_dimension(Z) if intrinsic and Z.numel() else float("nan"))
+    seqs = sample.seqs[i]
+    out["prompt_entropy"].append(float(np.nanmean([prompt_entropy(s) for s in seqs])) if seqs else float("nan"))
+    out["curvature"].append(float(np.nanmean([curvature(s) for s in seqs])) if seqs else float("nan"))
