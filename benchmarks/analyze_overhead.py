@@ -8,7 +8,7 @@ It prints the median time of each over `--repeats` rounds and their ratio (targe
 the weight spectra separately, and measures peak resident memory (ru_maxrss of a fresh
 subprocess) of an analysis at two token counts to show that memory stays flat as N grows.
 
-    python benchmarks/analyze_overhead.py                 # defaults: 8192 tokens, 3 repeats
+    python benchmarks/analyze_overhead.py                 # defaults: 32768 tokens, 3 repeats
     python benchmarks/analyze_overhead.py --tokens 4096 --repeats 2 --json out.json
 """
 
@@ -90,26 +90,39 @@ def _spectra(model) -> float:
 
 
 PEAK_SNIPPET = """
-import resource, sys, torch
+import os, sys, threading, time
 sys.path.insert(0, {bench!r})
 from analyze_overhead import _models, _analysis
 model, tok = _models()[{name!r}]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+_analysis(model, tok, 1024, 8)  # first-call allocations (numba JIT, caches) are not the analysis' own
+base = peak = rss()
+done = False
+def watch():
+    global peak
+    while not done:
+        peak = max(peak, rss())
+        time.sleep(0.005)
+w = threading.Thread(target=watch)
+w.start()
 _analysis(model, tok, {tokens}, 8)
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+done = True
+w.join()
+print(base, peak)
 """
 
 
 def peak_rss_mib(name: str, tokens: int) -> tuple[float, float]:
-    """(peak RSS after loading, peak RSS after the analysis) in MiB, in a fresh process."""
+    """(resident memory before the analysis, peak during it) in MiB, sampled every 5 ms in a fresh process."""
     code = PEAK_SNIPPET.format(bench=str(Path(__file__).parent), name=name, tokens=tokens)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return int(out[-2]) / 1024, int(out[-1]) / 1024
+    return int(out[-2]) / 2**20, int(out[-1]) / 2**20
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-tokens", type=int, nargs=2, default=[4096, 32768])
@@ -144,8 +157,8 @@ def main() -> None:
         rows = []
         for n in args.memory_tokens:
             base, peak = peak_rss_mib(name, n)
-            rows.append({"tokens": n, "after_load_mib": base, "peak_mib": peak})
-            print(f"  {name:32s} N={n:6d}: after load {base:7.0f}, peak {peak:7.0f}")
+            rows.append({"tokens": n, "before_mib": base, "peak_mib": peak, "growth_mib": peak - base})
+            print(f"  {name:32s} N={n:6d}: before {base:7.0f}, peak {peak:7.0f}, growth {peak - base:6.0f}")
         results["models"][name]["memory"] = rows
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

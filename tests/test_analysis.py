@@ -273,3 +273,22 @@ def test_replace_swaps_a_named_norm(name):
         torch.testing.assert_close(getattr(v.forward(ids, mask), key), getattr(before, key))
     with pytest.raises(LayerlabError, match="unknown part 'ln3'"):
         v.replace(0, "ln3", old)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_skip_with_replayed_prefix_equals_plain_skip(name):
+    model = _build(name)
+    v = view(model)
+    ids, mask = _batch()
+    key = "logits" if v.causal else "last_hidden_state"
+    with torch.no_grad():
+        with v.trace() as t:
+            v.forward(ids, mask)
+        for i in range(v.num_layers):
+            with v.skip(i):
+                plain = getattr(v.forward(ids, mask), key)
+            with v.skip(i, replay=t):
+                fast = getattr(v.forward(ids, mask), key)
+            torch.testing.assert_close(fast, plain)
+    assert all(type(b.module) is not type(None) for b in v.blocks)
+    assert v.root.get_submodule(v.arch.blocks)[0] is v.blocks[0].module  # stand-ins are gone

@@ -178,7 +178,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
                 else:
                     base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
                 for i in range(L):
-                    with v.skip(i):
+                    with v.skip(i, replay=t):
                         o = v.forward(input_ids, mask)
                     if v.causal:
                         removal_sum[i] += _masked_loss(o.logits, input_ids, mask)[0]
