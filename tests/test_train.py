@@ -209,3 +209,23 @@ def test_layerlab_import_registers_auto_classes():
     from transformers import AutoConfig
 
     assert AutoConfig.for_model("layerlab").__class__ is layerlab.LayerlabConfig
+
+
+def test_export_run_to_plain_gpt2_directory(debug_run, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from layerlab.export import export
+
+    before = {p.name: p.read_bytes() for p in debug_run.run_dir.iterdir() if p.is_file()}
+    out = export(debug_run.run_dir, to="gpt2", out=tmp_path / "gpt2")
+    gpt2 = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert isinstance(gpt2, GPT2LMHeadModel)
+    ours = AutoModelForCausalLM.from_pretrained(debug_run.run_dir).eval()
+    x = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(gpt2(x).logits, ours(x).logits)
+    assert AutoTokenizer.from_pretrained(out)("ab").input_ids == [97, 98]
+    assert {p.name: p.read_bytes() for p in debug_run.run_dir.iterdir() if p.is_file()} == before
+    with pytest.raises(LayerlabError, match="refusing to write into the input directory"):
+        export(debug_run.run_dir, to="gpt2", out=debug_run.run_dir / "sub")
+    with pytest.raises(LayerlabError, match="already exists and is not empty"):
+        export(debug_run.run_dir, to="gpt2", out=out)
