@@ -317,3 +317,13 @@ def test_iter_eval_batches_deterministic(tmp_path, small_corpus):
     flat = xs.reshape(-1).numpy()
     assert np.array_equal(flat, data.val[: len(flat)].astype(np.int64))
     assert len(list(data.iter_eval_batches(4, 32, max_batches=1))) == 1
+
+
+def test_head_documents_stops_at_the_fraction(tmp_path):
+    from layerlab.data import head_documents
+
+    (tmp_path / "a.txt").write_bytes(b"x" * 60)
+    (tmp_path / "b.txt").write_bytes(b"y" * 40)
+    docs = list(head_documents(tmp_path, 0.9))
+    assert docs == [b"x" * 60, b"y" * 30]
+    assert sum(map(len, head_documents(None, 0.9))) == int(sum(map(len, iter_documents(None))) * 0.9)

@@ -18,6 +18,7 @@ from layerlab.errors import LayerlabError
 EMBEDDED = "embedded"
 EOS_TOKEN = "<|endoftext|>"
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
+VAL_FRACTION = 0.1  # the last 10% of a corpus' token stream is its validation split
 # Bumped whenever the on-disk token format changes, so stale caches are never reused.
 _CACHE_FORMAT = 1
 # Documents are tokenized in groups of about this many bytes: big enough for encode_batch to use
@@ -100,6 +101,20 @@ def iter_documents(data: str | Path | None) -> Iterator[bytes]:
             yield from _jsonl_documents(path)
         else:
             yield from _parquet_documents(path)
+
+
+def head_documents(data: str | Path | None, fraction: float) -> Iterator[bytes]:
+    """The documents of ``data`` up to the first ``fraction`` of its bytes (the last one cut there).
+
+    A tokenizer trained on these never sees the tail that becomes the validation split (the
+    split is by tokens, so the boundary is approximate). Reads the data twice: once to count.
+    """
+    limit = int(sum(len(d) for d in iter_documents(data)) * fraction)
+    for doc in iter_documents(data):
+        if limit <= 0:
+            return
+        yield doc[:limit]
+        limit -= len(doc)
 
 
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
@@ -287,7 +302,7 @@ class TokenData:
     """Tokens of a corpus in a memory-mapped file, split deterministically: the last ``val_fraction``
     (default 0.1) of the token stream is validation."""
 
-    def __init__(self, path: Path, n_tokens: int, n_bytes: int, dtype, val_fraction: float = 0.1):
+    def __init__(self, path: Path, n_tokens: int, n_bytes: int, dtype, val_fraction: float = VAL_FRACTION):
         if not 0.0 < val_fraction < 1.0:
             raise LayerlabError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
         self.path = Path(path)
@@ -305,7 +320,7 @@ class TokenData:
 
     @classmethod
     def prepare(
-        cls, data: str | Path | None, tokenizer, cache_dir: Path, val_fraction: float = 0.1
+        cls, data: str | Path | None, tokenizer, cache_dir: Path, val_fraction: float = VAL_FRACTION
     ) -> TokenData:
         """Tokenize ``data`` once into ``cache_dir`` (reused on later calls) and memory-map it."""
         files = _source_files(data)

@@ -74,6 +74,11 @@ def versions() -> dict[str, str]:
 MANIFEST = "layerlab.json"
 
 
+def cache_dir() -> Path:
+    """Where tokenized corpora and weight spectra are kept: $LAYERLAB_CACHE, else ~/.cache/layerlab."""
+    return Path(os.environ.get("LAYERLAB_CACHE") or Path.home() / ".cache" / "layerlab")
+
+
 def write_manifest(directory: str | Path, command: str, args: dict[str, Any], **fields: Any) -> None:
     """Write ``layerlab.json``: what was done, with which arguments, library versions, and results."""
     atomic_write_json(Path(directory) / MANIFEST, {"command": command, "args": args, "versions": versions(), **fields})

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LayerView, view
-from ..data import EMBEDDED, iter_documents
+from ..data import EMBEDDED, VAL_FRACTION, iter_documents
 from ..errors import LayerlabError
-from ..io import check_model_dir, versions
+from ..io import cache_dir, check_model_dir, versions
 from .report import Report
 from .stats import StreamStats, TokenSample, sample_measures
 
@@ -29,7 +29,6 @@ DEFAULT_TOKENS = 8192
 SAMPLE_TOKENS = 1024
 SAMPLE_SEQUENCES = 8
 REMOVAL_TOKENS = 2048
-VAL_FRACTION = 0.1  # the embedded corpus' validation split: its last 10%, as in training
 
 
 def load_for_analysis(path: str | Path):
@@ -196,7 +195,6 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
 
     spectra_rows, spectra_blocks = [], [{"esd_alpha": None, "stable_rank": None}] * L
     if spectra:
-        from ..train.loop import cache_dir
         from .spectra import block_summary, spectra_cached
 
         found = spectra_cached(v, model_dir, cache_dir(), progress=progress)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RESUMABLE_CHANGES, ModelConfig, RunSpec, TrainConfig, check_fields, resolve
-from ..data import TokenData, build_tokenizer, iter_documents, load_tokenizer
+from ..data import VAL_FRACTION, TokenData, build_tokenizer, head_documents, load_tokenizer
 from ..errors import LayerlabError
-from ..io import MANIFEST, read_json, write_manifest
+from ..io import MANIFEST, cache_dir, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import set_norm_schedule
 from . import telemetry
@@ -38,11 +37,6 @@ class TrainResult:
     val_bpb: float
     params: int
     interrupted: bool = False
-
-
-def cache_dir() -> Path:
-    """Where tokenized corpora are kept: $LAYERLAB_CACHE, else ~/.cache/layerlab."""
-    return Path(os.environ.get("LAYERLAB_CACHE") or Path.home() / ".cache" / "layerlab")
 
 
 def pick_device(name: str) -> torch.device:
@@ -217,8 +211,9 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     if continuing and state is not None:
         tokenizer = load_tokenizer(run_dir)
     else:
-        tokenizer = build_tokenizer(tc.tokenizer, lambda: iter_documents(tc.data))
-    data = TokenData.prepare(tc.data, tokenizer, cache_dir())
+        # BPE merges are learnt from the training part only, so validation text never shapes them
+        tokenizer = build_tokenizer(tc.tokenizer, lambda: head_documents(tc.data, 1 - VAL_FRACTION))
+    data = TokenData.prepare(tc.data, tokenizer, cache_dir(), val_fraction=VAL_FRACTION)
     data.check_length(mc.context)
     mc.vocab_size = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
 
