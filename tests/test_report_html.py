@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layerlab.report import render_html, write_html
-from layerlab.report.html import _span_matrix
+from layerlab.report.plots import _span_matrix
 
 NAME = "gpt<b>&tiny"  # must come out escaped
 IMG = re.compile(r'<img class="plot[^"]*"[^>]*>')

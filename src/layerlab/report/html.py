@@ -11,173 +11,38 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import os
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from .plots import (
+    _DPI,
+    _FAMILIES,
+    _HEATMAP_CAPTION,
+    _MAX_ACTIVATION,
+    _PALETTE,
+    _best_blocks,
+    _family_alt,
+    _family_figure,
+    _get,
+    _heatmap_figure,
+    _layers,
+    _num,
+    _png,
+    _runs,
+    _series,
+    _span_for,
+    _x,
+)
 
 __all__ = ["render_html", "write_html"]
 
-_DPI = 100
-_WIDE = 11.0  # inches: 1100 px at 100 dpi, the width of the page's content column
-# One colour per model, in the order the models appear (matplotlib's tab10).
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
-
-
-# ----------------------------------------------------------------------------------------------- what to plot
-
-
-@dataclass(frozen=True)
-class _Series:
-    key: str  # a per-layer key; "a.b" reads layer["a"]["b"]
-    label: str
-    style: str = "-"
-
-
-@dataclass(frozen=True)
-class _Panel:
-    title: str
-    ylabel: str
-    series: tuple[_Series, ...]
-    log: bool = False
-    hline: float | None = None  # a grey reference line
-    embedding_key: str | None = None  # also plot model["embedding"][key] at x = -1 ("emb")
-    final_key: str | None = None  # also plot model[key] at x = num_layers (the final norm)
-    loss_line: bool = False  # a dashed line at each model's full loss
-
-
-@dataclass(frozen=True)
-class _Family:
-    title: str
-    caption: str
-    panels: tuple[_Panel, ...]
-    ncols: int = 3
-    row_height: float = 2.9
-
-
-_FAMILIES: tuple[_Family, ...] = (
-    _Family(
-        "Layer similarity",
-        "Angular distance between the residual stream entering and leaving each block (solid: all tokens, "
-        "dashed: last token) and the ShortGPT block influence 1 − cos; low values mark blocks that change "
-        "the stream little and are candidates for pruning (Gromov et al., 2024; Men et al., 2024).",
-        (
-            _Panel(r"Angular distance $d(x_l, x_{l+1})$", "arccos(cos) / π",
-                   (_Series("angular_distance", "all tokens"),
-                    _Series("angular_distance_last_token", "last token", "--"))),
-            _Panel("Block influence (ShortGPT)", r"$1 - \cos(x_l, x_{l+1})$", (_Series("block_influence", "block"),)),
-        ),
-    ),
-    _Family(
-        "Contribution",
-        "Size of each block's update relative to the stream it reads, ‖update‖ / ‖input‖, for the whole block "
-        "and for its attention and MLP sublayers, and the cosine between each sublayer's output and its input "
-        "(negative: the sublayer erases part of the stream) (Csordás et al., 2025).",
-        (
-            _Panel("Relative contribution", "‖update‖ / ‖input‖",
-                   (_Series("relative_contribution", "block"),
-                    _Series("attn_relative_contribution", "attention", "--"),
-                    _Series("mlp_relative_contribution", "MLP", ":"))),
-            _Panel("Cosine of the update with its input", "cosine",
-                   (_Series("attn_cosine", "attention", "--"), _Series("mlp_cosine", "MLP", ":")), hline=0.0),
-        ),
-    ),
-    _Family(
-        "Hidden-state growth",
-        "RMS of the residual stream leaving each block (log scale; the square at “emb” is the embedding "
-        "output) and the ratio of its variance to that of the stream entering the block (above 1: the block "
-        "grows the stream).",
-        (
-            _Panel("RMS of the stream leaving the block", "RMS (log scale)",
-                   (_Series("hidden_rms", "leaving the block"),), log=True, embedding_key="hidden_rms"),
-            _Panel("Variance growth", r"Var$(x_{l+1})$ / Var$(x_l)$", (_Series("variance_growth", "block"),),
-                   hline=1.0),
-        ),
-    ),
-    _Family(
-        "Representation quality",
-        "Geometry of the token representations leaving each block: effective rank (Roy & Vetterli, 2007), "
-        "prompt entropy and curvature (Skean et al., 2025), TwoNN intrinsic dimension, and anisotropy "
-        "(mean cosine between distinct tokens; high values mean the tokens crowd into a narrow cone).",
-        (
-            _Panel("Effective rank", "exp(entropy of σ)", (_Series("effective_rank", "effective rank"),)),
-            _Panel("Prompt entropy", "normalized entropy", (_Series("prompt_entropy", "prompt entropy"),)),
-            _Panel("Curvature", "mean angle (rad)", (_Series("curvature", "curvature"),)),
-            _Panel("Intrinsic dimension (TwoNN)", "dimension", (_Series("intrinsic_dimension", "TwoNN"),)),
-            _Panel("Anisotropy", "mean cosine", (_Series("anisotropy", "anisotropy"),)),
-        ),
-        row_height=2.6,
-    ),
-    _Family(
-        "Logit lens",
-        "Cross-entropy of the next-token prediction read straight from each block's output through the final "
-        "norm and the unembedding, and its KL divergence from the model's own final prediction; the dashed "
-        "line is the full model's loss.",
-        (
-            _Panel("Logit-lens loss", "cross-entropy (nats/token)", (_Series("logit_lens_loss", "logit lens"),),
-                   loss_line=True),
-            _Panel("KL to the final prediction", "KL (nats)", (_Series("logit_lens_kl", "KL"),)),
-        ),
-    ),
-    _Family(
-        "Layer removal",
-        "How much the model's output changes when that single block is skipped: the loss increase in "
-        "nats/token for causal LMs, 1 − cos of the mean-pooled output for encoders; high values mark the "
-        "blocks the model cannot do without.",
-        (
-            _Panel("Loss increase when the block is skipped", "Δ loss (nats/token)",
-                   (_Series("removal_loss_delta", "Δ loss"),), hline=0.0),
-            _Panel("Removal effect (encoders)", "1 − cos (pooled output)",
-                   (_Series("removal_effect", "removal effect"),), hline=0.0),
-        ),
-        ncols=2,
-    ),
-    _Family(
-        "Weight spectra",
-        "Heavy-tail exponent α of the eigenvalue spectrum of each block's weight matrices (HT-SR, Martin & "
-        "Mahoney; 2 ≤ α ≤ 6 is typical of well-trained layers, larger α means less structure learned) and "
-        "their stable rank ‖W‖²_F / ‖W‖²_2, both averaged over the block's matrices.",
-        (
-            _Panel("Heavy-tail exponent α", "α", (_Series("esd_alpha", "α"),)),
-            _Panel("Stable rank", "stable rank", (_Series("stable_rank", "stable rank"),)),
-        ),
-    ),
-)
-
-_MAX_ACTIVATION = _Family(
-    "Max activations",
-    "Largest absolute activation at each block's hook points (the residual stream leaving the block, the "
-    "attention output and the MLP output), log scale, with the embedding output (“emb”) and the final norm "
-    "(diamond); massive activations show up as spikes orders of magnitude above their neighbours.",
-    (
-        _Panel("Max |activation| per block", "max |activation| (log scale)",
-               (_Series("max_abs.resid", "residual stream"), _Series("max_abs.attn", "attention output", "--"),
-                _Series("max_abs.mlp", "MLP output", ":")),
-               log=True, embedding_key="max_abs_activation", final_key="final_norm_max_abs"),
-    ),
-    ncols=1,
-    row_height=3.4,
-)
-
-_HEATMAP_CAPTION = (
-    "Angular distance d(x_l, x_l+n) between the stream entering block l and the stream leaving block l+n−1, "
-    "that is across n consecutive blocks (last token for causal LMs, all tokens for encoders); dark cells are "
-    "spans whose removal changes the representation least, and the white dots mark the best block to start "
-    "pruning at for each n (Gromov et al., 2024)."
-)
 
 # Column order of the per-layer table; keys not listed here follow in the order they first appear.
 _TABLE_ORDER = (
@@ -187,6 +52,7 @@ _TABLE_ORDER = (
     "max_abs.mlp", "effective_rank", "prompt_entropy", "curvature", "intrinsic_dimension", "anisotropy",
     "logit_lens_loss", "logit_lens_kl", "removal_loss_delta", "removal_effect", "esd_alpha", "stable_rank",
 )
+
 
 _CSS = """
 :root { color-scheme: light; }
@@ -225,6 +91,7 @@ table.numbers th { background: #f4f6f8; font-weight: 600; vertical-align: bottom
 table.numbers tbody tr:nth-child(even) { background: #fafbfc; }
 """
 
+
 _SCRIPT = """
 window.addEventListener("load", function () {
   var drawn = 0;
@@ -235,11 +102,9 @@ window.addEventListener("load", function () {
 });
 """
 
+
 # No network at all: inline CSS and script, images only from data: URIs.
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
-
-
-# ------------------------------------------------------------------------------------------------ public API
 
 
 def render_html(report: dict) -> str:
@@ -334,9 +199,6 @@ def write_html(report: dict, path: Path) -> None:
         raise
 
 
-# ------------------------------------------------------------------------------------------------ page parts
-
-
 class _Page:
     """The body's HTML fragments and the number of plots among them."""
 
@@ -361,25 +223,6 @@ def _esc(text: Any) -> str:
 
 def _swatch(color: str) -> str:
     return f'<span class="swatch" style="background:{color}"></span>'
-
-
-def _png(fig: Figure) -> bytes:
-    """The figure as a PNG, reduced to a 256-colour palette when Pillow is there (plots lose nothing visible and
-    the file shrinks three- to four-fold)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow comes with matplotlib
-        return buf.getvalue()
-    buf.seek(0)
-    with Image.open(buf) as image:
-        # median cut keeps white exactly white; Pillow < 9.1 has the constant on Image, not the Quantize enum
-        method = Image.Quantize.MEDIANCUT if hasattr(Image, "Quantize") else Image.MEDIANCUT
-        small = image.convert("RGB").quantize(colors=256, method=method)
-    out = io.BytesIO()
-    small.save(out, format="PNG", optimize=True)
-    return out.getvalue()
 
 
 def _img(fig: Figure, alt: str, extra_class: str = "") -> str:
@@ -435,48 +278,6 @@ def _model_line(model: dict) -> str:
     return " · ".join(bits)
 
 
-def _runs(items: list) -> list[tuple[Any, int]]:
-    """Run-length encoding: ["pre", "pre", "post"] -> [("pre", 2), ("post", 1)]."""
-    out: list[tuple[Any, int]] = []
-    for item in items:
-        if out and out[-1][0] == item:
-            out[-1] = (item, out[-1][1] + 1)
-        else:
-            out.append((item, 1))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------ numbers
-
-
-def _num(value: Any) -> float:
-    """A finite float, or NaN for None, NaN, infinities and anything that is not a number."""
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return math.nan
-    return x if math.isfinite(x) else math.nan
-
-
-def _get(layer: dict, key: str) -> Any:
-    value: Any = layer
-    for part in key.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def _layers(model: dict) -> list[dict]:
-    return [layer if isinstance(layer, dict) else {} for layer in (model.get("layers") or [])]
-
-
-def _series(model: dict, key: str) -> np.ndarray:
-    return np.array([_num(_get(layer, key)) for layer in _layers(model)], dtype=float)
-
-
 def _fmt(value: Any) -> str:
     """Three significant digits for floats; ints and strings as they are; a dash for a missing value."""
     if value is None:
@@ -490,9 +291,6 @@ def _fmt(value: Any) -> str:
     return _esc(value)
 
 
-# ------------------------------------------------------------------------------------------------ summary
-
-
 def _importance(model: dict) -> tuple[str, np.ndarray] | None:
     """The per-layer importance to rank blocks by: removal loss delta (causal), removal effect (encoder),
     else block influence; None when the model has none of them."""
@@ -504,26 +302,6 @@ def _importance(model: dict) -> tuple[str, np.ndarray] | None:
         if np.isfinite(values).any():
             return label, values
     return None
-
-
-def _best_blocks(model: dict, span: np.ndarray | None) -> dict[int, tuple[int, float]]:
-    """n -> (start, distance) from ``best_block_to_prune``, else the argmin of the span matrix."""
-    best: dict[int, tuple[int, float]] = {}
-    given = model.get("best_block_to_prune")
-    if isinstance(given, dict):
-        for n, entry in given.items():
-            try:
-                n_int, start = int(n), int(entry["start"])
-            except (TypeError, ValueError, KeyError):
-                continue
-            best[n_int] = (start, _num(entry.get("distance")))
-    if not best and span is not None:
-        for n in range(1, span.shape[1] + 1):
-            column = span[:, n - 1]
-            if np.isfinite(column).any():
-                start = int(np.nanargmin(column))
-                best[n] = (start, float(column[start]))
-    return dict(sorted(best.items()))
 
 
 def _blocks(start: int, n: int) -> str:
@@ -574,211 +352,6 @@ def _max_activation_text(ma: Any) -> str:
     if ma.get("point") is not None:
         where.append(_esc(ma["point"]))
     return f"<b>{_num(ma['value']):.4g}</b>" + (f" at {', '.join(where)}" if where else "")
-
-
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def _mpl_text(text: str) -> str:
-    """User text for matplotlib: no mathtext from stray dollar signs."""
-    return text.replace("$", r"\$")
-
-
-def _x(model: dict) -> list[int]:
-    """Block indices: the layers' ``index`` where it is an int, else the position."""
-    out = []
-    for i, layer in enumerate(_layers(model)):
-        index = layer.get("index")
-        out.append(index if isinstance(index, int) and not isinstance(index, bool) else i)
-    return out
-
-
-def _family_alt(family: _Family, panels: list[_Panel]) -> str:
-    metrics = "; ".join(p.title.replace("$", "").replace("\\", "") for p in panels)
-    return f"{family.title} against block index: {metrics}"
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _family_figure(
-    family: _Family, models: list[dict], names: list[str], colors: list[str]
-) -> tuple[Figure, list[_Panel]] | None:
-    """One figure for a metric family, a panel per metric group with the models overlaid in their colours, and
-    the panels drawn; None when no panel has a finite value."""
-    panels = []
-    for panel in family.panels:
-        lines = []
-        for m, model in enumerate(models):
-            for series in panel.series:
-                y = _series(model, series.key)
-                if panel.log:
-                    y[y <= 0] = np.nan
-                if np.isfinite(y).any():
-                    lines.append((m, series, y))
-        if lines:
-            panels.append((panel, lines))
-    if not panels:
-        return None
-
-    ncols = min(family.ncols, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    several = len(models) > 1
-    width = _WIDE if ncols > 1 or family.ncols == 1 else 6.5
-    fig = _new_figure(width, family.row_height * nrows + (0.35 if several else 0.0))
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.remove()
-    for ax, (panel, lines) in zip(axes, panels):
-        _draw_panel(ax, panel, lines, models, colors)
-    if several:
-        handles = [Line2D([], [], color=c, lw=2.5) for c in colors]
-        fig.legend(handles, [_mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
-                   frameon=False, fontsize=9)
-    return fig, [panel for panel, _ in panels]
-
-
-def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors: list[str]) -> None:
-    drawn_models = sorted({m for m, _, _ in lines})
-    styles: dict[str, _Series] = {}
-    for m, series, y in lines:
-        x = _x(models[m])
-        ax.plot(x, y, series.style, color=colors[m], lw=1.6, marker="o", ms=3)
-        styles.setdefault(series.key, series)
-    extra: list[tuple[Line2D, str]] = []
-    has_emb = has_final = False
-    finals = set()
-    for m in drawn_models:
-        model = models[m]
-        if panel.embedding_key:
-            emb = _num((model.get("embedding") or {}).get(panel.embedding_key))
-            if not math.isnan(emb) and (emb > 0 or not panel.log):
-                ax.plot([-1], [emb], "s", color=colors[m], ms=6)
-                has_emb = True
-        if panel.final_key:
-            fin = _num(model.get(panel.final_key))
-            if not math.isnan(fin) and (fin > 0 or not panel.log):
-                x_final = len(_layers(model))
-                ax.plot([x_final], [fin], "D", color=colors[m], ms=6)
-                has_final = True
-                finals.add(x_final)
-        if panel.loss_line:
-            loss = _num(model.get("loss"))
-            if not math.isnan(loss):
-                ax.axhline(loss, color=colors[m], ls="--", lw=1.1, alpha=0.8)
-                if not extra or extra[-1][1] != "full model loss":
-                    extra.append((Line2D([], [], color="0.35", ls="--", lw=1.1), "full model loss"))
-    if has_emb:
-        extra.append((Line2D([], [], color="0.35", marker="s", ls="none", ms=6), "embedding output"))
-    if has_final:
-        extra.append((Line2D([], [], color="0.35", marker="D", ls="none", ms=6), "final norm"))
-    if panel.hline is not None:
-        ax.axhline(panel.hline, color="0.55", lw=0.8, zorder=0)
-    if panel.log:
-        ax.set_yscale("log")
-        _readable_log_ticks(ax)
-
-    handles = [Line2D([], [], color="0.25", ls=s.style, lw=1.6) for s in styles.values()]
-    labels = [s.label for s in styles.values()]
-    if len(handles) > 1 or extra:
-        ax.legend(handles + [h for h, _ in extra], labels + [t for _, t in extra], fontsize=7.5, framealpha=0.85)
-    ax.set_title(panel.title, fontsize=10.5)
-    ax.set_xlabel("block", fontsize=9)
-    ax.set_ylabel(panel.ylabel, fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.grid(True, alpha=0.3, lw=0.6)
-    depth = max(len(_layers(models[m])) for m in drawn_models)
-    _block_ticks(ax, depth, has_emb, finals)
-
-
-def _readable_log_ticks(ax: Axes) -> None:
-    """Plain numbers on a log axis: 1, 2, 5 per decade over a short range (where the default would label only
-    one decade, or none), decades otherwise; minor ticks unlabelled."""
-    lo, hi = ax.get_ylim()
-    if lo > 0 and math.log10(hi / lo) <= 2.5:
-        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
-
-
-def _block_ticks(ax: Axes, depth: int, with_embedding: bool, finals: set[int]) -> None:
-    """Integer block ticks (at most ~16), "emb" at -1, and "norm" at the final norm when all models agree."""
-    step = max(1, math.ceil(depth / 16))
-    ticks = list(range(0, max(depth, 1), step))
-    labels = [str(t) for t in ticks]
-    if with_embedding:
-        ticks.insert(0, -1)
-        labels.insert(0, "emb")
-    if len(finals) == 1:
-        (final,) = finals
-        if final not in ticks:
-            ticks.append(final)
-            labels.append("norm")
-    ax.set_xticks(ticks, labels)
-
-
-def _span_for(model: dict) -> tuple[np.ndarray | None, str]:
-    """The span matrix (see :func:`_span_matrix`) from the last-token matrix for causal models, the all-token
-    matrix for encoders (each falling back to the other), and which one it is."""
-    keys = ["angular_distance_matrix_last_token", "angular_distance_matrix"]
-    if not model.get("causal", True):
-        keys.reverse()
-    for key in keys:
-        matrix = model.get(key)
-        if isinstance(matrix, list) and len(matrix) > 1:
-            span = _span_matrix(matrix)
-            if np.isfinite(span).any():
-                return span, "last token" if key.endswith("last_token") else "all tokens"
-    return None, ""
-
-
-def _span_matrix(matrix: list) -> np.ndarray:
-    """``D[l, n - 1] = d(x_l, x_{l+n})`` for l = 0..L-1 and n = 1..L-l from the (L+1) x (L+1) state-distance
-    matrix (upper triangle; the lower one is read where the upper is missing). Cells with l + n > L are NaN."""
-    states = len(matrix)
-    num_layers = states - 1
-
-    def cell(i: int, j: int) -> float:
-        row = matrix[i] if i < states and isinstance(matrix[i], list) else []
-        return _num(row[j]) if j < len(row) else math.nan
-
-    span = np.full((num_layers, num_layers), np.nan)
-    for start in range(num_layers):
-        for n in range(1, num_layers - start + 1):
-            value = cell(start, start + n)
-            span[start, n - 1] = value if not math.isnan(value) else cell(start + n, start)
-    return span
-
-
-def _heatmap_figure(model: dict, name: str) -> Figure | None:
-    span, which = _span_for(model)
-    if span is None:
-        return None
-    num_layers = span.shape[0]
-    fig = _new_figure(5.4, 4.5)
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
-    image = ax.imshow(np.ma.masked_invalid(span), cmap=cmap, aspect="auto", interpolation="nearest",
-                      extent=(0.5, num_layers + 0.5, num_layers - 0.5, -0.5))
-    fig.colorbar(image, ax=ax, label=f"angular distance ({which})", shrink=0.9)
-    best = [(n, start) for n, (start, _) in _best_blocks(model, span).items() if 1 <= n <= num_layers]
-    if best:
-        ax.scatter([n for n, _ in best], [s for _, s in best], s=22, c="white", edgecolors="black", linewidths=0.7,
-                   zorder=3)
-    step = max(1, math.ceil(num_layers / 12))
-    ax.set_xticks(range(1, num_layers + 1, step))
-    ax.set_yticks(range(0, num_layers, step))
-    ax.set_xlabel("n (number of consecutive blocks)", fontsize=9)
-    ax.set_ylabel("l (first block)", fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.set_title(_mpl_text(name) + r": $d(x_l, x_{l+n})$, " + which, fontsize=10)
-    return fig
-
-
-# ------------------------------------------------------------------------------------------------ table
 
 
 def _numbers_table(model: dict) -> str:
