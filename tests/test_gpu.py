@@ -24,3 +24,15 @@ def test_model_matches_between_cpu_and_cuda():
     cpu = model(x).logits
     gpu = model.cuda()(x.cuda()).logits.cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-3)
+
+
+def test_analysis_runs_on_cuda():
+    from conftest import tiny_cfg
+    from test_analysis import _FakeTok
+
+    from layerlab.analysis.analyze import analyze_model
+
+    model = layerlab.build_model(tiny_cfg(layers=3, context=32, vocab_size=64)).cuda().eval()
+    entry = analyze_model(model, _FakeTok(), name="m", path=None, tokens=256, seq_len=16, spectra=False,
+                          intrinsic=False, progress=False)
+    assert entry["layers"][0]["angular_distance"] > 0

@@ -31,8 +31,9 @@ SAMPLE_SEQUENCES = 8
 REMOVAL_TOKENS = 2048
 
 
-def load_for_analysis(path: str | Path):
-    """(model, tokenizer) of a model directory: a causal LM, or a BERT-style encoder."""
+def load_for_analysis(path: str | Path, device: str = "auto"):
+    """(model, tokenizer) of a model directory: a causal LM, or a BERT-style encoder, on ``device``
+    (``auto``: CUDA when present)."""
     import transformers
 
     from .. import model as _registers_layerlab  # noqa: F401
@@ -59,7 +60,9 @@ def load_for_analysis(path: str | Path):
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise LayerlabError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    return model.eval(), tok
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tok
 
 
 def model_label(path: Path) -> str:

@@ -58,7 +58,10 @@ class StreamStats:
 
     @torch.no_grad()
     def update(self, states: list[torch.Tensor], attn: list, mlp: list, mids: list, mask: torch.Tensor) -> None:
-        """Fold one batch in. ``states`` are x_0..x_L (B, T, C); ``mask`` (B, T) marks real tokens."""
+        """Fold one batch in. ``states`` are x_0..x_L (B, T, C); ``mask`` (B, T) marks real tokens.
+
+        The work runs on the states' device; only the reduced sums come back to the CPU.
+        """
         m = mask.bool()
         X = torch.stack([s.float() for s in states])  # (S, B, T, C)
         C = X.shape[-1]
@@ -66,13 +69,13 @@ class StreamStats:
         N = Xn.shape[1]
         U = F.normalize(Xn, dim=-1)
         # all pairwise cosines between states, per token: (S, S, N) -> angular distances summed over tokens
-        self.ang_sum += angular(torch.einsum("snc,tnc->stn", U, U)).sum(-1).double()
+        self.ang_sum += angular(torch.einsum("snc,tnc->stn", U, U)).sum(-1).double().cpu()
         last = last_token_index(mask)  # (B,)
         Ul = F.normalize(X[:, torch.arange(X.shape[1]), last], dim=-1)  # (S, B, C)
-        self.ang_last_sum += angular(torch.einsum("sbc,tbc->stb", Ul, Ul)).sum(-1).double()
-        self.cos_next_sum += (U[:-1] * U[1:]).sum(-1).sum(-1).double()
+        self.ang_last_sum += angular(torch.einsum("sbc,tbc->stb", Ul, Ul)).sum(-1).double().cpu()
+        self.cos_next_sum += (U[:-1] * U[1:]).sum(-1).sum(-1).double().cpu()
         norms = Xn.norm(dim=-1).clamp_min(1e-12)  # (S, N)
-        self.rel_sum += ((Xn[1:] - Xn[:-1]).norm(dim=-1) / norms[:-1]).sum(-1).double()
+        self.rel_sum += ((Xn[1:] - Xn[:-1]).norm(dim=-1) / norms[:-1]).sum(-1).double().cpu()
         for i in range(self.L):
             for part, inp, rel, cos in ((attn[i], states[i], self.attn_rel_sum, self.attn_cos_sum),
                                         (mlp[i], mids[i], self.mlp_rel_sum, self.mlp_cos_sum)):
@@ -83,9 +86,9 @@ class StreamStats:
                 cos[i] += float(F.cosine_similarity(p, x, dim=-1).sum())
             self.max_attn[i] = max(float(self.max_attn[i]), float(attn[i].abs().max()) if attn[i] is not None else 0.0)
             self.max_mlp[i] = max(float(self.max_mlp[i]), float(mlp[i].abs().max()) if mlp[i] is not None else 0.0)
-        self.sum_x += Xn.sum(dim=(1, 2)).double()
-        self.sum_x2 += Xn.pow(2).sum(dim=(1, 2)).double()
-        self.max_resid = torch.maximum(self.max_resid, Xn.abs().amax(dim=(1, 2)).double())
+        self.sum_x += Xn.sum(dim=(1, 2)).double().cpu()
+        self.sum_x2 += Xn.pow(2).sum(dim=(1, 2)).double().cpu()
+        self.max_resid = torch.maximum(self.max_resid, Xn.abs().amax(dim=(1, 2)).double().cpu())
         self.elems += N * C
         self.tokens += N
         self.sequences += int(m.shape[0])
