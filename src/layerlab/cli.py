@@ -176,6 +176,48 @@ def analyze(
     typer.echo(f"report: {out / 'report.html'}")
 
 
+PRUNE_EXAMPLE = """
+Examples:
+
+  layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 1 --out runs/tiny-pruned
+
+  layerlab prune gpt2-dir --remove 2 --metric loss --out gpt2-pruned     # stays a plain GPT-2 directory
+"""
+
+
+@app.command(epilog=PRUNE_EXAMPLE)
+def prune(
+    model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
+    remove: Annotated[int, typer.Option(help="number of blocks to remove")] = ...,
+    metric: Annotated[str, typer.Option(help="angular | bi | loss")] = "angular",
+    out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
+    data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens for the measurements and perplexity")] = 8192,
+) -> None:
+    """Remove whole blocks chosen by a layer measurement; write the smaller model and a before/after table."""
+    from .compress import prune as run_prune
+
+    _quiet_hf()
+    run_prune(model, remove=remove, metric=metric, out=out, data=data, tokens=tokens, echo=typer.echo)
+    typer.echo(f"wrote {out}")
+
+
+@app.command(name="eval", epilog="Example:\n\n  layerlab eval runs/tiny-pre-layernorm-L4-d256")
+def eval_(
+    model: Annotated[Path, typer.Argument(help="causal LM directory")],
+    data: Annotated[str | None, typer.Option(help="text (default: embedded validation split)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens to evaluate")] = 16384,
+) -> None:
+    """Validation loss, perplexity and bits per byte of a model directory."""
+    from .evaluate import evaluate
+
+    _quiet_hf()
+    r = evaluate(model, data=data, tokens=tokens)
+    bpb = f", {r['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in r else ""
+    typer.echo(f"{model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}{bpb} "
+               f"({r['tokens']} tokens)")
+
+
 def main() -> None:
     try:
         app()

@@ -35,7 +35,11 @@ WEIGHTS = "model.safetensors"
 
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | None = None) -> None:
     """Write model, optimizer and step atomically into ``run_dir``."""
+    from transformers.utils import logging as hf_logging
+
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=run_dir))
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar per checkpoint would bury the run's own progress
     try:
         model.save_pretrained(tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
@@ -49,6 +53,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | No
             os.replace(tmp / name, run_dir / name)
         atomic_write_json(run_dir / STATE, state)
     finally:
+        if bar:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
