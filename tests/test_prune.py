@@ -124,6 +124,25 @@ def test_cli_prune_and_eval(known, tmp_path):
     r = CliRunner().invoke(app, ["prune", str(known), "--remove", "1", "--out", str(tmp_path / "p"),
                                  "--tokens", "512"])
     assert r.exit_code == 0, r.output
-    assert "before" in r.output and "after" in r.output and "removed blocks" in r.output
+    assert "before" in r.output and "pruned" in r.output and "removed blocks" in r.output
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "p"), "--tokens", "512"])
     assert r.exit_code == 0 and "perplexity" in r.output and "bits/byte" in r.output
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_healing_lowers_the_pruned_loss_and_writes_a_plain_model(known, tmp_path, mode):
+    from safetensors import safe_open
+
+    rec = prune(known, remove=2, metric="bi", out=tmp_path / "h", heal_steps=30, heal=mode, **QUIET)
+    assert set(rec) >= {"before", "pruned", "healed", "after"}
+    assert rec["healed"]["loss"] < rec["pruned"]["loss"]
+    assert rec["after"] == rec["healed"]
+    with safe_open(tmp_path / "h" / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k], "adapters are merged, not saved"
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert healed.config.layers == 3 and type(healed).__name__ == "LayerlabForCausalLM"
+
+
+def test_bad_heal_mode(known, tmp_path):
+    with pytest.raises(LayerlabError, match="unknown heal mode 'qlora'; valid: full, lora"):
+        prune(known, remove=1, heal_steps=5, heal="qlora", out=tmp_path / "x", **QUIET)

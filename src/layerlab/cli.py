@@ -182,6 +182,8 @@ Examples:
   layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 1 --out runs/tiny-pruned
 
   layerlab prune gpt2-dir --remove 2 --metric loss --out gpt2-pruned     # stays a plain GPT-2 directory
+
+  layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 1 --heal-steps 100 --out runs/tiny-healed
 """
 
 
@@ -193,12 +195,16 @@ def prune(
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
     tokens: Annotated[int, typer.Option(help="tokens for the measurements and perplexity")] = 8192,
+    heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
+    heal: Annotated[str, typer.Option(help="lora (merged back) | full")] = "lora",
+    progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
 ) -> None:
     """Remove whole blocks chosen by a layer measurement; write the smaller model and a before/after table."""
     from .compress import prune as run_prune
 
     _quiet_hf()
-    run_prune(model, remove=remove, metric=metric, out=out, data=data, tokens=tokens, echo=typer.echo)
+    run_prune(model, remove=remove, metric=metric, out=out, data=data, tokens=tokens, heal_steps=heal_steps,
+              heal=heal, progress=progress, echo=typer.echo)
     typer.echo(f"wrote {out}")
 
 

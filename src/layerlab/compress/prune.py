@@ -139,14 +139,23 @@ def _size(model) -> int:
 
 
 def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", out: str | Path,
-          data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, echo=print) -> dict:
-    """Remove ``remove`` blocks chosen by ``metric`` and write the smaller model to ``out``.
+          data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, heal_steps: int = 0, heal: str = "lora",
+          progress: bool = False, echo=print) -> dict:
+    """Remove ``remove`` blocks chosen by ``metric``, optionally heal, and write the model to ``out``.
 
     Returns the record also written to ``out/layerlab.json``: the blocks removed, the metric's
-    scores, and size and validation loss/perplexity before and after.
+    scores, and size and validation loss/perplexity before pruning, after pruning and (with
+    ``heal_steps``) after healing on the training part of ``data``.
     """
+    from .heal import HEAL_MODES
+    from .heal import heal as run_heal
+
     if metric not in METRICS:
         raise choices_error("metric", metric, list(METRICS))
+    if heal not in HEAL_MODES:
+        raise choices_error("heal mode", heal, HEAL_MODES)
+    if heal_steps < 0:
+        raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
     model, tok = load_for_analysis(model_dir)
     v = view(model)
     if not v.causal:
@@ -158,19 +167,23 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", out: s
         before = lm_loss(model, tok, data, tokens)
         blocks, scores = METRICS[metric](model, tok, remove, data, tokens)
         smaller = without_blocks(model, blocks)
-        after = lm_loss(smaller, tok, data, tokens)
+        stages = {"before": {"layers": v.num_layers, "bytes": _size(model), **before},
+                  "pruned": {"layers": v.num_layers - remove, "bytes": _size(smaller),
+                             **lm_loss(smaller, tok, data, tokens)}}
+        if heal_steps:
+            smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress)
+            stages["healed"] = {"layers": v.num_layers - remove, "bytes": _size(smaller),
+                                **lm_loss(smaller, tok, data, tokens)}
         smaller.save_pretrained(tmp)
         copy_tokenizer(model_dir, tmp)
-        record = {
-            "removed_blocks": blocks, "metric": metric, "scores": scores,
-            "before": {"layers": v.num_layers, "bytes": _size(model), **before},
-            "after": {"layers": v.num_layers - remove, "bytes": _size(smaller), **after},
-        }
+        record = {"removed_blocks": blocks, "metric": metric, "scores": scores, **stages,
+                  "after": stages["healed" if heal_steps else "pruned"]}
         write_manifest(tmp, "prune", {"model": str(model_dir), "remove": remove, "metric": metric,
+                                      "heal_steps": heal_steps, "heal": heal,
                                       "data": str(data) if data else "embedded", "tokens": tokens}, **record)
     echo(f"removed blocks {blocks} by {metric}")
     echo(f"{'':8s}{'layers':>8s}{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
-    for name in ("before", "after"):
-        r = record[name]
+    for name in stages:
+        r = stages[name]
         echo(f"{name:8s}{r['layers']:8d}{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
     return record

@@ -1,0 +1,79 @@
+"""Healing: a short fine-tune of a compressed model on the training part of ``--data``.
+
+``lora`` (the default) trains low-rank adapters on every linear layer through ``peft`` and merges
+them back, so the written model has its original architecture and no peft dependency; Gromov et
+al., 2024 heal pruned models with QLoRA the same way. ``full`` trains all weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import view
+from ..data import VAL_FRACTION, head_documents
+from ..errors import LayerlabError, choices_error
+
+HEAL_MODES = ("lora", "full")
+LORA_RANK = 8  # a small rank suffices to heal a few removed layers (Gromov et al., 2024 use QLoRA ranks 2-64)
+
+
+def _train_ids(tokenizer, data: str | Path | None, limit: int) -> torch.Tensor:
+    """Token ids of the training part (the first 90%) of ``data``, at most ``limit`` of them."""
+    ids: list[int] = []
+    for doc in head_documents(data, 1 - VAL_FRACTION):
+        ids += tokenizer(doc.decode("utf-8", errors="replace"), add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) >= limit:
+            break
+    return torch.tensor(ids[:limit], dtype=torch.long)
+
+
+def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path | None = None, lr: float | None = None,
+         batch_size: int = 8, seq_len: int | None = None, seed: int = 0, progress: bool = True):
+    """Fine-tune ``model`` for ``steps`` steps and return the healed model (LoRA merged in)."""
+    if mode not in HEAL_MODES:
+        raise choices_error("heal mode", mode, HEAL_MODES)
+    if steps < 1:
+        return model
+    if not view(model).causal:
+        raise LayerlabError("healing trains a causal LM; this model is an encoder")
+    seq_len = seq_len or min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    device = next(model.parameters()).device
+    ids = _train_ids(tokenizer, data, limit=4_000_000)
+    if len(ids) < seq_len + 2:
+        raise LayerlabError(f"data too short to heal on: {len(ids)} training tokens, need more than {seq_len + 1}")
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear")
+        with warnings.catch_warnings():  # peft asks transformers about a renamed attribute
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(model, cfg)
+        lr = lr or 1e-3
+    else:
+        lr = lr or 1e-4
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"heal ({mode})", total=steps)
+        for _ in range(steps):
+            starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
+            rows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()]).to(device)
+            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.advance(task)
+    model.eval()
+    if mode == "lora":
+        model = model.merge_and_unload()
+    return model
