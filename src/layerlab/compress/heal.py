@@ -45,6 +45,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
     ids = _train_ids(tokenizer, data, limit=4_000_000)
     if len(ids) < seq_len + 2:
         raise LayerlabError(f"data too short to heal on: {len(ids)} training tokens, need more than {seq_len + 1}")
+    torch.manual_seed(seed)  # LoRA's A matrices start random: the same seed gives the same healed model
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
