@@ -22,7 +22,7 @@ from transformers import (
 
 import layerlab
 from layerlab.adapters import view
-from layerlab.analysis.analyze import _masked_loss, analyze_model
+from layerlab.analysis.analyze import analyze_model, masked_loss_sum
 from layerlab.analysis.stats import StreamStats, anisotropy, curvature, effective_rank, prompt_entropy
 from layerlab.errors import LayerlabError
 
@@ -179,15 +179,15 @@ def test_removal_delta_equals_the_loss_of_the_deleted_model():
     tail = ids[(200 // 16) * 16:]
     mask = torch.ones_like(wins)
     with torch.no_grad():
-        full, n = _masked_loss(model(wins).logits, wins, mask)
+        full, n = masked_loss_sum(model(wins).logits, wins, mask)
         blocks = model.blocks
         model.blocks = torch.nn.ModuleList([b for i, b in enumerate(blocks) if i != 1])
-        deleted, _ = _masked_loss(model(wins).logits, wins, mask)
+        deleted, _ = masked_loss_sum(model(wins).logits, wins, mask)
         t_row = torch.cat([tail, torch.zeros(16 - len(tail), dtype=torch.long)])[None]
         t_mask = torch.cat([torch.ones(len(tail)), torch.zeros(16 - len(tail))])[None].long()
-        d_tail, n_tail = _masked_loss(model(t_row).logits, t_row, t_mask)
+        d_tail, n_tail = masked_loss_sum(model(t_row).logits, t_row, t_mask)
         model.blocks = blocks
-        f_tail, _ = _masked_loss(model(t_row).logits, t_row, t_mask)
+        f_tail, _ = masked_loss_sum(model(t_row).logits, t_row, t_mask)
     expect = (deleted + d_tail - full - f_tail) / (n + n_tail)
     assert entry["layers"][1]["removal_loss_delta"] == pytest.approx(expect, rel=1e-4, abs=1e-6)
     assert entry["loss"] == pytest.approx((full + f_tail) / (n + n_tail), rel=1e-5)

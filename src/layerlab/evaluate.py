@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .adapters import view
-from .analysis.analyze import analysis_text_ids, batches, load_for_analysis
+from .analysis.analyze import analysis_text_ids, batches, load_for_analysis, masked_loss_sum
 from .errors import LayerlabError
 
 DEFAULT_EVAL_TOKENS = 16384
@@ -30,11 +30,8 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int = DEFA
     total, count = 0.0, 0
     for input_ids, mask in batches(v, tokenizer, ids, tokens, seq_len, batch_size):
         input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = v.forward(input_ids, mask).logits
-        valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-        total += float(torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), input_ids[:, 1:][valid],
-                                                         reduction="sum"))
-        count += int(valid.sum())
+        part, n = masked_loss_sum(v.forward(input_ids, mask).logits, input_ids, mask)
+        total, count = total + part, count + n
     used = ids[: min(len(ids), tokens)]
     loss = total / max(count, 1)
     result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}

@@ -124,7 +124,8 @@ def _progress(enabled: bool):
                     disable=not enabled)
 
 
-def _masked_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+def masked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token cross-entropy, number of predictions) over the real tokens of a batch."""
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     ce = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum")
     return float(ce), int(valid.sum())
@@ -175,7 +176,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
                 stream.update_lens(states, v.logits_from_hidden, input_ids, mask)
             if removal_seen < removal_tokens:  # layer removal on the first removal_tokens tokens
                 if v.causal:
-                    full, n = _masked_loss(out.logits, input_ids, mask)
+                    full, n = masked_loss_sum(out.logits, input_ids, mask)
                     full_removal_loss += full
                 else:
                     base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
@@ -183,7 +184,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
                     with v.skip(i, replay=t):
                         o = v.forward(input_ids, mask)
                     if v.causal:
-                        removal_sum[i] += _masked_loss(o.logits, input_ids, mask)[0]
+                        removal_sum[i] += masked_loss_sum(o.logits, input_ids, mask)[0]
                     else:
                         pooled = _pooled(o.last_hidden_state, mask)
                         removal_sum[i] += float((1 - F.cosine_similarity(pooled, base)).sum())

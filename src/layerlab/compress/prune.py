@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..adapters import LayerView, view
-from ..analysis.analyze import analysis_text_ids, analyze_model, batches, load_for_analysis
+from ..analysis.analyze import analysis_text_ids, analyze_model, batches, load_for_analysis, masked_loss_sum
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
@@ -55,11 +55,8 @@ def _skipped_loss(v: LayerView, batches_: list, skip: list[int]) -> float:
     total, count = 0.0, 0
     with v.skip(*skip):
         for ids, mask in batches_:
-            logits = v.forward(ids, mask).logits
-            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid],
-                                                             reduction="sum"))
-            count += int(valid.sum())
+            part, n = masked_loss_sum(v.forward(ids, mask).logits, ids, mask)
+            total, count = total + part, count + n
     return total / max(count, 1)
 
 
