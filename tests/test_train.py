@@ -76,6 +76,7 @@ def test_rerunning_a_finished_run_is_a_no_op(debug_run):
     before = (debug_run.run_dir / "model.safetensors").read_bytes()
     res = train(preset="debug", overrides=dict(FAST), out=debug_run.run_dir, progress=False, echo=lambda *a: None)
     assert res.step == 12 and (debug_run.run_dir / "model.safetensors").read_bytes() == before
+    assert json.loads((debug_run.run_dir / "layerlab.json").read_text())["status"] == "finished"
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "prepbn"])

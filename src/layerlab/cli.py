@@ -154,8 +154,6 @@ def analyze(
     from .analysis import analyze as run_analyze
 
     _quiet_hf()
-    if tokens < 1:
-        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     from .analysis.analyze import model_label
 
     out = out or Path("reports") / "-vs-".join(model_label(m) for m in models)

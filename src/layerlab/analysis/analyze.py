@@ -173,7 +173,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
             if t.final is not None:
                 max_final = max(max_final, float(t.final.abs().max()))
             if v.has_lm_head:
-                stream.update_lens(states, v.logits_from_hidden, input_ids, mask)
+                stream.update_lens(states, v.logits_from_hidden, out.logits, input_ids, mask)
             if removal_seen < removal_tokens:  # layer removal on the first removal_tokens tokens
                 if v.causal:
                     full, n = masked_loss_sum(out.logits, input_ids, mask)

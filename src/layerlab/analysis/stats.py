@@ -94,13 +94,14 @@ class StreamStats:
         self.sequences += int(m.shape[0])
 
     @torch.no_grad()
-    def update_lens(self, states: list[torch.Tensor], read: Callable, labels: torch.Tensor,
+    def update_lens(self, states: list[torch.Tensor], read: Callable, logits: torch.Tensor, labels: torch.Tensor,
                     mask: torch.Tensor) -> None:
         """Logit lens: CE of each block's output read through ``read`` (final norm + head), and KL
-        to the model's own prediction. One layer's logits exist at a time, so a large vocabulary fits."""
+        to the model's own prediction ``logits`` (which is ``read`` of the last state). One layer's
+        logits exist at a time, so a large vocabulary fits."""
         valid = mask[:, 1:].bool() & mask[:, :-1].bool()  # position t predicts t+1
         y = labels[:, 1:][valid]
-        final = F.log_softmax(read(states[-1])[:, :-1][valid].float(), dim=-1)  # (N, V)
+        final = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # (N, V)
         p_final = final.exp()
         for i, s in enumerate(states[1:]):
             logp = final if i == self.L - 1 else F.log_softmax(read(s)[:, :-1][valid].float(), dim=-1)

@@ -116,16 +116,16 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
         if not (run_dir / MANIFEST).exists():
             raise LayerlabError(f"cannot resume {run_dir}: not a layerlab run directory ({MANIFEST} missing)")
         saved = _saved_spec(run_dir)
+        saved_fields = _comparable(saved)
         if preset is None and config is None:
             asked = check_fields(overrides or {}, source="command line")
-            changed = {k: v for k, v in asked.items() if k in _comparable(saved) and _comparable(saved)[k] != v}
         else:
-            requested = resolve(preset, config, overrides)
-            changed = {k: v for k, v in _comparable(requested).items() if _comparable(saved).get(k) != v}
+            asked = _comparable(resolve(preset, config, overrides))
+        changed = {k: v for k, v in asked.items() if k in saved_fields and saved_fields[k] != v}
         spec = saved
         bad = sorted(k for k in changed if k not in RESUMABLE_CHANGES)
         if bad:
-            diffs = ", ".join(f"{k}: saved {_comparable(saved)[k]!r}, asked {changed[k]!r}" for k in bad)
+            diffs = ", ".join(f"{k}: saved {saved_fields[k]!r}, asked {changed[k]!r}" for k in bad)
             raise LayerlabError(f"cannot resume {run_dir}: incompatible config ({diffs})")
         for k, v in changed.items():
             setattr(spec.train, k, v)
@@ -208,7 +208,7 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
 
     # ---- tokenizer and data
     state = read_state(run_dir) if continuing else None
-    if continuing and state is not None:
+    if state is not None:
         tokenizer = load_tokenizer(run_dir)
     else:
         # BPE merges are learnt from the training part only, so validation text never shapes them
@@ -227,8 +227,7 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
                                   fused=fused or None)
     start = 0
     if state is not None:
-        start = load_checkpoint(run_dir, model, optimizer)
-        model.to(device)
+        start = load_checkpoint(run_dir, model, optimizer)  # copies into the parameters, already on device
     run_dir.mkdir(parents=True, exist_ok=True)
     if start == 0:
         tokenizer.save(run_dir)
@@ -246,11 +245,11 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, model, optimizer, step, {"results": results})
 
-    manifest("running")
-    if start >= tc.steps:
+    if start >= tc.steps:  # nothing to do: the finished run's manifest stays as it is
         echo(f"{run_dir} is already trained to step {start} of {tc.steps}")
         return TrainResult(run_dir, start, results.get("val_loss", float("nan")),
                            results.get("val_bpb", float("nan")), n_params)
+    manifest("running")
     echo(f"{'resuming' if start else 'training'} {n_params / 1e6:.2f}M params on {device} "
          f"({mc.layers} layers, width {mc.width}, {mc.norm}, {mc.placement}) -> {run_dir}")
 
