@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: with spinning, two threads on a loaded 2-core
+# machine slow tiny forwards down by an order of magnitude. Set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from layerlab.config import ModelConfig
 

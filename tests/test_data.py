@@ -327,3 +327,26 @@ def test_head_documents_stops_at_the_fraction(tmp_path):
     docs = list(head_documents(tmp_path, 0.9))
     assert docs == [b"x" * 60, b"y" * 30]
     assert sum(map(len, head_documents(None, 0.9))) == int(sum(map(len, iter_documents(None))) * 0.9)
+
+
+def test_head_and_tail_documents_split_the_bytes(tmp_path):
+    from layerlab.data import head_documents, tail_documents
+
+    (tmp_path / "a.txt").write_bytes(b"x" * 50)
+    (tmp_path / "b.txt").write_bytes(b"y" * 50)
+    head, tail = b"".join(head_documents(tmp_path, 0.9)), b"".join(tail_documents(tmp_path, 0.1))
+    assert head == b"x" * 50 + b"y" * 40 and tail == b"y" * 10
+
+
+def test_reported_losses_read_the_validation_tail_of_user_data(tmp_path):
+    """Commands train or calibrate on the first 90% of --data; perplexities come from the rest."""
+    from layerlab.analysis.analyze import analysis_text_ids
+
+    path = tmp_path / "t.txt"
+    path.write_text("a" * 900 + "b" * 100)
+    from transformers import AutoTokenizer
+
+    ByteTokenizer().save(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert set(tok.decode(analysis_text_ids(tok, str(path), 1000, split="validation"))) == {"b"}
+    assert tok.decode(analysis_text_ids(tok, str(path), 1000)).startswith("a")  # analyze reads it all

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 import layerlab
 from layerlab.adapters import view
 from layerlab.compress import METRICS, prune, without_blocks
+from layerlab.compress.prune import present_sublayers, without_sublayers
 from layerlab.data import ByteTokenizer
 from layerlab.errors import LayerlabError
 
@@ -34,18 +35,24 @@ def _identity_blocks(model, blocks):
 
 
 @pytest.fixture(scope="module")
-def known(tmp_path_factory):
-    """A briefly trained 5-block model whose blocks 2 and 3 are then made to do nothing.
+def trained(tmp_path_factory):
+    """A briefly trained 5-block model (pre placement).
 
-    Trained, so that removing any other block costs loss; with random weights, removing a
-    block can lower the loss and the "right answer" would not be known.
+    Trained, so that removing any block or sublayer costs loss; with random weights, removing one
+    can lower the loss and the "right answer" would not be known.
     """
     from layerlab.train import train
 
     run = tmp_path_factory.mktemp("m") / "run"
     train(preset="debug", overrides={"layers": 5, "steps": 300, "eval_every": 300}, out=run, progress=False,
           echo=lambda *a: None)
-    model = _identity_blocks(AutoModelForCausalLM.from_pretrained(run), [2, 3])
+    return run
+
+
+@pytest.fixture(scope="module")
+def known(trained, tmp_path_factory):
+    """The trained model with blocks 2 and 3 made to do nothing."""
+    model = _identity_blocks(AutoModelForCausalLM.from_pretrained(trained), [2, 3])
     return _save(model, tmp_path_factory.mktemp("m") / "known")
 
 
@@ -146,3 +153,187 @@ def test_healing_lowers_the_pruned_loss_and_writes_a_plain_model(known, tmp_path
 def test_bad_heal_mode(known, tmp_path):
     with pytest.raises(LayerlabError, match="unknown heal mode 'qlora'; valid: full, lora"):
         prune(known, remove=1, heal_steps=5, heal="qlora", out=tmp_path / "x", **QUIET)
+
+
+# ---------------------------------------------------------------- --unit attn | mlp
+
+ZERO_ATTN, ZERO_MLP = [1, 3], [2, 4]  # the sublayers of known_sub that do nothing
+
+
+@pytest.fixture(scope="module")
+def known_sub(trained, tmp_path_factory):
+    """The trained model with the attention of blocks 1, 3 and the MLP of blocks 2, 4 made to do nothing.
+
+    Different blocks for each kind, so that a metric that confused the kinds would pick the wrong ones.
+    """
+    model = AutoModelForCausalLM.from_pretrained(trained)
+    with torch.no_grad():
+        for unit, blocks in (("attn", ZERO_ATTN), ("mlp", ZERO_MLP)):
+            for i in blocks:
+                proj = getattr(model.blocks[i], unit).proj
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return _save(model, tmp_path_factory.mktemp("m") / "known_sub")
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp"])
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_each_metric_removes_the_sublayers_that_do_nothing(known_sub, tmp_path, metric, unit):
+    expect = ZERO_ATTN if unit == "attn" else ZERO_MLP
+    rec = prune(known_sub, remove=2, metric=metric, unit=unit, out=tmp_path / "out", **QUIET)
+    assert rec["removed"] == [{"block": i, "unit": unit} for i in expect] and rec["surgery"] == "removed"
+    assert "removed_blocks" not in rec, "whole blocks stay"
+    assert rec["after"]["loss"] == pytest.approx(rec["before"]["loss"], abs=1e-5)
+    assert rec["after"]["layers"] == 5 and rec["after"][f"{unit}_sublayers"] == 3
+    assert rec["after"]["bytes"] < rec["before"]["bytes"]
+    man = json.loads((tmp_path / "out" / "layerlab.json").read_text())
+    assert man["unit"] == man["args"]["unit"] == unit and man["removed"] == rec["removed"]
+    out = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert getattr(out.config, f"drop_{unit}") == expect
+    assert not [k for k in out.state_dict() if k.startswith(tuple(f"blocks.{i}.{unit}." for i in expect))]
+
+
+def _fwd(model, x, **kw):
+    with torch.no_grad():
+        return model(input_ids=x, **kw)
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp"])
+@pytest.mark.parametrize("placement", ["pre", "peri", "sandwich", "lns"])
+def test_sublayer_surgery_equals_skipping_and_the_cache_still_works(placement, unit, tmp_path):
+    torch.manual_seed(0)
+    positions = "rope" if placement == "peri" else "learned"
+    cfg = tiny_cfg(layers=4, vocab_size=320, placement=placement, positions=positions)
+    model = perturb(layerlab.build_model(cfg), 0.05).eval()
+    smaller, zeroed = without_sublayers(model, unit, [0, 2])  # block 0: the cache must not assume layer 0 has keys
+    assert zeroed == []
+    x = torch.randint(0, 320, (2, 12))
+    with torch.no_grad(), view(model).skip_sublayers(unit, 0, 2):
+        expect = view(model).forward(x).logits
+    torch.testing.assert_close(_fwd(smaller, x, use_cache=False).logits, expect, atol=1e-5, rtol=0)
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    parts = ("ln1", "attn", "ln1_out") if unit == "attn" else ("ln2", "mlp", "ln2_out")
+    gone = tuple(f"blocks.{i}.{p}." for i in (0, 2) for p in parts)
+    assert getattr(loaded.cfg, f"drop_{unit}") == [0, 2] and (loaded.blocks[0].attn is None) == (unit == "attn")
+    assert not [k for k in loaded.state_dict() if k.startswith(gone)]
+    torch.testing.assert_close(_fwd(loaded, x, use_cache=False).logits, expect, atol=1e-5, rtol=0)
+    # the KV cache: two tokens after a cached prefix equal the full forward, and generation agrees
+    past = _fwd(loaded, x[:, :6], use_cache=True).past_key_values
+    step = _fwd(loaded, x[:, 6:8], past_key_values=past, use_cache=True).logits
+    torch.testing.assert_close(step, expect[:, 6:8], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        cached = loaded.generate(x[:, :4], max_new_tokens=6, do_sample=False)
+        uncached = loaded.generate(x[:, :4], max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def _llama_biased():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                        attention_bias=True, mlp_bias=True))
+
+
+@pytest.mark.parametrize("unit", ["attn", "mlp"])
+@pytest.mark.parametrize("make", [_gpt2, _llama_biased])
+def test_hugging_face_sublayers_are_zeroed_and_stay_plain_transformers(make, unit, tmp_path):
+    torch.manual_seed(0)
+    model = perturb(make(), 0.02).eval()
+    smaller, zeroed = without_sublayers(model, unit, [1, 2])
+    proj = view(model).arch.out_proj[unit]
+    assert zeroed == [f"{view(model).arch.blocks}.{i}.{proj}.{w}" for i in (1, 2) for w in ("weight", "bias")]
+    assert present_sublayers(model, unit) == [True] * 4, "the input is not modified"
+    x = torch.randint(0, 320, (2, 12))
+    with torch.no_grad(), view(model).skip_sublayers(unit, 1, 2):
+        expect = view(model).forward(x).logits
+    smaller.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model) and loaded.config.num_hidden_layers == 4
+    torch.testing.assert_close(_fwd(loaded, x, use_cache=False).logits, expect, atol=1e-5, rtol=0)
+    assert present_sublayers(loaded, unit) == [True, False, False, True]
+    with pytest.raises(LayerlabError, match="block 1 has no"):  # a zeroed sublayer is not removed twice
+        without_sublayers(loaded, unit, [1])
+
+
+def test_sublayer_refusals_and_bounds(known_sub, tmp_path):
+    for placement in ("post", "mix"):
+        d = _save(layerlab.build_model(tiny_cfg(layers=4, placement=placement, mix_alpha=0.5, vocab_size=320)),
+                  tmp_path / placement)
+        with pytest.raises(LayerlabError, match="--unit attn needs blocks that add each sublayer to the residual "
+                                                "stream .*; this model has post blocks"):
+            prune(d, remove=1, unit="attn", out=tmp_path / f"{placement}-out", **QUIET)
+    with pytest.raises(LayerlabError, match="--remove must be between 1 and 4 for a model with 5 MLP sublayers"):
+        prune(known_sub, remove=5, unit="mlp", out=tmp_path / "x", **QUIET)
+    with pytest.raises(LayerlabError, match="unknown unit 'ffn'; valid: attn, block, mlp"):
+        prune(known_sub, remove=1, unit="ffn", out=tmp_path / "x", **QUIET)
+    prune(known_sub, remove=2, unit="attn", metric="bi", out=tmp_path / "p", **QUIET)
+    # the pruned model has 3 attention sublayers left; those gone are not candidates again
+    with pytest.raises(LayerlabError, match="between 1 and 2 for a model with 3 attention sublayers"):
+        prune(tmp_path / "p", remove=3, unit="attn", out=tmp_path / "x", **QUIET)
+    rec = prune(tmp_path / "p", remove=1, unit="attn", metric="angular", out=tmp_path / "p2", **QUIET)
+    assert rec["removed"][0]["block"] not in ZERO_ATTN and rec["scores"]["angular_distance"][1] is None
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_drop_fields_are_checked_and_round_trip(tmp_path):
+    from layerlab.config import ModelConfig, check_fields, read_yaml
+
+    assert ModelConfig(layers=4, drop_attn=[3, 1, 1]).drop_attn == [1, 3]
+    assert check_fields({"drop-mlp": "0,2", "drop_attn": "1"}, from_text=True) == {"drop_mlp": [0, 2], "drop_attn": [1]}
+    (tmp_path / "c.yaml").write_text("model:\n  drop_attn: [1]\n")
+    assert read_yaml(tmp_path / "c.yaml") == {"drop_attn": [1]}
+    with pytest.raises(LayerlabError, match="drop_attn names block 4, but the model has blocks 0..3"):
+        ModelConfig(layers=4, drop_attn=[4])
+    with pytest.raises(LayerlabError, match="drop_mlp: block 0 is post; only pre, peri, lns, sandwich blocks"):
+        ModelConfig(layers=4, placement="mix", mix_alpha=0.5, drop_mlp=[0])
+    with pytest.raises(LayerlabError, match="at least one block must keep its attention"):
+        ModelConfig(layers=2, drop_attn=[0, 1])
+    model = layerlab.build_model(tiny_cfg(layers=4, drop_mlp=[1, 3]))
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["drop_mlp"] == [1, 3]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").cfg.drop_mlp == [1, 3]
+
+
+def test_block_pruning_renumbers_the_dropped_sublayers():
+    torch.manual_seed(0)
+    model = perturb(layerlab.build_model(tiny_cfg(layers=5, vocab_size=320, drop_attn=[1, 3], drop_mlp=[0])))
+    smaller = without_blocks(model.eval(), [2])
+    assert smaller.cfg.drop_attn == [1, 2] and smaller.cfg.drop_mlp == [0]
+    x = torch.randint(0, 320, (2, 12))
+    with torch.no_grad(), view(model).skip(2):
+        expect = view(model).forward(x).logits
+    torch.testing.assert_close(_fwd(smaller, x, use_cache=False).logits, expect)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_healing_keeps_zeroed_sublayers_zero(tmp_path, mode):
+    torch.manual_seed(0)
+    src = _save(perturb(_gpt2(), 0.02), tmp_path / "gpt2")
+    before = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    rec = prune(src, remove=2, unit="attn", metric="bi", heal_steps=3, heal=mode, out=tmp_path / "h", **QUIET)
+    assert rec["surgery"] == "zeroed" and len(rec["zeroed"]) == 4 and "does not shrink" in rec["note"]
+    assert rec["after"]["bytes"] == rec["before"]["bytes"]
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert type(healed) is GPT2LMHeadModel
+    after = healed.state_dict()
+    removed = [r["block"] for r in rec["removed"]]
+    for i in removed:
+        attn = f"transformer.h.{i}.attn"
+        assert not after[f"{attn}.c_proj.weight"].any() and not after[f"{attn}.c_proj.bias"].any()
+        # no gradient reached the removed attention: its input projection is untouched too
+        assert torch.equal(after[f"{attn}.c_attn.weight"], before[f"{attn}.c_attn.weight"])
+    kept = f"transformer.h.{next(i for i in range(4) if i not in removed)}.attn.c_proj.weight"
+    assert not torch.equal(after[kept], before[kept]), "the rest was healed"
+
+
+def test_cli_prune_unit(known_sub, tmp_path):
+    from typer.testing import CliRunner
+
+    from layerlab.cli import app
+
+    r = CliRunner().invoke(app, ["prune", str(known_sub), "--remove", "2", "--unit", "mlp", "--metric", "bi",
+                                 "--out", str(tmp_path / "p"), "--tokens", "512"])
+    assert r.exit_code == 0, r.output
+    assert f"removed the MLP sublayer of blocks {ZERO_MLP} by bi" in r.output and "mlp" in r.output
+    r = CliRunner().invoke(app, ["prune", "--help"])
+    assert "--unit" in r.output

@@ -53,6 +53,8 @@ def test_result_and_manifest(debug_run):
     assert man["command"] == "train" and man["status"] == "finished"
     assert man["args"]["model"]["layers"] == 2 and "torch" in man["versions"]
     assert man["results"]["val_loss"] == pytest.approx(debug_run.val_loss)
+    assert man["optimizer"]["name"] == "adamw"
+    assert "ln_f.weight" in man["optimizer"]["param_groups"]["output_norm"]["params"]
     assert man["results"]["val_loss_step0"] > man["results"]["val_loss"], "the model must learn"
 
 
@@ -79,10 +81,16 @@ def test_rerunning_a_finished_run_is_a_no_op(debug_run):
     assert json.loads((debug_run.run_dir / "layerlab.json").read_text())["status"] == "finished"
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "prepbn"])
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, norm):
+@pytest.mark.parametrize("extra", [
+    {"norm": "layernorm"},
+    {"norm": "prepbn"},
+    {"optimizer": "lamb"},
+    {"optimizer": "llr", "llr_every": 3, "llr_ramp": 3, "llr_until": 1.0},  # cut at step 4: mid-ramp
+    {"optimizer": "lisa", "lisa_every": 3},  # cut at step 4: mid-period
+], ids=lambda extra: "-".join(str(v) for v in extra.values()))
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch, extra):
     """Ctrl-C at step 4 saves a checkpoint; resuming gives the same loss at every later step."""
-    over = dict(FAST, norm=norm, dropout=0.1)
+    over = dict(FAST, dropout=0.1, **extra)
     full = train(preset="debug", overrides=over, out=tmp_path / "full", progress=False, echo=lambda *a: None)
 
     real_save = ckpt_mod.save_checkpoint
@@ -105,6 +113,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, monkeypatch
     assert sorted(a) == sorted(b)
     assert all(a[k] == b[k] for k in a), {k: (a[k], b[k]) for k in a if a[k] != b[k]}
     assert resumed.val_loss == full.val_loss
+    per_block = [{k: v for k, v in r.items() if k in ("lr_scale_block", "trust_ratio_block", "alpha_block",
+                                                      "lisa_active")} for r in _metrics(full.run_dir) if "loss" in r]
+    assert per_block == [{k: v for k, v in r.items() if k in per_block[0]} for r in _metrics(resumed.run_dir)
+                         if "loss" in r]
+    assert all("lr_scale_block" in r for r in per_block)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

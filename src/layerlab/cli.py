@@ -182,14 +182,18 @@ Examples:
   layerlab prune gpt2-dir --remove 2 --metric loss --out gpt2-pruned     # stays a plain GPT-2 directory
 
   layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 1 --heal-steps 100 --out runs/tiny-healed
+
+  layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 2 --unit attn --metric bi --out runs/tiny-no-attn
 """
 
 
 @app.command(epilog=PRUNE_EXAMPLE)
 def prune(
     model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
-    remove: Annotated[int, typer.Option(help="number of blocks to remove")] = ...,
+    remove: Annotated[int, typer.Option(help="number of blocks (or, with --unit attn|mlp, sublayers) to remove")] = ...,
     metric: Annotated[str, typer.Option(help="angular | bi | loss")] = "angular",
+    unit: Annotated[str, typer.Option(help="block | attn | mlp: remove whole blocks, or only their attention or MLP "
+                                      "sublayers (Pre-LN-style blocks; GPT-2/Llama get them zeroed)")] = "block",
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
     tokens: Annotated[int, typer.Option(help="tokens for the measurements and perplexity")] = 8192,
@@ -197,12 +201,89 @@ def prune(
     heal: Annotated[str, typer.Option(help="lora (merged back) | full")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
 ) -> None:
-    """Remove whole blocks chosen by a layer measurement; write the smaller model and a before/after table."""
+    """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
+    model and a before/after table."""
     from .compress import prune as run_prune
 
     _quiet_hf()
-    run_prune(model, remove=remove, metric=metric, out=out, data=data, tokens=tokens, heal_steps=heal_steps,
-              heal=heal, progress=progress, echo=typer.echo)
+    run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
+              heal_steps=heal_steps, heal=heal, progress=progress, echo=typer.echo)
+    typer.echo(f"wrote {out}")
+
+
+QUANTIZE_EXAMPLE = """
+Examples:
+
+  layerlab quantize runs/tiny-pre-layernorm-L4-d256 --bits 3.5 --out runs/tiny-q35
+
+  layerlab quantize gpt2-dir --bits 3 --importance loss --widths 2,3,4 --group 32 --out gpt2-q3
+
+The written directory loads with AutoModelForCausalLM.from_pretrained after `import layerlab`.
+"""
+
+
+@app.command(epilog=QUANTIZE_EXAMPLE)
+def quantize(
+    model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
+    bits: Annotated[float, typer.Option(help="average bits per block weight, fractional allowed (e.g. 3.5)")] = ...,
+    out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
+    importance: Annotated[str, typer.Option(help="lim | zd | loss")] = "lim",
+    widths: Annotated[str, typer.Option(help="candidate widths, comma-separated")] = "2,3,4,8",
+    group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = 64,
+    data: Annotated[str | None, typer.Option(help="text: calibrate on its first 90%, evaluate on the rest "
+                                             "(default: embedded)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens for each perplexity")] = 8192,
+    calibration_tokens: Annotated[int, typer.Option(help="tokens for the importance measurements")] = 4096,
+    baselines: Annotated[bool, typer.Option(help="also evaluate uniform floor/ceil and a random ordering")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
+) -> None:
+    """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
+    from .compress import quantize as run_quantize
+
+    try:
+        width_list = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise LayerlabError(f"--widths must be comma-separated integers, got {widths!r}") from None
+    _quiet_hf()
+    run_quantize(model, bits=bits, out=out, importance=importance, widths=width_list, group=group, data=data,
+                 tokens=tokens, calibration_tokens=calibration_tokens, seed=seed, baselines=baselines,
+                 progress=progress, echo=typer.echo)
+    typer.echo(f"wrote {out}")
+
+
+CONVERT_EXAMPLE = """
+Examples:
+
+  layerlab convert runs/tiny-pre-layernorm-L4-d256 --to rmsnorm --out runs/tiny-rms      # exact, no training
+
+  layerlab convert gpt2-dir --to crmsnorm --out gpt2-crms                                 # written as layerlab
+
+  layerlab convert runs/tiny-pre-layernorm-L4-d256 --to no-norm --steps 200 --control --out runs/tiny-nonorm
+"""
+
+
+@app.command(epilog=CONVERT_EXAMPLE)
+def convert(
+    model: Annotated[Path, typer.Argument(help="Pre-LN causal LM directory (layerlab pre+layernorm, or GPT-2)")],
+    to: Annotated[str, typer.Option(help="rmsnorm | crmsnorm (exact) | no-norm (fine-tuned)")] = ...,
+    out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
+    data: Annotated[str | None, typer.Option(help="text: fine-tune on its first 90%, evaluate on the rest "
+                                             "(default: embedded)")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens for each perplexity")] = 8192,
+    steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = 200,
+    lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune")] = 0,
+    control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
+                                          "to separate the extra training from the norm removal")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
+) -> None:
+    """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
+    from .compress import convert as run_convert
+
+    _quiet_hf()
+    run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed, control=control,
+                progress=progress, echo=typer.echo)
     typer.echo(f"wrote {out}")
 
 

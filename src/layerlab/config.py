@@ -24,6 +24,9 @@ PLACEMENT_NAMES = ("post", "pre", "peri", "mix", "lns", "sandwich")
 # A per-block schedule may name only the placements that describe one block.
 BLOCK_PLACEMENTS = ("post", "pre", "peri", "lns", "sandwich")
 PLACEMENT_ALIASES = {"subln": "sandwich"}
+# Placements whose sublayers add their output to the residual stream (x + F(...)), so a block may lack one:
+# without it, the block adds nothing for that sublayer. Post-LN (Norm(x + F(x))) still normalizes without F.
+RESIDUAL_SUBLAYER_PLACEMENTS = ("pre", "peri", "lns", "sandwich")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
+    head_bias: bool = False  # a bias on the unembedding: `convert` folds the final norm's bias into it
     dropout: float = 0.0
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -48,6 +52,9 @@ class ModelConfig:
     mix_alpha: float = 0.25
     init: Literal["standard", "scaled"] = "scaled"
     init_std: float = 0.02
+    # blocks without their attention (ln1 + attn) or MLP (ln2 + mlp) sublayer; written by `prune --unit attn|mlp`
+    drop_attn: list[int] = field(default_factory=list)
+    drop_mlp: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         from .norms import NORMS  # late import: norms depends on nothing but torch
@@ -78,6 +85,21 @@ class ModelConfig:
             raise LayerlabError(f"mix_alpha must be in [0, 1], got {self.mix_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise LayerlabError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_drops()
+
+    def _check_drops(self) -> None:
+        placements = self.block_placements()
+        for name in ("drop_attn", "drop_mlp"):
+            blocks = sorted(set(getattr(self, name)))
+            setattr(self, name, blocks)
+            for i in blocks:
+                if not 0 <= i < self.layers:
+                    raise LayerlabError(f"{name} names block {i}, but the model has blocks 0..{self.layers - 1}")
+                if placements[i] not in RESIDUAL_SUBLAYER_PLACEMENTS:
+                    raise LayerlabError(f"{name}: block {i} is {placements[i]}; only "
+                                        f"{', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)} blocks can lack a sublayer")
+        if len(self.drop_attn) >= self.layers:  # the KV cache, and so generation, needs one attention layer
+            raise LayerlabError("drop_attn names every block; at least one block must keep its attention")
 
     @property
     def head_dim(self) -> int:
@@ -137,13 +159,47 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool | None = None  # None: on for CUDA, off elsewhere
+    # Layer-wise optimization (train/optimizers.py documents each rule and its source).
+    optimizer: str = "adamw"  # adamw | lamb | lars | llr | noise | lisa
+    # Weight decay on norm scale vectors, by role (Wang et al., 2026, Negligible in Size, Significant in Effect):
+    # input norms sit in front of a sublayer or linear (ln1, ln2, inner_norm), output norms on a sublayer's
+    # output (Peri-LN's ln1_out, ln2_out) and before the head (ln_f). Biases and norm shifts never decay.
+    input_norm_decay: float = 0.0
+    output_norm_decay: float = 0.0
+    # llr: every llr_every steps, until llr_until of the run, map each block's ESD alpha linearly into
+    # [llr_s_min, llr_s_max] x lr, reached over llr_ramp steps (He et al., LLR; range and llr_until from its
+    # 130M config, which recomputes every 40 steps with a 20-step ramp: halved here for short runs)
+    llr_every: int = 20
+    llr_ramp: int = 10
+    llr_until: float = 0.2
+    llr_s_min: float = 1.0
+    llr_s_max: float = 3.0
+    # noise: per-block LR multiplier from a gradient signal-to-noise estimate, clipped to [noise_s_min, noise_s_max]
+    noise_s_min: float = 0.5
+    noise_s_max: float = 2.0
+    # lisa: every lisa_every steps train the embeddings, the head and lisa_layers randomly chosen blocks (Pan et al.)
+    lisa_every: int = 20
+    lisa_layers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "save_every"):
+        from .train.optimizers import OPTIMIZERS  # late import: the registry needs torch
+
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "save_every",
+                     "llr_every", "lisa_every", "lisa_layers"):
             if getattr(self, name) < 1:
                 raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LayerlabError(f"lr must be positive, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise choices_error("optimizer", self.optimizer, list(OPTIMIZERS))
+        for name in ("input_norm_decay", "output_norm_decay", "llr_ramp"):
+            if getattr(self, name) < 0:
+                raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if not 0.0 <= self.llr_until <= 1.0:
+            raise LayerlabError(f"llr_until must be in [0, 1], got {self.llr_until}")
+        for lo, hi in (("llr_s_min", "llr_s_max"), ("noise_s_min", "noise_s_max")):
+            if not 0 < getattr(self, lo) <= getattr(self, hi):
+                raise LayerlabError(f"need 0 < {lo} <= {hi}, got {getattr(self, lo)} and {getattr(self, hi)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,9 +261,11 @@ def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, str) and from_text:
             value = [v.strip() for v in value.split(",")]
+        if from_text and isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [value]  # "--drop-attn 1": one item
         if not isinstance(value, list):
             raise ValueError
-        return [_coerce(v, item, False) for v in value]
+        return [_coerce(v, item, from_text) for v in value]  # "1,2" from the CLI is a list of ints
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -117,6 +117,18 @@ def head_documents(data: str | Path | None, fraction: float) -> Iterator[bytes]:
         limit -= len(doc)
 
 
+def tail_documents(data: str | Path | None, fraction: float) -> Iterator[bytes]:
+    """The documents of ``data`` from the last ``fraction`` of its bytes on (the first one cut there):
+    the text :func:`head_documents` with ``1 - fraction`` leaves out. Reads the data twice."""
+    skip = int(sum(len(d) for d in iter_documents(data)) * (1 - fraction))
+    for doc in iter_documents(data):
+        if skip >= len(doc):
+            skip -= len(doc)
+            continue
+        yield doc[skip:]
+        skip = 0
+
+
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     """The smallest unsigned dtype that holds every id of a vocabulary this size."""
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32

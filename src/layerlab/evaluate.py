@@ -17,12 +17,13 @@ DEFAULT_EVAL_TOKENS = 16384
 @torch.no_grad()
 def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int = DEFAULT_EVAL_TOKENS,
             seq_len: int | None = None, batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy over ``tokens`` tokens of ``data`` (default: the embedded
-    validation split), with perplexity and bits per byte. The windows are the analysis' windows."""
+    """Mean next-token cross-entropy over ``tokens`` tokens of the validation split of ``data`` (its
+    last 10%; default: the embedded corpus'), with perplexity and bits per byte. The windows are the
+    analysis' windows."""
     v = view(model)
     if not v.causal or not v.has_lm_head:
         raise LayerlabError(f"{v.arch_name} models have no language-model loss to evaluate")
-    ids = analysis_text_ids(tokenizer, data, tokens)
+    ids = analysis_text_ids(tokenizer, data, tokens, split="validation")
     if len(ids) < 2:
         raise LayerlabError("data too short: fewer than 2 tokens to evaluate")
     seq_len = seq_len or min(256, getattr(model.config, "max_position_embeddings", None) or 256)

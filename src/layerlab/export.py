@@ -44,10 +44,13 @@ _TOP_MAP = {
 
 def gpt2_incompatibility(cfg: ModelConfig) -> str | None:
     """Why ``cfg`` is not the GPT-2 design, or None if it is."""
-    wanted = {"placement": "pre", "norm": "layernorm", "positions": "learned", "mlp": "gelu", "bias": True}
+    wanted = {"placement": "pre", "norm": "layernorm", "positions": "learned", "mlp": "gelu", "bias": True,
+              "head_bias": False}
     for name, value in wanted.items():
         if getattr(cfg, name) != value:
             return f"{name} is {getattr(cfg, name)!r}, GPT-2 needs {value!r}"
+    if cfg.drop_attn or cfg.drop_mlp:
+        return "some blocks lack their attention or MLP (drop_attn/drop_mlp); every GPT-2 block has both"
     return None
 
 

@@ -6,6 +6,7 @@ D head dim (C // H), F MLP hidden, V vocabulary.
 The module names are the adapter's names, so no adapter is needed for our own model:
 ``embed``, ``pos`` (learned positions), ``blocks[i].{ln1, attn, ln2, mlp}``, ``ln_f``, ``lm_head``.
 Placements add ``ln1_out``/``ln2_out`` (peri) or ``attn.inner_norm``/``mlp.inner_norm`` (sandwich).
+A block named in ``drop_attn`` (``drop_mlp``) has ``ln1``, ``attn`` (``ln2``, ``mlp``) and its output norm set to None.
 """
 
 from __future__ import annotations
@@ -114,9 +115,12 @@ class MLP(nn.Module):
 
 
 def _pre(b: Block, x, attn_kw):
-    """x = x + F(s * Norm(x)); s = 1/sqrt(l) for LNS, else 1."""
-    x = x + b.attn(b.ln1(x) * b.scale if b.scale != 1.0 else b.ln1(x), **attn_kw)
-    return x + b.mlp(b.ln2(x) * b.scale if b.scale != 1.0 else b.ln2(x))
+    """x = x + F(s * Norm(x)); s = 1/sqrt(l) for LNS, else 1. A sublayer the block lacks adds nothing."""
+    if b.attn is not None:
+        x = x + b.attn(b.ln1(x) * b.scale if b.scale != 1.0 else b.ln1(x), **attn_kw)
+    if b.mlp is not None:
+        x = x + b.mlp(b.ln2(x) * b.scale if b.scale != 1.0 else b.ln2(x))
+    return x
 
 
 def _post(b: Block, x, attn_kw):
@@ -127,8 +131,11 @@ def _post(b: Block, x, attn_kw):
 
 def _peri(b: Block, x, attn_kw):
     """x = x + Norm_out(F(Norm_in(x)))."""
-    x = x + b.ln1_out(b.attn(b.ln1(x), **attn_kw))
-    return x + b.ln2_out(b.mlp(b.ln2(x)))
+    if b.attn is not None:
+        x = x + b.ln1_out(b.attn(b.ln1(x), **attn_kw))
+    if b.mlp is not None:
+        x = x + b.ln2_out(b.mlp(b.ln2(x)))
+    return x
 
 
 @dataclass(frozen=True)
@@ -157,13 +164,19 @@ class Block(nn.Module):
         p = PLACEMENTS[placement]
         self.index, self.placement = index, placement
         self.scale = lns_scale(index + 1) if p.depth_scale else 1.0
-        self.ln1 = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
-        self.attn = Attention(cfg, index, inner_norm=p.inner_norm)
-        self.ln2 = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
-        self.mlp = MLP(cfg, inner_norm=p.inner_norm)
+        # A block listed in cfg.drop_attn / drop_mlp has no modules at all for that sublayer (None).
+        has_attn, has_mlp = index not in cfg.drop_attn, index not in cfg.drop_mlp
+        norm = lambda: build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)  # noqa: E731
+        # The KV cache is indexed by attention layer, not block, so that cache layer 0, which generate()
+        # reads for the past length, holds keys even when block 0 has no attention.
+        cache_index = index - sum(j < index for j in cfg.drop_attn)
+        self.ln1 = norm() if has_attn else None
+        self.attn = Attention(cfg, cache_index, inner_norm=p.inner_norm) if has_attn else None
+        self.ln2 = norm() if has_mlp else None
+        self.mlp = MLP(cfg, inner_norm=p.inner_norm) if has_mlp else None
         if p.out_norms:
-            self.ln1_out = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
-            self.ln2_out = build_norm(cfg.norm, cfg.width, eps=cfg.norm_eps)
+            self.ln1_out = norm() if has_attn else None
+            self.ln2_out = norm() if has_mlp else None
         self._forward = p.forward
 
     def forward(self, x, rope=None, cache=None, mask=None):
@@ -191,7 +204,7 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, p) for i, p in enumerate(cfg.block_placements()))
         self.ln_f = build_norm(cfg.norm if cfg.has_final_norm() else "none", cfg.width, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias)
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -8,6 +8,7 @@ Everything that reads or edits layers goes through a :class:`LayerView`:
 - :meth:`LayerView.trace` hooks the residual stream entering and leaving each block and the
   output each sublayer adds to it, for one forward at a time;
 - :meth:`LayerView.skip` runs the model with blocks removed, without copying it;
+- :meth:`LayerView.skip_sublayers` runs it with attention or MLP sublayers adding nothing;
 - :meth:`LayerView.linears` lists a block's linear weights as (out, in) matrices;
 - :meth:`LayerView.replace` swaps a named part (a norm, say) for another module.
 """
@@ -21,7 +22,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import LayerlabError
+from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
+from ..errors import LayerlabError, choices_error
+
+SUBLAYERS = ("attn", "mlp")
 
 
 @dataclass(frozen=True)
@@ -37,20 +41,26 @@ class Arch:
     mlp_out: str  # likewise for the MLP
     causal: bool
     placement: str  # where the norms sit: "pre" or "post" (layerlab models say per block)
+    # sublayer -> path inside a block of the linear whose output is added to the residual stream (the output
+    # projection); in a Pre-LN block, zeroing its weight and bias removes the sublayer exactly
+    out_proj: dict[str, str] = field(default_factory=dict)
 
 
 ARCHS: dict[str, Arch] = {
     "layerlab": Arch("blocks", "embed", "ln_f", "lm_head", {"ln1": "ln1", "attn": "attn", "ln2": "ln2", "mlp": "mlp"},
-                     "attn", "mlp", causal=True, placement="per-block"),
+                     "attn", "mlp", causal=True, placement="per-block",
+                     out_proj={"attn": "attn.proj", "mlp": "mlp.proj"}),
     "gpt2": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
                  {"ln1": "ln_1", "attn": "attn", "ln2": "ln_2", "mlp": "mlp"}, "attn", "mlp",
-                 causal=True, placement="pre"),
+                 causal=True, placement="pre", out_proj={"attn": "attn.c_proj", "mlp": "mlp.c_proj"}),
     "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
                   {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
-                  "self_attn", "mlp", causal=True, placement="pre"),
+                  "self_attn", "mlp", causal=True, placement="pre",
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}),
     "bert": Arch("encoder.layer", "embeddings", None, None,
                  {"ln1": "attention.output.LayerNorm", "attn": "attention", "ln2": "output.LayerNorm",
-                  "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post"),
+                  "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post",
+                 out_proj={"attn": "attention.output.dense", "mlp": "output.dense"}),
 }
 # model_type (config.json) -> architecture entry
 MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
@@ -59,6 +69,14 @@ MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistra
 
 def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path)
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path``, or None where it is absent (a layerlab block without that sublayer)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _first(x):
@@ -71,8 +89,8 @@ class BlockView:
     index: int
     module: nn.Module
     parts: dict[str, nn.Module]
-    attn_out: nn.Module
-    mlp_out: nn.Module
+    attn_out: nn.Module | None  # None: the block has no attention sublayer
+    mlp_out: nn.Module | None
 
     def __getattr__(self, name: str) -> nn.Module | None:
         parts = self.__dict__.get("parts", {})
@@ -114,13 +132,8 @@ class LayerView:
         blocks = _get(root, arch.blocks)
         self.blocks: list[BlockView] = []
         for i, b in enumerate(blocks):
-            parts = {}
-            for name, path in arch.parts.items():
-                try:
-                    parts[name] = _get(b, path)
-                except AttributeError:
-                    continue
-            attn_out, mlp_out = _get(b, arch.attn_out), _get(b, arch.mlp_out)
+            parts = {name: m for name, path in arch.parts.items() if (m := _find(b, path)) is not None}
+            attn_out, mlp_out = _find(b, arch.attn_out), _find(b, arch.mlp_out)
             if arch_name == "layerlab" and b.placement == "peri":  # the output norms are what is added
                 attn_out, mlp_out = b.ln1_out, b.ln2_out
             self.blocks.append(BlockView(i, b, parts, attn_out, mlp_out))
@@ -182,19 +195,24 @@ class LayerView:
 
             return fn
 
-        def block_post(i):
+        def block_post(i, mid_is_out):
             def fn(module, args, output):
                 t.resid_out[i] = _first(output).detach()
                 t.tuple_out = isinstance(output, tuple)
+                if mid_is_out:
+                    t.mid[i] = t.resid_out[i]
 
             return fn
 
         for b, placement in zip(self.blocks, self.placements(), strict=True):
             handles.append(b.module.register_forward_pre_hook(pre(t.resid_in, b.index), with_kwargs=True))
-            handles.append(b.module.register_forward_hook(block_post(b.index)))
+            # a block without an MLP (and so without ln2): the stream after attention is the block's output
+            mid_is_out = sublayers and placement != "post" and b.ln2 is None and b.mlp_out is None
+            handles.append(b.module.register_forward_hook(block_post(b.index, mid_is_out)))
             if sublayers:
-                handles.append(b.attn_out.register_forward_hook(post(t.attn, b.index)))
-                handles.append(b.mlp_out.register_forward_hook(post(t.mlp, b.index)))
+                for out, store in ((b.attn_out, t.attn), (b.mlp_out, t.mlp)):
+                    if out is not None:
+                        handles.append(out.register_forward_hook(post(store, b.index)))
                 if placement == "post" and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
                     handles.append(b.ln1.register_forward_hook(post(t.mid, b.index)))
                 elif b.ln2 is not None:  # otherwise the second norm's input is the stream itself
@@ -240,6 +258,33 @@ class LayerView:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def skip_sublayers(self, unit: str, *indices: int) -> Iterator[None]:
+        """Run with the attention (``unit="attn"``) or MLP (``"mlp"``) of the given blocks adding nothing.
+
+        As :meth:`skip`, a forward hook replaces what the sublayer adds to the residual stream (its
+        output; in Peri-LN, its output norm's) by zeros, so the model is left exactly as it was.
+        That removes the sublayer only where the block is ``x + F(...)``: Post-LN blocks are refused.
+        Gradients do not reach a skipped sublayer, so training under this context leaves it unchanged.
+        A block that already lacks the sublayer is left alone.
+        """
+        if unit not in SUBLAYERS:
+            raise choices_error("sublayer", unit, SUBLAYERS)
+        placements = self.placements()
+        handles = []
+        for i in indices:
+            if placements[i] not in RESIDUAL_SUBLAYER_PLACEMENTS:
+                raise LayerlabError(f"block {i} is {placements[i]}: only a block that adds each sublayer to the "
+                                    f"residual stream ({', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)}) can skip one")
+            out = self.blocks[i].attn_out if unit == "attn" else self.blocks[i].mlp_out
+            if out is not None:
+                handles.append(out.register_forward_hook(_zero_output))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
     # ------------------------------------------------------------------ editing
     def linears(self, index: int) -> dict[str, torch.Tensor]:
         """Every 2-d weight of block ``index`` as an (out, in) matrix, keyed by its path in the block."""
@@ -257,6 +302,8 @@ class LayerView:
         path = self.arch.parts.get(part)
         if path is None:
             raise LayerlabError(f"unknown part {part!r}; valid: {', '.join(self.arch.parts)}")
+        if part not in self.blocks[index].parts:
+            raise LayerlabError(f"block {index} has no {part}")
         parent_path, _, attr = path.rpartition(".")
         parent = _get(self.blocks[index].module, parent_path) if parent_path else self.blocks[index].module
         old = getattr(parent, attr)
@@ -285,6 +332,13 @@ class _Identity(nn.Module):
 
     def forward(self, hidden_states=None, *args, **kwargs):
         return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def _zero_output(module, args, output):
+    """Forward hook: the module outputs zeros (of its hidden states; the rest of a tuple is kept)."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
 
 
 def _passthrough(module, args, kwargs, output):

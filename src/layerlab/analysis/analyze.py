@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LayerView, view
-from ..data import EMBEDDED, VAL_FRACTION, iter_documents
+from ..data import EMBEDDED, VAL_FRACTION, iter_documents, tail_documents
 from ..errors import LayerlabError
 from ..io import cache_dir, check_model_dir, versions
 from .report import Report
@@ -71,12 +71,17 @@ def model_label(path: Path) -> str:
     return p.parent.name if p.name.lower() in {"model", "models", "checkpoint", "final"} else p.name
 
 
-def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int) -> list[int]:
-    """Token ids to analyze: the embedded corpus' validation split, or ``data`` from its start."""
+def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int, split: str = "all") -> list[int]:
+    """Token ids to measure on: the embedded corpus' validation split, or ``data`` from its start
+    (``split="all"``, what ``analyze`` reads) or from the start of its validation split, its last
+    10% (``split="validation"``, what perplexities are reported on, so that text a command trains or
+    calibrates on, the first 90%, is never the text it is judged on)."""
     if data is None or data == EMBEDDED:
         text = b"\n\n".join(iter_documents(None))
         text = text[int(len(text) * (1 - VAL_FRACTION)):]
         docs: Iterator[bytes] = iter([text])
+    elif split == "validation":
+        docs = tail_documents(data, VAL_FRACTION)
     else:
         docs = iter_documents(data)
     ids: list[int] = []

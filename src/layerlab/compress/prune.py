@@ -1,6 +1,7 @@
-"""``prune``: remove whole blocks chosen by a layer measurement, and write a smaller model.
+"""``prune``: remove whole blocks, or their attention or MLP sublayers, chosen by a layer measurement.
 
-Metrics (one registry, each ``(model, tokenizer, n, data, tokens) -> (blocks, scores)``):
+``--unit block`` (the default) removes whole blocks. Metrics (one registry, each
+``(model, tokenizer, n, data, tokens, unit=...) -> (blocks, scores)``):
 - ``angular``: the contiguous n blocks whose removal joins the closest residual states,
   argmin_l d(x_l, x_l+n) on the last token (Gromov et al., 2024, The Unreasonable
   Ineffectiveness of the Deeper Layers);
@@ -8,28 +9,53 @@ Metrics (one registry, each ``(model, tokenizer, n, data, tokens) -> (blocks, sc
 - ``loss``: greedily, n times, the block whose removal (with those already removed) raises the
   measured loss least (Fan et al., 2024 / Gromov et al.'s baseline).
 
-The result has the same architecture with fewer blocks: the config's layer count (and, for
+``--unit attn`` / ``--unit mlp`` removes only that sublayer of n blocks, as BlockPruner (Zhong et al.,
+2024) prunes attention and MLP sublayers separately and He et al., 2024 (What Matters in
+Transformers? Not All Attention is Needed) drop attention layers. x_in is the residual stream
+entering the sublayer, x_out = x_in + F(...) the stream leaving it:
+- ``angular``: the n sublayers of smallest d(x_in, x_out) = arccos(cos(x_in, x_out))/pi on the last
+  token. Gromov et al.'s measure taken per sublayer; the n need not be contiguous, since removing
+  sublayers anywhere leaves the blocks in place;
+- ``bi``: the n sublayers of lowest 1 - E cos(x_in, x_out) over all tokens (ShortGPT's BI per sublayer,
+  as He et al. rank attention and MLP layers);
+- ``loss``: greedily, as for blocks, by the measured loss with the sublayers skipped.
+Removing a sublayer means it adds nothing to the residual stream, which is a removal only where a
+block is ``x + F(...)`` (pre, peri, sandwich, lns); Post-LN blocks (post, and mix's first blocks) are
+refused. A sublayer already gone is not a candidate, and one of each kind always stays.
+
+Block removal keeps the architecture with fewer blocks: the config's layer count (and, for
 layerlab, the placement schedule; for Llama-style models, ``layer_types``) is cut to match, the
 weights are renumbered, and the model is rebuilt, so a Hugging Face GPT-2 or Llama directory stays
-loadable by plain transformers.
+loadable by plain transformers. Sublayer removal drops the sublayer's modules from a layerlab model
+(config ``drop_attn`` / ``drop_mlp``), so it shrinks; Hugging Face configs cannot express a missing
+sublayer, so there the sublayer's output projection is zeroed (weight and bias), which removes it
+exactly, keeps the directory loadable by plain transformers, and does not shrink it on disk.
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from ..adapters import LayerView, view
-from ..analysis.analyze import analysis_text_ids, analyze_model, batches, load_for_analysis, masked_loss_sum
+from ..adapters import SUBLAYERS, LayerView, view
+from ..analysis.analyze import analyze_model, batches, load_for_analysis, masked_loss_sum
+from ..analysis.stats import angular, last_token_index
+from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
 
 DEFAULT_TOKENS = 8192
+UNITS = ("block", *SUBLAYERS)
+UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
+# the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
+_LAYERLAB_PARTS = {"attn": ("ln1", "attn", "ln1_out"), "mlp": ("ln2", "mlp", "ln2_out")}
 
 
 def _analysis(model, tok, data, tokens) -> dict:
@@ -37,39 +63,107 @@ def _analysis(model, tok, data, tokens) -> dict:
                          spectra=False, intrinsic=False, progress=False)
 
 
-def by_angular(model, tok, n: int, data, tokens: int) -> tuple[list[int], dict]:
+def _held_batches(model, tok, data, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows of the training part of ``data`` (its first 90%) on the model's device: the greedy
+    ``loss`` metric chooses on these, so its choice is not fitted to the validation text that the
+    before/after perplexities are measured on."""
+    from .heal import _train_ids
+
+    v = view(model)
+    seq_len = min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    device = next(model.parameters()).device
+    ids = _train_ids(tok, data, limit=2 * tokens).tolist()
+    return [(i.to(device), m.to(device)) for i, m in batches(v, tok, ids, tokens, seq_len, 8)]
+
+
+def present_sublayers(model, unit: str) -> list[bool]:
+    """Per block, whether its ``unit`` sublayer is still there: not dropped from a layerlab block, and
+    not zeroed by an earlier prune (weight and bias of its output projection) in a Hugging Face one."""
+    v = view(model)
+    out = []
+    for b in v.blocks:
+        if (b.attn_out if unit == "attn" else b.mlp_out) is None:
+            out.append(False)
+        elif v.arch_name == "layerlab":  # an existing layerlab sublayer counts, even with zero weights
+            out.append(True)
+        else:
+            proj = b.module.get_submodule(v.arch.out_proj[unit])
+            out.append(any(bool(p.any()) for p in proj.parameters(recurse=False)))
+    return out
+
+
+def _lowest(scores: list[float | None], n: int) -> list[int]:
+    """Indices of the n smallest scores, ignoring None (sublayers already gone), in block order."""
+    order = sorted((s, i) for i, s in enumerate(scores) if s is not None)
+    return sorted(i for _, i in order[:n])
+
+
+@torch.no_grad()
+def sublayer_measures(model, tok, data, tokens: int, unit: str) -> dict[str, list[float | None]]:
+    """Per block, how far its ``unit`` sublayer turns the residual stream, from x_in (entering the
+    sublayer) to x_out = x_in + F (leaving it); None where the sublayer is gone.
+
+    - ``angular_distance``: arccos(cos(x_in, x_out))/pi of the last token, mean over windows;
+    - ``influence``: 1 - cos(x_in, x_out), mean over all real tokens.
+    The trace's ``mid`` (the stream between attention and MLP) is x_out of attention and x_in of the MLP.
+    """
+    v = view(model)
+    present = present_sublayers(model, unit)
+    L = v.num_layers
+    ang, cos = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    seqs, toks = 0, 0
+    for ids, mask in _held_batches(model, tok, data, tokens):
+        with v.trace() as t:
+            v.forward(ids, mask)
+        x_in, x_out = (t.resid_in, t.mid) if unit == "attn" else (t.mid, t.resid_out)
+        m, last, rows = mask.bool(), last_token_index(mask), torch.arange(ids.shape[0], device=ids.device)
+        for i in range(L):
+            if present[i]:
+                c = F.cosine_similarity(x_in[i].float(), x_out[i].float(), dim=-1)  # (B, T)
+                cos[i] += float(c[m].sum())
+                ang[i] += float(angular(c[rows, last]).sum())
+        seqs, toks = seqs + ids.shape[0], toks + int(m.sum())
+    return {"angular_distance": [float(a) / max(seqs, 1) if p else None for a, p in zip(ang, present, strict=True)],
+            "influence": [1 - float(c) / max(toks, 1) if p else None for c, p in zip(cos, present, strict=True)]}
+
+
+def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
+    if unit != "block":
+        d = sublayer_measures(model, tok, data, tokens, unit)["angular_distance"]
+        return _lowest(d, n), {"angular_distance": d}
     entry = _analysis(model, tok, data, tokens)
     best = entry["best_block_to_prune"][str(n)]
     return list(range(best["start"], best["start"] + n)), {"distance": best["distance"]}
 
 
-def by_bi(model, tok, n: int, data, tokens: int) -> tuple[list[int], dict]:
+def by_bi(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
+    if unit != "block":
+        bi = sublayer_measures(model, tok, data, tokens, unit)["influence"]
+        return _lowest(bi, n), {"influence": bi}
     entry = _analysis(model, tok, data, tokens)
     bi = [lay["block_influence"] for lay in entry["layers"]]
-    order = sorted(range(len(bi)), key=lambda i: bi[i])
-    return sorted(order[:n]), {"block_influence": bi}
+    return _lowest(bi, n), {"block_influence": bi}
 
 
 @torch.no_grad()
-def _skipped_loss(v: LayerView, batches_: list, skip: list[int]) -> float:
+def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "block") -> float:
     total, count = 0.0, 0
-    with v.skip(*skip):
+    with v.skip(*skip) if unit == "block" else v.skip_sublayers(unit, *skip):
         for ids, mask in batches_:
             part, n = masked_loss_sum(v.forward(ids, mask).logits, ids, mask)
             total, count = total + part, count + n
     return total / max(count, 1)
 
 
-def by_loss(model, tok, n: int, data, tokens: int) -> tuple[list[int], dict]:
+def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
     v = view(model)
-    seq_len = min(256, getattr(model.config, "max_position_embeddings", None) or 256)
-    device = next(model.parameters()).device
-    held = [(i.to(device), m.to(device)) for i, m in batches(v, tok, analysis_text_ids(tok, data, tokens),
-                                                             tokens, seq_len, 8)]
+    held = _held_batches(model, tok, data, tokens)
+    present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit)
     removed: list[int] = []
     steps = []
     for _ in range(n):
-        trials = {c: _skipped_loss(v, held, removed + [c]) for c in range(v.num_layers) if c not in removed}
+        trials = {c: _skipped_loss(v, held, removed + [c], unit) for c in range(v.num_layers)
+                  if present[c] and c not in removed}
         best = min(trials, key=trials.get)
         removed.append(best)
         steps.append({"removed": best, "loss": trials[best]})
@@ -77,10 +171,6 @@ def by_loss(model, tok, n: int, data, tokens: int) -> tuple[list[int], dict]:
 
 
 METRICS: dict[str, Callable] = {"angular": by_angular, "bi": by_bi, "loss": by_loss}
-
-
-def _num_layers_key(config) -> str:
-    return "layers" if config.model_type == "layerlab" else "num_hidden_layers"
 
 
 def without_blocks(model, remove: list[int]):
@@ -96,6 +186,8 @@ def without_blocks(model, remove: list[int]):
         kept = [placements[i] for i in keep]
         config.placement = kept[0] if len(set(kept)) == 1 and model.cfg.placement != "mix" else kept
         config.layers = len(keep)
+        for key in ("drop_attn", "drop_mlp"):  # blocks that lack a sublayer keep lacking it, renumbered
+            setattr(config, key, [keep.index(i) for i in getattr(model.cfg, key) if i in keep])
     else:
         config.num_hidden_layers = len(keep)
         if getattr(config, "layer_types", None):
@@ -111,13 +203,81 @@ def without_blocks(model, remove: list[int]):
             key = f"{prefix}{renumber[int(idx)]}.{rest}"
         state[key] = value
     smaller = type(model)(config)
-    missing, unexpected = smaller.load_state_dict(state, strict=False)
-    tied = set(getattr(smaller, "all_tied_weights_keys", {}) or {})
-    if [k for k in missing if k not in tied] or unexpected:
-        raise LayerlabError(f"could not renumber the weights: missing {missing}, unexpected {unexpected}")
-    if getattr(config, "tie_word_embeddings", False):
-        smaller.tie_weights()
+    _load(smaller, state)
     return smaller.eval()
+
+
+def _load(model, state: dict) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    if [k for k in missing if k not in tied] or unexpected:
+        raise LayerlabError(f"could not move the weights: missing {missing}, unexpected {unexpected}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def _check_residual(v: LayerView, unit: str) -> None:
+    bad = sorted({p for p in v.placements() if p not in RESIDUAL_SUBLAYER_PLACEMENTS})
+    if bad:
+        raise LayerlabError(f"--unit {unit} needs blocks that add each sublayer to the residual stream "
+                            f"({', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)}); this model has {', '.join(bad)} blocks")
+
+
+@torch.no_grad()
+def without_sublayers(model, unit: str, remove: list[int]):
+    """``(new model, zeroed weight names)``: ``model`` with the ``unit`` sublayer of blocks ``remove`` removed.
+
+    A layerlab model is rebuilt without the sublayer's modules (config ``drop_attn``/``drop_mlp``) and
+    the list is empty; a Hugging Face model is copied with the sublayer's output projection zeroed,
+    weight and bias, and the list names those weights. Either way, the result computes exactly
+    what ``view(model).skip_sublayers(unit, *remove)`` computes.
+    """
+    if unit not in SUBLAYERS:
+        raise choices_error("sublayer", unit, SUBLAYERS)
+    v = view(model)
+    _check_residual(v, unit)
+    present = present_sublayers(model, unit)
+    for i in remove:
+        if not 0 <= i < v.num_layers or not present[i]:
+            raise LayerlabError(f"block {i} has no {UNIT_NAMES[unit]} sublayer to remove")
+    if v.arch_name != "layerlab":
+        smaller = copy.deepcopy(model)
+        zeroed = []
+        for i in sorted(remove):
+            path = v.arch.out_proj[unit]
+            for name, p in smaller.get_submodule(f"{v.arch.blocks}.{i}.{path}").named_parameters(recurse=False):
+                p.zero_()
+                zeroed.append(f"{v.arch.blocks}.{i}.{path}.{name}")
+        return smaller.eval(), zeroed
+    config = copy.deepcopy(model.config)
+    key = f"drop_{unit}"
+    setattr(config, key, sorted(set(getattr(model.cfg, key)) | set(remove)))
+    smaller = type(model)(config)
+    wanted = smaller.state_dict()
+    gone = tuple(f"blocks.{i}.{part}." for i in remove for part in _LAYERLAB_PARTS[unit])
+    left = [k for k in model.state_dict() if k not in wanted and not k.startswith(gone)]
+    if left:
+        raise LayerlabError(f"removing the {UNIT_NAMES[unit]} sublayers would also lose {left}")
+    _load(smaller, {k: t for k, t in model.state_dict().items() if k in wanted})
+    return smaller.eval(), []
+
+
+@contextmanager
+def _keeping_zeroed(model) -> Iterator[None]:
+    """While healing, hold every zeroed sublayer of a Hugging Face model at zero output.
+
+    Healing would otherwise train the zeroed projection (``full``) or a LoRA adapter on it, and
+    merging would un-zero it. With its output replaced by zeros, no gradient reaches the sublayer,
+    so its weights, and those of LoRA's B (initialised to zero), stay exactly as they are.
+    """
+    v = view(model)
+    with ExitStack() as stack:
+        if v.arch_name != "layerlab":  # a layerlab model has no modules for a removed sublayer
+            for unit in SUBLAYERS:
+                gone = [i for i, here in enumerate(present_sublayers(model, unit)) if not here]
+                if gone:
+                    stack.enter_context(v.skip_sublayers(unit, *gone))
+        yield
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
@@ -135,18 +295,29 @@ def _size(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", out: str | Path,
+def _stage(model, tok, data, tokens: int) -> dict:
+    counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) for u in SUBLAYERS}
+    return {"layers": view(model).num_layers, **counts, "bytes": _size(model), **lm_loss(model, tok, data, tokens)}
+
+
+def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: str = "block", out: str | Path,
           data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, heal_steps: int = 0, heal: str = "lora",
           progress: bool = False, echo=print) -> dict:
-    """Remove ``remove`` blocks chosen by ``metric``, optionally heal, and write the model to ``out``.
+    """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
+    optionally heal, and write the model to ``out``.
 
-    Returns the record also written to ``out/layerlab.json``: the blocks removed, the metric's
-    scores, and size and validation loss/perplexity before pruning, after pruning and (with
-    ``heal_steps``) after healing on the training part of ``data``.
+    Returns the record also written to ``out/layerlab.json``: ``unit``, ``removed`` (a list of
+    ``{"block", "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size,
+    sublayer counts and validation loss/perplexity before pruning, after pruning and (with
+    ``heal_steps``) after healing on the training part of ``data``. Where sublayers of a Hugging
+    Face model were zeroed rather than removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the
+    weights; healing keeps them zero.
     """
     from .heal import HEAL_MODES
     from .heal import heal as run_heal
 
+    if unit not in UNITS:
+        raise choices_error("unit", unit, UNITS)
     if metric not in METRICS:
         raise choices_error("metric", metric, list(METRICS))
     if heal not in HEAL_MODES:
@@ -157,30 +328,57 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", out: s
     v = view(model)
     if not v.causal:
         raise LayerlabError("prune writes causal LMs; this model is an encoder")
-    if not 1 <= remove < v.num_layers:
+    if unit == "block" and not 1 <= remove < v.num_layers:
         raise LayerlabError(f"--remove must be between 1 and {v.num_layers - 1} for a {v.num_layers}-layer model, "
                             f"got {remove}")
+    if unit != "block":
+        _check_residual(v, unit)
+        have = sum(present_sublayers(model, unit))
+        if not 1 <= remove < have:
+            raise LayerlabError(f"--remove must be between 1 and {have - 1} for a model with {have} "
+                                f"{UNIT_NAMES[unit]} sublayers (one must stay), got {remove}")
     with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
-        before = lm_loss(model, tok, data, tokens)
-        blocks, scores = METRICS[metric](model, tok, remove, data, tokens)
-        smaller = without_blocks(model, blocks)
-        stages = {"before": {"layers": v.num_layers, "bytes": _size(model), **before},
-                  "pruned": {"layers": v.num_layers - remove, "bytes": _size(smaller),
-                             **lm_loss(smaller, tok, data, tokens)}}
+        before = _stage(model, tok, data, tokens)
+        chosen, scores = METRICS[metric](model, tok, remove, data, tokens, unit=unit)
+        if unit == "block":
+            smaller, zeroed = without_blocks(model, chosen), []
+        else:
+            smaller, zeroed = without_sublayers(model, unit, chosen)
+        stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens)}
         if heal_steps:
-            smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress)
-            stages["healed"] = {"layers": v.num_layers - remove, "bytes": _size(smaller),
-                                **lm_loss(smaller, tok, data, tokens)}
+            with _keeping_zeroed(smaller):
+                smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress)
+            if any(bool(smaller.get_parameter(name).any()) for name in zeroed):  # _keeping_zeroed failed
+                raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
+            stages["healed"] = _stage(smaller, tok, data, tokens)
         smaller.save_pretrained(tmp)
         copy_tokenizer(model_dir, tmp)
-        record = {"removed_blocks": blocks, "metric": metric, "scores": scores, **stages,
-                  "after": stages["healed" if heal_steps else "pruned"]}
-        write_manifest(tmp, "prune", {"model": str(model_dir), "remove": remove, "metric": metric,
+        record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen]}
+        if unit == "block":
+            record["removed_blocks"] = chosen
+        else:
+            record["surgery"] = "zeroed" if zeroed else "removed"
+        notes = []
+        if zeroed:
+            record["zeroed"] = zeroed
+            notes.append(f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
+                         f"projection ({v.arch.out_proj[unit]}, weight and bias) is zeroed: plain transformers "
+                         "loads the model, and its size on disk does not shrink")
+            record["note"] = notes[0]
+        record.update(metric=metric, scores=scores, **stages, after=stages["healed" if heal_steps else "pruned"])
+        write_manifest(tmp, "prune", {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit,
                                       "heal_steps": heal_steps, "heal": heal,
                                       "data": str(data) if data else "embedded", "tokens": tokens}, **record)
-    echo(f"removed blocks {blocks} by {metric}")
-    echo(f"{'':8s}{'layers':>8s}{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
+    if unit == "block":
+        echo(f"removed blocks {chosen} by {metric}")
+    else:
+        echo(f"removed the {UNIT_NAMES[unit]} sublayer of blocks {chosen} by {metric}")
+    count = [] if unit == "block" else [f"{unit}_sublayers"]
+    echo(f"{'':8s}{'layers':>8s}" + "".join(f"{unit:>8s}" for _ in count) + f"{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
     for name in stages:
         r = stages[name]
-        echo(f"{name:8s}{r['layers']:8d}{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
+        echo(f"{name:8s}{r['layers']:8d}" + "".join(f"{r[c]:8d}" for c in count)
+             + f"{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
+    for note in notes:
+        echo(f"note: {note}")
     return record

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, clipping, evaluation, telemetry, exact resume."""
+"""The training loop: a layer-wise optimizer, warmup + cosine, clipping, evaluation, telemetry, exact resume."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import set_norm_schedule
 from . import telemetry
 from .checkpoint import load_checkpoint, read_state, save_checkpoint, truncate_metrics
+from .optimizers import build_optimizer
 
 METRICS = "metrics.jsonl"
 
@@ -58,14 +59,6 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
     floor = tc.lr * tc.min_lr_ratio
     return floor + 0.5 * (tc.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: never on norms' scales and shifts nor on biases (all 1-d)."""
-    decay, no_decay = [], []
-    for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -222,9 +215,7 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     model: LayerlabForCausalLM = build_model(mc)
     set_norm_schedule(model, tc.steps * tc.grad_accum)
     model.to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                                  fused=fused or None)
+    optimizer = build_optimizer(model, tc)  # groups per block and weight-decay kind, one rule (optimizers.py)
     start = 0
     if state is not None:
         start = load_checkpoint(run_dir, model, optimizer)  # copies into the parameters, already on device
@@ -240,7 +231,7 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     def manifest(status: str) -> None:
         write_manifest(run_dir, "train", spec.to_dict(), status=status, params=n_params,
                        data={"source": tc.data or "embedded", "tokens": data.n_tokens, "bytes": data.n_bytes,
-                             "tokenizer": tokenizer.name}, results=results)
+                             "tokenizer": tokenizer.name}, optimizer=optimizer.describe(), results=results)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, model, optimizer, step, {"results": results})
@@ -271,8 +262,9 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
             t_last, tok_since = time.perf_counter(), 0
             while step < tc.steps:
                 lr = lr_at(step, tc)
+                optimizer.begin_step(step)  # e.g. LISA's draw of blocks, LLR's alphas: before the forward
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 torch.manual_seed(_step_seed(tc.seed, step))
                 gen = torch.Generator().manual_seed(_step_seed(tc.seed, step))
                 want_tel = tc.telemetry_every > 0 and (step + 1) % tc.telemetry_every == 0
@@ -298,7 +290,7 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
                     before = telemetry.snapshot(model)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 step += 1
                 tok_since += tokens_per_step
                 if want_tel:
@@ -314,7 +306,8 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
                     tps = tok_since / max(now - t_last, 1e-9)
                     t_last, tok_since = now, 0
                     log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                               "tokens": step * tokens_per_step, "tok_per_s": tps, **record})
+                               "tokens": step * tokens_per_step, "tok_per_s": tps, **optimizer.telemetry(),
+                               **record})
                     bar.update(task, loss=f"{loss_val:.3f}", tps=f"{tps:,.0f}")
                 if "val_loss" in record:
                     bar.update(task, val=f"{last_val:.3f}")

@@ -1,0 +1,441 @@
+"""``convert``: change the normalization of a Pre-LN model, exactly or by a short fine-tune.
+
+Targets (``--to``):
+
+- ``rmsnorm`` / ``crmsnorm``: the exact Pre-RMSNorm / Pre-CRMSNorm equivalent of a Pre-LN model
+  (Jiang et al., 2023, "Pre-RMSNorm and Pre-CRMSNorm Transformers: Equivalent and Efficient Pre-LN
+  Transformers", NeurIPS; github.com/ZixuanJiang/pre-rmsnorm-transformer). In Pre-LN every norm
+  reads the residual stream and LayerNorm(x) depends only on x - mean(x). Subtracting the mean over
+  the model dimension from everything that writes to the stream (token and learned position
+  embeddings, each sublayer's output projection, weight rows and bias) makes the stream zero-mean,
+  which changes no norm's output; on a zero-mean stream LayerNorm's variance is the mean square, so
+  LayerNorm(x) = RMSNorm(x) * g + b with the same gain g and epsilon. RMSNorm has no bias: b is
+  folded into the bias of the linear layer that reads the norm (q/k/v, MLP input, and the head, which
+  gets a bias for it). CRMSNorm reads d-1 coordinates and rebuilds the last as -sum(others), which
+  is exact on the zero-mean stream (see :class:`layerlab.norms.CRMSNorm`).
+- ``no-norm``: LayerNorm removal by fine-tuning (Heimersheim, 2024, "You can remove GPT2's
+  LayerNorm by fine-tuning"; Baroni et al., 2025, "Transformers Don't Need LayerNorm at Inference
+  Time", github.com/submarat/removing-layer-norm). During a short full fine-tune, each norm's
+  per-token std is replaced, one norm after another, by a fixed per-layer constant: the moving
+  average (momentum 0.9, their config's default) of the batch-mean std measured while the norm was
+  still live. Once every norm is fixed, LN_fixed(x) = (x - mean(x)) / c * g + b is linear, and its
+  centering, 1/c, g and b are folded into the linear layer that reads it; the norms become identity
+  (``norm: none``). Simplifications, documented: all of ``ln1`` is fixed at once (the paper fixes the
+  q/k and v paths of ``ln1`` separately), and there is no special std for the first position (the
+  paper's BOS/EOT constants, which its final models also make uniform). Centering is kept while the
+  norm is fixed, so the folded model equals the fine-tuned one and the constant-epsilon GPT-2 form the
+  authors publish (eps = 1e12, gains * 1e6 / c) computes the same function.
+
+Both work on layerlab models (placement ``pre`` in every block, norm ``layernorm``) and on Hugging
+Face GPT-2. GPT-2's config has no RMSNorm or identity-norm option, so a converted GPT-2 is written
+as a layerlab model (through :func:`layerlab.export.from_gpt2`, an exact mapping), loadable with
+``AutoModelForCausalLM.from_pretrained`` after ``import layerlab``. The head of a model with tied
+embeddings is untied in the output: the input embedding is recentered (or the head's weights take the
+folded norm), so the two matrices differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapters import view
+from ..analysis.analyze import analysis_text_ids, batches, load_for_analysis
+from ..errors import LayerlabError, choices_error
+from ..evaluate import lm_loss
+from ..io import output_dir, write_manifest
+from ..model import LayerlabForCausalLM, build_model
+from ..norms import LayerNorm
+from .heal import _train_ids
+from .prune import _size, copy_tokenizer
+
+TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
+DEFAULT_TOKENS = 8192
+DEFAULT_STEPS = 200  # GPT-2 small takes 300 steps of 2^19 tokens in Baroni et al.; a tiny model needs far fewer tokens
+DEFAULT_LR = 3e-4  # constant after a linear warmup; Baroni et al. use 6e-4 (GPT-2 small) down to 1e-4 (XL)
+STD_MOMENTUM = 0.9  # moving average of the measured std (Baroni et al., config.py ``momentum``)
+CALIBRATION_BATCHES = 4  # forwards that measure every norm's std before the fine-tune starts
+
+
+# ---------------------------------------------------------------- what can be converted
+
+
+def _gpt2_variant_problem(config) -> str | None:
+    """Why a GPT2Config is not the plain GPT-2 that :func:`from_gpt2` maps exactly, or None."""
+    if not getattr(config, "scale_attn_weights", True):
+        return "scale_attn_weights is off"
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return "scale_attn_by_inverse_layer_idx is on"
+    if getattr(config, "add_cross_attention", False):
+        return "it has cross-attention"
+    return None
+
+
+def _carry_ids(src, dst):
+    """Give ``dst`` the special token ids and generation defaults of ``src``."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(dst.config, key, getattr(src.config, key, None))
+    if getattr(src, "generation_config", None) is not None:
+        dst.generation_config = copy.deepcopy(src.generation_config)
+    return dst
+
+
+def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
+    """``model`` as a layerlab Pre-LN model (a GPT-2 is mapped exactly), or a one-line reason why not."""
+    from ..export import from_gpt2
+
+    v = view(model)
+    if not v.causal:
+        raise LayerlabError(f"convert needs a causal Pre-LN language model; this is a {v.arch_name.upper()}-style "
+                            "encoder with Post-LN blocks")
+    if v.arch_name == "llama":
+        if to in ("rmsnorm", "crmsnorm"):
+            raise LayerlabError("this Llama-style model already uses RMSNorm; convert --to rmsnorm|crmsnorm turns "
+                                "Pre-LN (LayerNorm) models into their RMSNorm equivalent")
+        raise LayerlabError("convert --to no-norm removes LayerNorm from Pre-LN models (layerlab pre+layernorm, "
+                            "GPT-2); this Llama-style model uses RMSNorm")
+    if v.arch_name == "gpt2":
+        if (why := _gpt2_variant_problem(model.config)) is not None:
+            raise LayerlabError(f"this GPT-2 variant has no exact layerlab equivalent: {why}")
+        device = next(model.parameters()).device
+        return _carry_ids(model, from_gpt2(model).to(device).eval())
+    cfg = model.cfg
+    placements = cfg.block_placements()
+    if any(p != "pre" for p in placements):
+        shown = cfg.placement if isinstance(cfg.placement, str) else ",".join(placements)
+        raise LayerlabError(f"convert needs Pre-LN (placement 'pre' in every block), this model's placement is "
+                            f"{shown!r}: only when every norm reads the residual stream and every sublayer adds to "
+                            "it is the conversion exact")
+    if cfg.norm != "layernorm":
+        hint = " already" if cfg.norm == to else ""
+        raise LayerlabError(f"convert needs a LayerNorm model; this model's norm is{hint} {cfg.norm!r}")
+    return model
+
+
+# ---------------------------------------------------------------- exact: Pre-LN -> Pre-RMSNorm / Pre-CRMSNorm
+
+
+def _sublayers(model: LayerlabForCausalLM):
+    """(block prefix, its norm, the linear that reads the norm, that linear's key, the output projection's key)
+    for every sublayer a block has (``drop_attn`` / ``drop_mlp`` blocks lack one)."""
+    for i, b in enumerate(model.blocks):
+        if b.attn is not None:
+            yield f"blocks.{i}.", "ln1", b.attn.qkv, "attn.qkv", "attn.proj"
+        if b.mlp is not None:
+            yield f"blocks.{i}.", "ln2", b.mlp.fc, "mlp.fc", "mlp.proj"
+
+
+def _centered(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return t - t.mean(dim, keepdim=True)
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor:
+    return linear.bias.detach().clone() if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
+
+
+def _rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **changes) -> LayerlabForCausalLM:
+    """A new layerlab model with config ``changes`` and exactly the weights in ``state``."""
+    cfg = dataclasses.replace(model.cfg, tie_embeddings=False, **changes)
+    new = build_model(cfg)
+    want = set(new.state_dict())
+    extra = {k: v for k, v in state.items() if k not in want}
+    # a linear that gained a bias (``bias`` turned on to hold a folded norm bias) starts at zero
+    for key in want - set(state):
+        if not key.endswith(".bias"):
+            raise RuntimeError(f"no weight for {key}")
+        state[key] = torch.zeros_like(new.state_dict()[key])
+    if extra:
+        raise RuntimeError(f"weights with no place in the converted model: {sorted(extra)[:4]}")
+    new.load_state_dict(state, strict=True)
+    return _carry_ids(model, new).to(next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def to_rmsnorm(model, norm: str = "rmsnorm") -> LayerlabForCausalLM:
+    """The exact Pre-RMSNorm (``norm="rmsnorm"``) or Pre-CRMSNorm equivalent of a Pre-LN model.
+
+    ``model`` is a layerlab Pre-LN model or a Hugging Face GPT-2; the result is a layerlab model.
+    Recenters the embeddings and every output projection, keeps each gain, folds each LayerNorm
+    bias into the next linear layer's bias (the head gets one when the final bias is non-zero), and
+    unties the head (it keeps the original embedding matrix). Jiang et al., 2023, Section 3.
+    """
+    if norm not in ("rmsnorm", "crmsnorm"):
+        raise choices_error("RMSNorm variant", norm, ("rmsnorm", "crmsnorm"))
+    model = as_pre_ln(model, norm)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = model.lm_head.weight.detach().clone()  # before the embedding is recentered
+    state["embed.weight"] = _centered(state["embed.weight"], 1)  # (V, C): each row to mean 0
+    if model.pos is not None:
+        state["pos.weight"] = _centered(state["pos.weight"], 1)
+    needs_bias = False
+    for p, ln, reader, key, proj in _sublayers(model):
+        state[p + proj + ".weight"] = _centered(state[p + proj + ".weight"], 0)  # (C, in): mean over outputs removed
+        if p + proj + ".bias" in state:
+            state[p + proj + ".bias"] = _centered(state[p + proj + ".bias"], 0)
+        beta = state.pop(p + ln + ".bias")
+        if reader.bias is not None or beta.any():
+            needs_bias |= reader.bias is None
+            state[p + key + ".bias"] = _bias(reader) + reader.weight @ beta  # W(g*n + beta) + c = W(g*n) + (W beta + c)
+    head_bias = state["lm_head.weight"] @ state.pop("ln_f.bias")
+    if (model.lm_head.bias is not None) or head_bias.any():
+        state["lm_head.bias"] = _bias(model.lm_head) + head_bias
+    cfg = model.cfg
+    return _rebuild(model, state, norm=norm, bias=cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
+
+
+# ---------------------------------------------------------------- no-norm: fixed constants, then fold
+
+
+class FixedScaleLayerNorm(nn.Module):
+    """LayerNorm whose per-token std is replaced by a fixed per-layer constant once ``fixed`` is set.
+
+    While live it is LayerNorm, and in training mode it tracks a moving average of the batch-mean
+    std (the constant it will be fixed to). Fixed: (x - mean(x)) / scale * g + b, which is linear.
+    Baroni et al., 2025 (``FakeLayerNorm`` in github.com/submarat/removing-layer-norm).
+    """
+
+    def __init__(self, ln: LayerNorm, momentum: float = STD_MOMENTUM):
+        super().__init__()
+        self.weight, self.bias, self.eps, self.momentum = ln.weight, ln.bias, ln.eps, momentum
+        self.register_buffer("scale", torch.tensor(float("nan"), device=ln.weight.device))
+        self.fixed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x - x.mean(-1, keepdim=True)  # (..., C)
+        if self.fixed:
+            return xc / self.scale * self.weight + self.bias
+        std = (xc.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # (..., 1)
+        if self.training:
+            with torch.no_grad():
+                m = std.float().mean()
+                self.scale.copy_(m if self.scale.isnan() else self.momentum * self.scale + (1 - self.momentum) * m)
+        return xc / std * self.weight + self.bias
+
+
+def norm_names(cfg) -> list[str]:
+    """The order in which norms are fixed: every block's ``ln2``, then every ``ln1``, then ``ln_f``.
+
+    The paper's order (MLP norms first, then attention, the final norm last), ``ln1`` taken whole.
+    Blocks without a sublayer (``drop_attn`` / ``drop_mlp``) have no norm for it.
+    """
+    ln2 = [f"blocks.{i}.ln2" for i in range(cfg.layers) if i not in getattr(cfg, "drop_mlp", ())]
+    ln1 = [f"blocks.{i}.ln1" for i in range(cfg.layers) if i not in getattr(cfg, "drop_attn", ())]
+    return ln2 + ln1 + ["ln_f"]
+
+
+def removal_schedule(cfg, steps: int) -> dict[str, int]:
+    """The step at which each norm of a ``cfg`` model is fixed: evenly from 10% to 50% of ``steps``.
+
+    Baroni et al. fix GPT-2 small's 37 norms between steps 20 and ~105 of 300 (2-3 steps apart)
+    and keep fine-tuning after; this spreads the same order over the same share of a shorter run.
+    """
+    names = norm_names(cfg)
+    start, span = steps // 10, steps * 4 // 10
+    return {n: start + (i * span) // max(len(names) - 1, 1) for i, n in enumerate(names)}
+
+
+def _fixable(model: LayerlabForCausalLM) -> dict[str, FixedScaleLayerNorm]:
+    """Swap every LayerNorm of a Pre-LN layerlab model for a :class:`FixedScaleLayerNorm` (in place)."""
+    out = {}
+    for name in norm_names(model.cfg):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = FixedScaleLayerNorm(getattr(parent, attr))
+        setattr(parent, attr, new)
+        out[name] = new
+    return out
+
+
+def _windows(ids: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
+    return torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()])  # (B, T+1)
+
+
+def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str | Path | None = None,
+                 lr: float = DEFAULT_LR, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
+                 fix: bool = True, progress: bool = False) -> tuple[LayerlabForCausalLM, dict]:
+    """Fine-tune ``model`` (in place) while its norms are fixed one by one; return it and the schedule.
+
+    The returned model still holds :class:`FixedScaleLayerNorm` modules, all fixed; :func:`fold_norms`
+    turns it into a norm-free model. Data: random windows of the training part (first 90%) of
+    ``data``, seeded, as healing uses. With ``steps=0`` the constants are measured and nothing is trained.
+    With ``fix=False`` the norms stay live throughout: the same fine-tune with LayerNorm, the paper's control.
+    """
+    if steps < 0:
+        raise LayerlabError(f"--steps must be >= 0, got {steps}")
+    seq_len = seq_len or min(256, model.cfg.context)
+    device = next(model.parameters()).device
+    ids = _train_ids(tokenizer, data, limit=4_000_000)
+    if len(ids) < seq_len + 2:
+        raise LayerlabError(f"data too short to fine-tune on: {len(ids)} training tokens, need more than {seq_len + 1}")
+    norms = _fixable(model)
+    schedule = removal_schedule(model.cfg, steps)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():  # every norm gets a measured std before any is fixed
+        for _ in range(CALIBRATION_BATCHES):
+            model(input_ids=_windows(ids, seq_len, batch_size, gen)[:, :-1].to(device), use_cache=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(steps // 10, 1)
+    losses = []
+    from rich.progress import Progress
+
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("fine-tune, fixing norms" if fix else "fine-tune with norms (control)", total=steps)
+        for step in range(steps):
+            for name, at in schedule.items():
+                norms[name].fixed |= fix and step >= at
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warmup)
+            rows = _windows(ids, seq_len, batch_size, gen).to(device)
+            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            bar.advance(task)
+    for n in norms.values():
+        n.fixed = fix
+    model.eval()
+    info = {"schedule": schedule, "scales": {name: float(n.scale) for name, n in norms.items()},
+            "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None}
+    return model, info
+
+
+@torch.no_grad()
+def fold_norms(model: LayerlabForCausalLM) -> LayerlabForCausalLM:
+    """A norm-free (``norm: none``) model equal to ``model``, whose norms are all fixed.
+
+    Each fixed norm is A x + b with A = diag(g / c) (I - 11^T / d); the linear W that reads it becomes
+    W A (scale the columns by g / c, then remove each row's mean) with bias W b + its own.
+    """
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith(".scale")}
+    needs_bias = False
+
+    def fold(norm_name: str, linear: nn.Linear, key: str) -> torch.Tensor:
+        n = model.get_submodule(norm_name)
+        if not (isinstance(n, FixedScaleLayerNorm) and n.fixed):
+            raise RuntimeError(f"{norm_name} is not a fixed norm")
+        state.pop(norm_name + ".weight"), state.pop(norm_name + ".bias")
+        scaled = linear.weight * (n.weight / n.scale)  # (out, C): W diag(g / c)
+        state[key + ".weight"] = _centered(scaled, 1)  # ... (I - 11^T / d): the centering folded in
+        return _bias(linear) + linear.weight @ n.bias
+
+    for p, ln, reader, key, _ in _sublayers(model):
+        bias = fold(p + ln, reader, p + key)
+        if reader.bias is not None or bias.any():
+            needs_bias |= reader.bias is None
+            state[p + key + ".bias"] = bias
+    head_bias = fold("ln_f", model.lm_head, "lm_head")
+    if model.lm_head.bias is not None or head_bias.any():
+        state["lm_head.bias"] = head_bias
+    return _rebuild(model, state, norm="none", bias=model.cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
+
+
+# ---------------------------------------------------------------- the command
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int = 2048, batch_size: int = 4) -> float:
+    """Largest |logit difference| between two models on the first batch of the validation windows."""
+    seq_len = min(256, getattr(a.config, "max_position_embeddings", None) or 256)
+    ids = analysis_text_ids(tokenizer, data, tokens)
+    device = next(a.parameters()).device
+    input_ids, mask = next(iter(batches(view(a), tokenizer, ids, tokens, seq_len, batch_size)))
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    la = view(a).forward(input_ids, mask).logits
+    lb = view(b).forward(input_ids, mask).logits
+    return float((la - lb).abs()[mask.bool()].max())
+
+
+def _stage(model, tok, data, tokens) -> dict:
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"params": n_params, "bytes": _size(model), **lm_loss(model, tok, data, tokens)}
+
+
+def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
+            tokens: int = DEFAULT_TOKENS, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = 0,
+            control: bool = False, progress: bool = False, echo: Callable = print) -> dict:
+    """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
+
+    ``rmsnorm``/``crmsnorm`` are exact: the record holds the largest logit difference against the
+    original. ``no-norm`` fine-tunes for ``steps`` steps (learning rate ``lr``, ``seed``) on the
+    training part of ``data`` while fixing the norms, then folds them; the record holds the
+    validation loss before, with the fixed constants (``fixed``) and after the fold (``after``), and
+    ``loss_delta`` = after - before, the paper's figure. Part of that delta is the fine-tune itself
+    (an under-trained model improves with more steps): with ``control``, a copy is also fine-tuned the
+    same way with its norms live, and the record adds ``loss_delta_vs_control`` = after - control, as
+    the paper also reports. Returns the record also written to ``out/layerlab.json``.
+    """
+    if to not in TARGETS:
+        raise choices_error("conversion target", to, TARGETS)
+    if steps < 0:
+        raise LayerlabError(f"--steps must be >= 0, got {steps}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise LayerlabError(f"--lr must be positive, got {lr}")
+    model, tok = load_for_analysis(model_dir)
+    source = view(model).arch_name
+    pre_ln = as_pre_ln(model, to)
+    args = {"model": str(model_dir), "to": to, "data": str(data) if data else "embedded", "tokens": tokens}
+    if to == "no-norm":
+        args.update(steps=steps, lr=lr, seed=seed, control=control)
+    decisions = []
+    if source == "gpt2":
+        decisions.append("GPT-2 has no RMSNorm or identity-norm option: written as a layerlab model (exact mapping)")
+    if pre_ln.cfg.tie_embeddings:
+        decisions.append("head untied from the input embedding (the two now differ)")
+    with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
+        stages = {"before": _stage(model, tok, data, tokens)}
+        record: dict = {"to": to, "source": source}
+        if to in ("rmsnorm", "crmsnorm"):
+            new = to_rmsnorm(pre_ln, to)
+            record["max_abs_logit_diff"] = max_logit_diff(model, new, tok, data)
+        else:
+            tune = dict(steps=steps, data=data, lr=lr, seed=seed, progress=progress)
+            if control:
+                live, _ = remove_norms(copy.deepcopy(pre_ln), tok, fix=False, **tune)
+                stages["control"] = _stage(live, tok, data, tokens)
+                del live
+            fixed, info = remove_norms(pre_ln if pre_ln is not model else copy.deepcopy(model), tok, **tune)
+            stages["fixed"] = _stage(fixed, tok, data, tokens)
+            new = fold_norms(fixed)
+            record["fold_max_abs_logit_diff"] = max_logit_diff(fixed, new, tok, data)
+            record.update(info)
+            decisions.append("norms fixed one by one (every ln2, every ln1, then ln_f), each to the moving average "
+                             "of its measured std, then folded into the linear layers that read them")
+        if new.cfg.head_bias and not pre_ln.cfg.head_bias:
+            decisions.append("the final norm's bias is folded into a new head bias")
+        if new.cfg.bias and not pre_ln.cfg.bias:
+            decisions.append("linear biases turned on to hold the folded norm biases")
+        stages["after"] = _stage(new, tok, data, tokens)
+        if to == "no-norm":
+            record["loss_delta"] = stages["after"]["loss"] - stages["before"]["loss"]
+            if control:
+                record["loss_delta_vs_control"] = stages["after"]["loss"] - stages["control"]["loss"]
+        record.update(decisions=decisions, **stages)
+        new.save_pretrained(tmp)
+        copy_tokenizer(model_dir, tmp)
+        write_manifest(tmp, "convert", args, **record)
+    label = {"rmsnorm": "Pre-RMSNorm", "crmsnorm": "Pre-CRMSNorm", "no-norm": "no normalization"}[to]
+    echo(f"converted Pre-LN ({source}) to {label}")
+    if "max_abs_logit_diff" in record:
+        echo(f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}")
+    else:
+        vs = f" ({record['loss_delta_vs_control']:+.4f} against the control)" if control else ""
+        echo(f"fine-tuned {steps} steps; fold max |logit difference|: {record['fold_max_abs_logit_diff']:.2e}; "
+             f"loss delta {record['loss_delta']:+.4f}{vs}")
+    echo(f"{'':8s}{'params':>12s}{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
+    for name, r in stages.items():
+        echo(f"{name:8s}{r['params']:12,d}{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
+    return record

@@ -1,0 +1,292 @@
+"""Packed low-bit weights: the storage format of ``layerlab quantize`` and its Hugging Face loader.
+
+A quantized linear layer keeps its weight group-wise: every ``group`` consecutive input
+weights of a row share one affine map ``w ≈ q * scale + offset`` with integer codes
+``q ∈ [0, 2^bits)`` (round-to-nearest over the group's min..max, the asymmetric min-max
+scheme of GPTQ/AWQ-style weight-only quantization without their error correction).
+
+Storage, per layer:
+- ``bits`` 2, 3 or 4 (and 8 when torchao is missing): the codes are packed 8 values into
+  ``bits`` bytes (:func:`pack_bits`), so a 3-bit weight takes exactly 3/8 of a byte on disk;
+  ``scale`` and ``offset`` are float16, one each per group.
+- ``bits`` 8 with torchao installed: torchao's own int8 weight-only format
+  (``Int8WeightOnlyConfig``'s ``Int8Tensor``: int8 codes, a float scale per group, symmetric).
+  torchao 0.18 has no CPU format that packs 2-4 bit codes (its ``IntxWeightOnlyConfig`` keeps
+  them one per int8 byte, and its int4 formats need CUDA or an extra kernel library), so those
+  widths use the packing above.
+
+The written directory's ``config.json`` carries ``quantization_config`` with
+``quant_method: "layerlab"`` and each quantized module's width; after ``import layerlab``,
+``AutoModelForCausalLM.from_pretrained`` swaps those modules for :class:`PackedLinear` before the
+weights load (:class:`LayerlabQuantizer`, registered with transformers' quantizer registry).
+A packed layer dequantizes its weight on each forward, so it runs on any device, CPU included.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANT_METHOD = "layerlab"
+TORCHAO = "torchao-int8"
+PACKED = "packed"
+
+
+# ---------------------------------------------------------------------------- bit packing
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack the last dimension of ``codes`` (uint8 values < 2**bits, length a multiple of 8)
+    into ``length * bits / 8`` bytes: each run of 8 values becomes ``bits`` little-endian bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be 1..8, got {bits}")
+    *lead, n = codes.shape
+    if n % 8:
+        raise ValueError(f"the packed dimension must be a multiple of 8, got {n}")
+    v = codes.reshape(*lead, n // 8, 8).to(torch.int64)
+    word = (v << (bits * torch.arange(8, device=codes.device))).sum(-1)  # 8 values -> one 8*bits-bit word
+    out = (word.unsqueeze(-1) >> (8 * torch.arange(bits, device=codes.device))) & 0xFF
+    return out.to(torch.uint8).reshape(*lead, n // 8 * bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of :func:`pack_bits`: uint8 codes, 8 per ``bits`` bytes of the last dimension."""
+    *lead, m = packed.shape
+    b = packed.reshape(*lead, m // bits, bits).to(torch.int64)
+    word = (b << (8 * torch.arange(bits, device=packed.device))).sum(-1)
+    codes = (word.unsqueeze(-1) >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*lead, m // bits * 8)
+
+
+# ---------------------------------------------------------------------------- group-wise affine codes
+def padded(in_features: int, group: int) -> int:
+    return math.ceil(in_features / group) * group
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest codes of an (out, in) weight, ``group`` inputs per affine map.
+
+    Returns ``codes`` (out, in_padded) uint8, and float16 ``scale`` and ``offset`` of shape
+    (out, in_padded / group). Padding (when ``in`` is not a multiple of ``group``) repeats the
+    row's last value, so it never widens a group's range.
+    """
+    out_f, in_f = w.shape
+    w = w.detach().float()
+    pad = padded(in_f, group) - in_f
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(out_f, pad)], dim=1)
+    g = w.reshape(out_f, -1, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).to(torch.float16)
+    offset = lo.to(torch.float16)
+    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny)  # a constant group has scale 0: codes 0
+    codes = torch.round((g - offset.float().unsqueeze(-1)) / s.unsqueeze(-1)).clamp_(0, levels)
+    return codes.to(torch.uint8).reshape(out_f, -1), scale, offset
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out_f = codes.shape[0]
+    g = codes.reshape(out_f, scale.shape[1], -1).to(torch.float32)
+    w = g * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
+    return w.reshape(out_f, -1)[:, :in_features].to(dtype)
+
+
+# ---------------------------------------------------------------------------- torchao int8
+@contextmanager
+def _quiet_torchao():
+    """torchao logs warnings, on import, about optional CUDA kernels it cannot load on CPU machines."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@functools.cache
+def torchao_int8():
+    """torchao's Int8Tensor and PerGroup, or None when torchao is not importable."""
+    try:
+        with _quiet_torchao():
+            from torchao.quantization import Int8Tensor
+            from torchao.quantization.granularity import PerGroup
+        return Int8Tensor, PerGroup
+    except Exception:  # noqa: BLE001  (absent, or a version whose API moved: fall back to our packing)
+        return None
+
+
+def uses_torchao(bits: int, in_features: int, group: int) -> bool:
+    return bits == 8 and in_features % group == 0 and torchao_int8() is not None
+
+
+# ---------------------------------------------------------------------------- the module
+class PackedLinear(nn.Module):
+    """``y = x W^T + b`` with W stored as packed group-wise codes (or a torchao int8 tensor).
+
+    Buffers (what the safetensors file holds): ``qweight`` (out, in_padded * bits / 8) uint8 and
+    float16 ``scale``/``offset`` (out, groups) for the packed format; ``qdata`` (out, in) int8 and
+    ``scale`` (out, groups) for torchao's. ``bias`` stays in full precision.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group: int, bias: bool,
+                 fmt: str = PACKED, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.group, self.fmt = (in_features, out_features, bits,
+                                                                                group, fmt)
+        groups = padded(in_features, group) // group
+        if fmt == TORCHAO:
+            self.register_buffer("qdata", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float32))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, padded(in_features, group) * bits // 8,
+                                                        dtype=torch.uint8))
+            self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float16))
+            self.register_buffer("offset", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group: int) -> PackedLinear:
+        """Quantize an (out, in) weight."""
+        out_f, in_f = weight.shape
+        fmt = TORCHAO if uses_torchao(bits, in_f, group) else PACKED
+        m = cls(in_f, out_f, bits=bits, group=group, bias=bias is not None, fmt=fmt,
+                dtype=bias.dtype if bias is not None else weight.dtype)
+        with torch.no_grad():
+            if fmt == TORCHAO:
+                Int8Tensor, PerGroup = torchao_int8()
+                t = Int8Tensor.from_hp(weight.detach().float(), PerGroup(group))
+                m.qdata.copy_(t.qdata)
+                m.scale.copy_(t.scale.reshape(out_f, -1))
+            else:
+                codes, scale, offset = quantize_groups(weight, bits, group)
+                m.qweight.copy_(pack_bits(codes, bits))
+                m.scale.copy_(scale)
+                m.offset.copy_(offset)
+            if bias is not None:
+                m.bias.copy_(bias.detach())
+        return m.to(weight.device)
+
+    def weight_tensor(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the forward uses it: a torchao Int8Tensor, or the dequantized matrix."""
+        if self.fmt == TORCHAO:
+            Int8Tensor, _ = torchao_int8()
+            return Int8Tensor(self.qdata, self.scale.float(), [1, self.group], dtype)
+        codes = unpack_bits(self.qweight, self.bits)
+        return dequantize_groups(codes, self.scale, self.offset, self.in_features, dtype)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        w = self.weight_tensor(dtype)
+        return w.dequantize(dtype) if self.fmt == TORCHAO else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized (out, in) weight: a fresh tensor, for code that reads ``.weight`` (initialisers,
+        weight analysis). Writing into it changes nothing."""
+        return self.dequantized(self.bias.dtype if self.bias is not None else torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight_tensor(x.dtype), bias)
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
+            self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group={self.group}, format={self.fmt}")
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in) weight and bias of an ``nn.Linear`` or GPT-2 ``Conv1D`` (which stores (in, out))."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach().t(), module.bias
+    return module.weight.detach(), module.bias
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return old
+
+
+# ---------------------------------------------------------------------------- Hugging Face integration
+def _register() -> None:
+    """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent)."""
+    with _quiet_torchao():  # transformers imports torchao, when installed, with its quantizers
+        from transformers.quantizers.auto import (
+            AUTO_QUANTIZATION_CONFIG_MAPPING,
+            AUTO_QUANTIZER_MAPPING,
+            register_quantization_config,
+            register_quantizer,
+        )
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
+        return
+
+    class LayerlabQuantConfig(QuantizationConfigMixin):
+        """``modules``: module path -> {"bits", "format", "in", "out", "bias"}; ``group``: group size."""
+
+        def __init__(self, modules: dict[str, dict[str, Any]] | None = None, group: int = 128, **kwargs):
+            self.quant_method = QUANT_METHOD
+            self.modules = modules or {}
+            self.group = group
+            for k, v in kwargs.items():  # keep what a newer writer recorded (e.g. average bits)
+                setattr(self, k, v)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    class LayerlabQuantizer(HfQuantizer):
+        """Swap the recorded modules for :class:`PackedLinear` before the packed weights load."""
+
+        requires_calibration = True  # only loads what ``layerlab quantize`` wrote
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            cfg = self.quantization_config
+            for name, spec in cfg.modules.items():
+                set_module(model, name, PackedLinear(spec["in"], spec["out"], bits=spec["bits"], group=cfg.group,
+                                                     bias=spec["bias"], fmt=spec.get("format", PACKED)))
+            if any(s.get("format") == TORCHAO for s in cfg.modules.values()) and torchao_int8() is None:
+                from .errors import LayerlabError
+
+                raise LayerlabError("this model's 8-bit layers use torchao's int8 format; pip install torchao")
+
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return False  # the checkpoint already holds the packed codes
+
+        def is_serializable(self, safe_serialization=None):
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    register_quantization_config(QUANT_METHOD)(LayerlabQuantConfig)
+    register_quantizer(QUANT_METHOD)(LayerlabQuantizer)
+    assert QUANT_METHOD in AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
+def quant_config_class():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    _register()
+    return AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
