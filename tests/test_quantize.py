@@ -253,3 +253,16 @@ def test_without_torchao_eight_bits_use_the_packed_format(monkeypatch):
     m = PackedLinear.from_weight(w, None, bits=8, group=16)
     assert m.fmt == PACKED and m.qweight.shape == (8, 32)
     assert (m.dequantized() - w).abs().max() < 0.02
+
+
+def test_a_quantized_model_is_not_pruned_or_converted(small, tmp_path):
+    from layerlab.compress import convert, prune
+
+    quantize(small, bits=4, out=tmp_path / "q", baselines=False, group=32, **QUIET)
+    with pytest.raises(LayerlabError, match="already quantized; prune the full-precision model"):
+        prune(tmp_path / "q", remove=1, out=tmp_path / "p", echo=lambda *a: None)
+    with pytest.raises(LayerlabError, match="already quantized; convert"):
+        convert(tmp_path / "q", to="rmsnorm", out=tmp_path / "c", echo=lambda *a: None)
+    from layerlab.evaluate import evaluate  # but analysis and evaluation read it like any model
+
+    assert evaluate(tmp_path / "q", tokens=256)["loss"] > 0

@@ -226,6 +226,15 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def refuse_quantized(model, model_dir, command: str) -> None:
+    """A one-line error for a model ``layerlab quantize`` wrote: its packed layers cannot be edited."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        from .errors import LayerlabError
+
+        advice = "" if command == "quantize" else f"; {command} the full-precision model, then quantize"
+        raise LayerlabError(f"{model_dir} is already quantized{advice}")
+
+
 # ---------------------------------------------------------------------------- Hugging Face integration
 def _register() -> None:
     """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent)."""

@@ -53,6 +53,7 @@ from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
 from ..model import LayerlabForCausalLM, build_model
 from ..norms import LayerNorm
+from ..packed import refuse_quantized
 from .heal import _train_ids
 from .prune import _size, copy_tokenizer
 
@@ -385,6 +386,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
     model, tok = load_for_analysis(model_dir)
+    refuse_quantized(model, model_dir, "convert")
     source = view(model).arch_name
     pre_ln = as_pre_ln(model, to)
     args = {"model": str(model_dir), "to": to, "data": str(data) if data else "embedded", "tokens": tokens}

@@ -50,6 +50,7 @@ from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
+from ..packed import refuse_quantized
 
 DEFAULT_TOKENS = 8192
 UNITS = ("block", *SUBLAYERS)
@@ -325,6 +326,7 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     if heal_steps < 0:
         raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
     model, tok = load_for_analysis(model_dir)
+    refuse_quantized(model, model_dir, "prune")
     v = view(model)
     if not v.causal:
         raise LayerlabError("prune writes causal LMs; this model is an encoder")

@@ -38,7 +38,7 @@ from ..analysis.analyze import load_for_analysis, masked_loss_sum
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
-from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, set_module
+from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, refuse_quantized, set_module
 
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 DEFAULT_GROUP = 64
@@ -272,11 +272,10 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
     if group < 8 or group % 8:
         raise LayerlabError(f"--group must be a positive multiple of 8, got {group}")
     model, tok = load_for_analysis(model_dir)
+    refuse_quantized(model, model_dir, "quantize")
     v = view(model)
     if not v.causal:
         raise LayerlabError("quantize reports language-model perplexity; this model is an encoder")
-    if getattr(model.config, "quantization_config", None) is not None:
-        raise LayerlabError(f"{model_dir} is already quantized")
     with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
         q = Quantizer(model, group)
         sizes = q.sizes()
