@@ -286,8 +286,9 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
             scores["loss_delta"] = [{str(b): d for b, d in row.items()} for row in deltas]
             cost = deltas
         else:
-            imp = lim_scores(model, held) if importance == "lim" else [1 - z for z in zd_scores(q)]
-            scores[importance] = imp if importance == "lim" else [1 - x for x in imp]
+            scores[importance] = lim_scores(model, held) if importance == "lim" else zd_scores(q)
+            # higher LIM is more important; for ZD smaller is (LWQ)
+            imp = scores["lim"] if importance == "lim" else [1 - z for z in scores["zd"]]
             cost = ranked_cost(imp, bits, widths)
         chosen = allocate(sizes, bits, widths, cost)
 
@@ -324,7 +325,7 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
         from .prune import copy_tokenizer
 
         copy_tokenizer(model_dir, tmp)
-        disk = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        disk = _disk(tmp)
         rows[importance]["disk_bytes"] = disk
         record = {"importance": importance, "scores": scores, "allocation": chosen, "widths": list(widths),
                   "group": group, "weights_per_block": sizes, "runs": rows, "before": before,
@@ -339,7 +340,12 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
         avg = f"{r['avg_bits']:9.3f}" if r["avg_bits"] is not None else f"{'fp':>9s}"
         echo(f"{name:16s}{avg}{r['bytes'] / 1e6:9.3f}{r['loss']:9.4f}{r['perplexity']:9.2f}"
              f"{r['loss'] - before['loss']:+9.4f}")
+    echo(f"on disk: {disk / 1e6:.3f} MB of weights (the input: {_disk(model_dir) / 1e6:.3f} MB)")
     return record
+
+
+def _disk(model_dir: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
 
 
 def _full_bytes(model) -> int:
