@@ -159,6 +159,8 @@ class TrainConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool | None = None  # None: on for CUDA, off elsewhere
+    # With several processes (torchrun, or --nproc): ddp replicates the model, fsdp shards it (train/distributed.py)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # Layer-wise optimization (train/optimizers.py documents each rule and its source).
     optimizer: str = "adamw"  # adamw | lamb | lars | llr | noise | lisa
     # Weight decay on norm scale vectors, by role (Wang et al., 2026, Negligible in Size, Significant in Effect):
@@ -210,7 +212,7 @@ TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
 # Fields that may change on --resume without breaking exact continuation checks.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "log_every", "telemetry_every", "save_every",
-                     "device", "compile"}
+                     "device", "compile", "parallel"}
 
 
 def _hints(cls: type) -> dict[str, Any]:

@@ -1,4 +1,7 @@
-"""The training loop: a layer-wise optimizer, warmup + cosine, clipping, evaluation, telemetry, exact resume."""
+"""The training loop: a layer-wise optimizer, warmup + cosine, clipping, evaluation, telemetry, exact resume.
+
+One process, or several under DDP or FSDP (``torchrun`` or ``nproc``): see :mod:`layerlab.train.distributed`.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from ..data import VAL_FRACTION, TokenData, build_tokenizer, head_documents, loa
 from ..errors import LayerlabError
 from ..io import MANIFEST, cache_dir, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, num_params
-from ..norms import set_norm_schedule
-from . import telemetry
-from .checkpoint import load_checkpoint, read_state, save_checkpoint, truncate_metrics
+from ..norms import is_batch_norm, set_norm_schedule
+from . import distributed, telemetry
+from .checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint, truncate_metrics
 from .optimizers import build_optimizer
 
 METRICS = "metrics.jsonl"
@@ -38,6 +41,7 @@ class TrainResult:
     val_bpb: float
     params: int
     interrupted: bool = False
+    main: bool = True  # rank 0 of the run's processes, the one that writes and reports
 
 
 def pick_device(name: str) -> torch.device:
@@ -143,32 +147,50 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
 
 
 class _Log:
-    """Appends one JSON object per logged step to metrics.jsonl."""
+    """Appends one JSON object per logged step to metrics.jsonl (or nothing, on ranks other than 0)."""
 
-    def __init__(self, path: Path):
-        self.f = path.open("a")
+    def __init__(self, path: Path | None):
+        self.f = path.open("a") if path is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, tc: TrainConfig, context: int, device, autocast) -> float:
-    """Mean cross-entropy (nats/token) over the first ``eval_batches`` validation windows."""
+def evaluate(model, data: TokenData, tc: TrainConfig, context: int, device, autocast,
+             d: distributed.Dist | None = None) -> float:
+    """Mean cross-entropy (nats/token) over the first ``eval_batches`` validation windows.
+
+    With several processes each takes its share of every batch's rows; losses and token counts are summed.
+    """
+    d = d or distributed.Dist()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in data.iter_eval_batches(tc.batch_size, context, tc.eval_batches):
+        keep = True
+        if d.active:
+            xs, ys = x.tensor_split(d.world)[d.rank], y.tensor_split(d.world)[d.rank]
+            # a short last batch may leave a rank no rows: it still runs a forward (FSDP's gathers need every
+            # rank) on one row, and drops the result
+            keep = len(xs) > 0
+            x, y = (xs, ys) if keep else (x[:1], y[:1])
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x).logits
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        count += y.numel()
+        if keep:
+            total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                                           reduction="sum"))
+            count += y.numel()
     model.train(was_training)
+    if d.active:
+        total, count = d.reduce([total, count])
     return total / count
 
 
@@ -184,29 +206,53 @@ def _progress(enabled: bool):
 
 def train(preset: str | None = None, config: str | Path | None = None, overrides: dict[str, Any] | None = None,
           out: str | Path | None = None, resume: str | Path | None = None, progress: bool = True,
-          echo=print) -> TrainResult:
+          echo=print, nproc: int = 1) -> TrainResult:
     """Train a layerlab GPT; the run directory is a Hugging Face model directory.
 
     ``preset`` < ``config`` (YAML) < ``overrides`` (field: value) give the config; with none of
     them, preset ``tiny``. Returns the final step, validation loss and bits per byte.
+
+    ``nproc`` > 1 trains in that many new processes on this machine (DDP, or FSDP with ``parallel: fsdp``) and
+    returns rank 0's result; under ``torchrun`` each process calls ``train`` with ``nproc`` 1. Either way the
+    result does not depend on the number of processes (see :mod:`layerlab.train.distributed`).
     """
+    if nproc != 1:
+        if distributed.in_group():
+            raise LayerlabError("--nproc starts its own processes; under torchrun leave it out")
+        spec, _, _ = plan_run(preset, config, overrides, out, resume)
+        distributed.check(spec.train, nproc)  # before any process starts
+        if nproc > 1:
+            kwargs = dict(preset=preset, config=config, overrides=overrides, out=out, resume=resume,
+                          progress=progress)
+            return distributed.launch(nproc, train, kwargs, echo=echo)
     spec, run_dir, continuing = plan_run(preset, config, overrides, out, resume)
+    d = distributed.init(spec.train)
+    try:
+        return _train(spec, run_dir, continuing, d, progress, echo if d.main else lambda *a, **k: None)
+    finally:
+        d.close()
+
+
+def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, progress: bool,
+           echo) -> TrainResult:
     mc, tc = spec.model, spec.train
-    device = pick_device(tc.device)
+    device = d.device if d.active else pick_device(tc.device)
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     use_compile = tc.compile if tc.compile is not None else device.type == "cuda"
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
-    # ---- tokenizer and data
+    # ---- tokenizer and data (every rank reads the run directory before rank 0 writes to it)
     state = read_state(run_dir) if continuing else None
     if state is not None:
         tokenizer = load_tokenizer(run_dir)
     else:
         # BPE merges are learnt from the training part only, so validation text never shapes them
-        tokenizer = build_tokenizer(tc.tokenizer, lambda: head_documents(tc.data, 1 - VAL_FRACTION))
-    data = TokenData.prepare(tc.data, tokenizer, cache_dir(), val_fraction=VAL_FRACTION)
+        tokenizer = d.broadcast(build_tokenizer(tc.tokenizer, lambda: head_documents(tc.data, 1 - VAL_FRACTION))
+                                if d.main else None)
+    with d.rank0_first():  # rank 0 writes the token cache, the others read it
+        data = TokenData.prepare(tc.data, tokenizer, cache_dir(), val_fraction=VAL_FRACTION)
     data.check_length(mc.context)
     mc.vocab_size = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
 
@@ -214,38 +260,49 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     torch.manual_seed(tc.seed)
     model: LayerlabForCausalLM = build_model(mc)
     set_norm_schedule(model, tc.steps * tc.grad_accum)
-    model.to(device)
-    optimizer = build_optimizer(model, tc)  # groups per block and weight-decay kind, one rule (optimizers.py)
-    start = 0
-    if state is not None:
-        start = load_checkpoint(run_dir, model, optimizer)  # copies into the parameters, already on device
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if start == 0:
-        tokenizer.save(run_dir)
-        (run_dir / METRICS).unlink(missing_ok=True)
-    truncate_metrics(run_dir / METRICS, start)
     n_params = num_params(model)
-
     results: dict[str, Any] = dict(state.get("results", {})) if state else {}
-
-    def manifest(status: str) -> None:
-        write_manifest(run_dir, "train", spec.to_dict(), status=status, params=n_params,
-                       data={"source": tc.data or "embedded", "tokens": data.n_tokens, "bytes": data.n_bytes,
-                             "tokenizer": tokenizer.name}, optimizer=optimizer.describe(), results=results)
-
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, model, optimizer, step, {"results": results})
-
-    if start >= tc.steps:  # nothing to do: the finished run's manifest stays as it is
+    start = int(state["step"]) if state else 0
+    if start >= tc.steps:  # nothing to do: the finished run's manifest and optimizer state stay untouched
         echo(f"{run_dir} is already trained to step {start} of {tc.steps}")
         return TrainResult(run_dir, start, results.get("val_loss", float("nan")),
-                           results.get("val_bpb", float("nan")), n_params)
-    manifest("running")
-    echo(f"{'resuming' if start else 'training'} {n_params / 1e6:.2f}M params on {device} "
-         f"({mc.layers} layers, width {mc.width}, {mc.norm}, {mc.placement}) -> {run_dir}")
+                           results.get("val_bpb", float("nan")), n_params, main=d.main)
+    if state is not None:
+        start = load_weights(run_dir, model)
+    par = distributed.Parallel(model, d, tc, use_compile)  # FSDP shards it in place, block by block onto device
+    model.to(device)
+    optimizer = build_optimizer(model, tc)  # groups per block and weight-decay kind, one rule (optimizers.py)
+    if state is not None:
+        load_optimizer_state(run_dir, optimizer, prepare=par.shard_optimizer_state)
+    d.barrier()  # every rank has read the checkpoint: rank 0 may write
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if start == 0:
+            tokenizer.save(run_dir)
+            (run_dir / METRICS).unlink(missing_ok=True)
+        truncate_metrics(run_dir / METRICS, start)
 
-    step_fn = torch.compile(model) if use_compile else model
-    log = _Log(run_dir / METRICS)
+    def manifest(status: str) -> None:
+        if d.main:
+            write_manifest(run_dir, "train", spec.to_dict(), status=status, params=n_params, processes=d.world,
+                           data={"source": tc.data or "embedded", "tokens": data.n_tokens, "bytes": data.n_bytes,
+                                 "tokenizer": tokenizer.name}, optimizer=optimizer.describe(), results=results)
+
+    def checkpoint(step: int) -> None:
+        model_out, optimizer_out = par.full_state(optimizer)  # under FSDP every rank gathers
+        if d.main:
+            save_checkpoint(run_dir, model_out, optimizer_out, step, {"results": results})
+        d.barrier()
+
+    manifest("running")
+    where = f"{d.world} processes ({tc.parallel}) on {device.type}" if d.active else str(device)
+    echo(f"{'resuming' if start else 'training'} {n_params / 1e6:.2f}M params on {where} "
+         f"({mc.layers} layers, width {mc.width}, {mc.norm}, {mc.placement}) -> {run_dir}")
+    if d.active and is_batch_norm(mc.norm):
+        echo(f"note: {mc.norm} normalizes over each process's {tc.batch_size // d.world} rows, not the global "
+             f"batch: the run depends on the number of processes")
+
+    log = _Log(run_dir / METRICS if d.main else None)
     tokens_per_step = tc.batch_size * mc.context * tc.grad_accum
     bpb = 1 / (math.log(2) * data.bytes_per_token)
     model.train()
@@ -253,10 +310,10 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
     interrupted = False
     last_val = results.get("val_loss")
     try:
-        with _progress(progress) as bar:
+        with _progress(progress and d.main) as bar:
             task = bar.add_task("train", total=tc.steps, completed=start, loss="-", val="-", tps="-")
             if start == 0:  # the step-0 validation loss, as a baseline for "did it learn"
-                results["val_loss_step0"] = evaluate(model, data, tc, mc.context, device, autocast)
+                results["val_loss_step0"] = evaluate(model, data, tc, mc.context, device, autocast, d)
                 log.write({"step": 0, "val_loss": results["val_loss_step0"],
                            "val_bpb": results["val_loss_step0"] * bpb})
             t_last, tok_since = time.perf_counter(), 0
@@ -270,35 +327,40 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
                 want_tel = tc.telemetry_every > 0 and (step + 1) % tc.telemetry_every == 0
                 loss_sum = 0.0
                 stats_ctx = telemetry.residual_stats(model) if want_tel else nullcontext({})
+                step_fn = par.module()  # after begin_step: DDP follows LISA's choice of trainable blocks
                 with stats_ctx as stats:
                     for micro in range(tc.grad_accum):
+                        # every rank draws the same global batch and trains on its share of the rows
                         x, y = data.get_batch("train", tc.batch_size, mc.context, gen)
+                        x, y = d.rows(x), d.rows(y)
                         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        with autocast():
-                            logits = step_fn(x).logits
-                        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
-                        (loss / tc.grad_accum).backward()
+                        with par.accumulating(last=micro == tc.grad_accum - 1):
+                            with autocast():
+                                logits = step_fn(x).logits
+                            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                            (loss / tc.grad_accum).backward()
                         loss_sum += float(loss.detach())
-                loss_val = loss_sum / tc.grad_accum
+                loss_val = d.mean(loss_sum / tc.grad_accum)
                 if not math.isfinite(loss_val):
                     saved = read_state(run_dir)
                     kept = f"last good checkpoint (step {saved['step']}) kept" if saved else "no checkpoint was saved"
                     raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}; stopped, {kept} in {run_dir}")
                 record: dict[str, Any] = {}
                 if want_tel:
-                    record["grad_norm_block"] = telemetry.grad_norms(model)
-                    before = telemetry.snapshot(model)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+                    record["grad_norm_block"] = par.grad_norms()
+                    before = par.snapshot()
+                grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
                 optimizer.step()
                 optimizer.zero_grad()
                 step += 1
                 tok_since += tokens_per_step
                 if want_tel:
-                    record["update_ratio_block"] = telemetry.update_ratios(model, before)
+                    record["update_ratio_block"] = par.update_ratios(before)
+                    stats = d.residual_stats(stats)
                     record["resid_rms_block"] = stats["resid_rms"]
                     record["max_abs_block"] = stats["max_abs"]
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    last_val = evaluate(model, data, tc, mc.context, device, autocast)
+                    last_val = evaluate(model, data, tc, mc.context, device, autocast, d)
                     record.update(val_loss=last_val, val_bpb=last_val * bpb)
                     results.update(val_loss=last_val, val_bpb=last_val * bpb, step=step)
                 if step % tc.log_every == 0 or record or step == tc.steps:
@@ -316,11 +378,17 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
                     checkpoint(step)
     except KeyboardInterrupt:
         interrupted = True
-        checkpoint(step)
-        echo(f"interrupted: checkpoint of step {step} saved; continue with: layerlab train --resume {run_dir}")
+        if par.kind == "fsdp":  # gathering the shards needs every rank at the same point, which Ctrl-C is not
+            saved = read_state(run_dir)
+            echo(f"interrupted at step {step}; an FSDP run cannot gather a checkpoint after Ctrl-C: "
+                 f"{'the checkpoint of step ' + str(saved['step']) if saved else 'no checkpoint'} is kept")
+        else:
+            if d.main:  # its own replica is complete: no other rank is needed
+                save_checkpoint(run_dir, *par.full_state(optimizer), step, {"results": results})
+            echo(f"interrupted: checkpoint of step {step} saved; continue with: layerlab train --resume {run_dir}")
     finally:
         log.close()
     manifest("interrupted" if interrupted else "finished")
     if interrupted:
         raise SystemExit(130)
-    return TrainResult(run_dir, step, last_val, last_val * bpb, n_params)
+    return TrainResult(run_dir, step, last_val, last_val * bpb, n_params, main=d.main)
