@@ -77,12 +77,17 @@ def train(
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>-<placement>-<norm>-…)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue this run directory exactly")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    nproc: Annotated[int, typer.Option(help="processes to train in, each on an equal share of the global batch "
+                                       "(or launch with: torchrun --nproc_per_node N -m layerlab train ...)")] = 1,
+    parallel: Annotated[str | None, typer.Option(help="with several processes: ddp (replicas) | fsdp (shards)")]
+    = None,
 ) -> None:
     """Train a GPT with any norm and placement; the run directory is a Hugging Face model."""
     from .train import train as run_train
 
     overrides = {k: v for k, v in dict(norm=norm, placement=placement, mix_alpha=mix_alpha, layers=layers,
-                                       width=width, data=data, tokenizer=tokenizer, steps=steps).items()
+                                       width=width, data=data, tokenizer=tokenizer, steps=steps,
+                                       parallel=parallel).items()
                  if v is not None}
     if isinstance(overrides.get("placement"), str) and "," in overrides["placement"]:
         overrides["placement"] = [p.strip() for p in overrides["placement"].split(",")]
@@ -91,7 +96,10 @@ def train(
     overrides = check_fields(overrides, source="command line")
     overrides.update(check_fields(parse_extra(ctx.args), from_text=True, source="command line"))
     _quiet_hf()
-    res = run_train(preset=preset, config=config, overrides=overrides, out=out, resume=resume, progress=progress)
+    res = run_train(preset=preset, config=config, overrides=overrides, out=out, resume=resume, progress=progress,
+                    nproc=nproc)
+    if not res.main:  # under torchrun, rank 0 reports
+        return
     typer.echo(f"model: {res.run_dir}")
     typer.echo(f"step {res.step}: validation loss {res.val_loss:.4f} nats/token, {res.val_bpb:.4f} bits/byte")
 
@@ -285,6 +293,46 @@ def convert(
     run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed, control=control,
                 progress=progress, echo=typer.echo)
     typer.echo(f"wrote {out}")
+
+
+SWEEP_EXAMPLE = """
+Examples:
+
+  layerlab sweep sweeps/norm-placement.yaml               # one run after another; rerun to resume
+
+  layerlab sweep sweeps/layerwise-lr.yaml --workers 2     # two runs at a time, cores/2 threads each
+
+  layerlab sweep sweeps/norm-placement.yaml --dry-run     # list the runs and which are done
+
+  layerlab sweep sweeps/norm-placement.yaml --backend ray                        # a local Ray cluster
+
+  layerlab sweep sweeps/norm-placement.yaml --backend ray --address 10.0.0.5:6379
+
+The sweep file's format is in docs/sweep.md.
+"""
+
+
+@app.command(epilog=SWEEP_EXAMPLE)
+def sweep(
+    file: Annotated[Path, typer.Argument(help="sweep file: base config, grid of fields, seeds")],
+    out: Annotated[Path | None, typer.Option(help="output directory (default: the file's out:, "
+                                             "else sweeps-out/<name>)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local backend: runs at a time (default: the file's "
+                                                "workers:, else 1)")] = None,
+    backend: Annotated[str, typer.Option(help="local | ray")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address host:port (default: start a local "
+                                                "cluster, or $RAY_ADDRESS)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="validate the file and list the runs; train nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bars when runs go one after another")] = True,
+) -> None:
+    """Train a grid of configs and seeds, analyze each final model, and compare them in one table and page."""
+    from .sweep import sweep as run_sweep
+
+    _quiet_hf()
+    res = run_sweep(file, out=out, workers=workers, backend=backend, address=address, dry_run=dry_run,
+                    progress=progress, echo=typer.echo)
+    if res.failed:
+        raise typer.Exit(1)
 
 
 @app.command(name="eval", epilog="Example:\n\n  layerlab eval runs/tiny-pre-layernorm-L4-d256")
