@@ -55,6 +55,10 @@ Examples:
 
   layerlab train --resume runs/peri --steps 600             # continue, or extend, a run
 
+  layerlab train --optimizer lamb --lr 3e-2                 # layer-wise optimizers: lamb lars llr noise lisa
+
+  layerlab train --nproc 2 --parallel fsdp                  # several processes (or: torchrun -m layerlab train)
+
 Any config field can be given as --field value (see presets in src/layerlab/presets/).
 """
 
