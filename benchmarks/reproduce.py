@@ -75,7 +75,7 @@ def placement_tables(runs: dict[str, list[dict]]) -> None:
         vals = [final_val(r) for r in rs]
         first, mid, last = thirds(per_layer(rs, "removal_loss_delta"))
         print(f"| {name} | {mean(vals):.4f} ± {spread(vals):.4f} | {first:.4f} / {mid:.4f} / {last:.4f} | "
-              f"{last / first:.2f} |")
+              f"{last / first:.3g} |")
     print("\n### Per block (mean over seeds; block 0 first)\n")
     for key, digits in (("removal_loss_delta", 3), ("angular_distance", 3), ("hidden_rms", 2)):
         print(f"{key}:\n")
@@ -94,7 +94,7 @@ def placement_tables(runs: dict[str, list[dict]]) -> None:
         late = [telemetry(r, "grad_norm_block", -1) for r in rs]
         e = mean([g[0] / g[-1] for g, _ in early])
         la = mean([g[0] / g[-1] for g, _ in late])
-        print(f"| {name} | {rms[-1] / rms[0]:.1f} | {e:.2f} ({early[0][1]}) | {la:.2f} ({late[0][1]}) |")
+        print(f"| {name} | {rms[-1] / rms[0]:.1f} | {e:.3g} ({early[0][1]}) | {la:.3g} ({late[0][1]}) |")
     print()
 
 
@@ -123,12 +123,16 @@ def lr_tables(runs: dict[str, list[dict]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--placement", type=Path, help="output folder of sweeps/norm-placement.yaml")
-    ap.add_argument("--lr", type=Path, help="output folder of sweeps/layerwise-lr.yaml")
+    ap.add_argument("--lr", type=Path, nargs="+", help="output folder(s) of sweeps/layerwise-lr.yaml (and of "
+                    "control sweeps over the same base, whose configs are added to the table)")
     args = ap.parse_args()
     if args.placement:
         placement_tables(load(args.placement))
     if args.lr:
-        lr_tables(load(args.lr))
+        runs: dict[str, list[dict]] = {}
+        for folder in args.lr:
+            runs.update(load(folder))
+        lr_tables(runs)
 
 
 if __name__ == "__main__":

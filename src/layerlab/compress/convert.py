@@ -43,7 +43,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import view
@@ -54,7 +53,7 @@ from ..io import output_dir, write_manifest
 from ..model import LayerlabForCausalLM, build_model
 from ..norms import LayerNorm
 from ..packed import refuse_quantized
-from .heal import _train_ids
+from .heal import _train_ids, lm_step
 from .prune import _size, copy_tokenizer
 
 TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
@@ -298,13 +297,7 @@ def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup)
             rows = _windows(ids, seq_len, batch_size, gen).to(device)
-            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(lm_step(model, rows, params, opt).item())
             bar.advance(task)
     for n in norms.values():
         n.fixed = fix

@@ -31,6 +31,17 @@ def _train_ids(tokenizer, data: str | Path | None, limit: int) -> torch.Tensor:
     return torch.tensor(ids[:limit], dtype=torch.long)
 
 
+def lm_step(model, rows: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One next-token step on (B, T+1) token rows: loss, backward, clip to norm 1, update. Returns the loss."""
+    logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path | None = None, lr: float | None = None,
          batch_size: int = 8, seq_len: int | None = None, seed: int = 0, progress: bool = True):
     """Fine-tune ``model`` for ``steps`` steps and return the healed model (LoRA merged in)."""
@@ -67,12 +78,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
         for _ in range(steps):
             starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
             rows = torch.stack([ids[s : s + seq_len + 1] for s in starts.tolist()]).to(device)
-            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            lm_step(model, rows, params, opt)
             bar.advance(task)
     model.eval()
     if mode == "lora":
