@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import perturb, tiny_cfg
+from conftest import idle_blocks, perturb, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
@@ -22,16 +22,6 @@ def _save(model, path):
     model.save_pretrained(path)
     ByteTokenizer().save(path)
     return path
-
-
-def _identity_blocks(model, blocks):
-    """Zero the output projections of ``blocks``: each then adds nothing to the residual stream."""
-    with torch.no_grad():
-        for i in blocks:
-            for proj in (model.blocks[i].attn.proj, model.blocks[i].mlp.proj):
-                proj.weight.zero_()
-                proj.bias.zero_()
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +42,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def known(trained, tmp_path_factory):
     """The trained model with blocks 2 and 3 made to do nothing."""
-    model = _identity_blocks(AutoModelForCausalLM.from_pretrained(trained), [2, 3])
+    model = idle_blocks(AutoModelForCausalLM.from_pretrained(trained), [2, 3])
     return _save(model, tmp_path_factory.mktemp("m") / "known")
 
 

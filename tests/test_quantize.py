@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from conftest import perturb, tiny_cfg
+from conftest import idle_blocks, perturb, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import layerlab
@@ -117,18 +117,9 @@ def test_ranked_allocation_gives_the_most_important_blocks_the_higher_width():
 
 
 # ---------------------------------------------------------------------------- importance on known models
-def _with_idle_blocks(model, blocks):
-    with torch.no_grad():
-        for i in blocks:
-            for proj in (model.blocks[i].attn.proj, model.blocks[i].mlp.proj):
-                proj.weight.zero_()
-                proj.bias.zero_()
-    return model
-
-
 def test_lim_ranks_blocks_that_change_nothing_lowest():
     torch.manual_seed(0)
-    model = _with_idle_blocks(perturb(layerlab.build_model(tiny_cfg(layers=4))), [1, 2]).eval()
+    model = idle_blocks(perturb(layerlab.build_model(tiny_cfg(layers=4))), [1, 2]).eval()
     held = [(torch.randint(0, 64, (2, 16)), torch.ones(2, 16, dtype=torch.long))]
     lim = lim_scores(model, held)
     assert lim[1] == pytest.approx(0, abs=1e-6) and lim[2] == pytest.approx(0, abs=1e-6)

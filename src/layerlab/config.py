@@ -324,15 +324,21 @@ def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
     return flat
 
 
+def load_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML document at ``path``, or a one-line error naming ``what`` is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise LayerlabError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise LayerlabError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Fields from a YAML config file (flat, or with ``model:`` and ``train:`` sections)."""
     p = Path(path)
-    if not p.is_file():
-        raise LayerlabError(f"config file not found: {p}")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise LayerlabError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    doc = load_yaml(p)
     return check_fields(_flatten_yaml(doc, str(p)), from_text=True, source=str(p))
 
 

@@ -44,9 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ALL_FIELDS, _flatten_yaml, check_fields, read_preset
+from .config import ALL_FIELDS, _flatten_yaml, check_fields, load_yaml, read_preset
 from .errors import LayerlabError, choices_error
 from .io import MANIFEST, atomic_write_bytes, atomic_write_json, versions
 
@@ -222,12 +220,7 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, workers: int 
     from .train.loop import plan_run
 
     path = Path(path)
-    if not path.is_file():
-        raise LayerlabError(f"sweep file not found: {path}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise LayerlabError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    doc = load_yaml(path, "sweep file")
     if not isinstance(doc, dict):
         raise LayerlabError(f"sweep file {path} must be a mapping with keys {', '.join(SWEEP_KEYS)}")
     for key in doc:
