@@ -51,3 +51,19 @@ def idle_blocks(model, blocks):
                 proj.weight.zero_()
                 proj.bias.zero_()
     return model
+
+
+def save_model(model, path):
+    """Write ``model`` and the byte tokenizer to ``path``: a model directory the commands read."""
+    from layerlab.data import ByteTokenizer
+
+    model.save_pretrained(path)
+    ByteTokenizer().save(path)
+    return path
+
+
+def digest(directory) -> dict[str, str]:
+    """sha256 of every file in ``directory``: compared before and after, it shows an input untouched."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}

@@ -1,12 +1,11 @@
 """convert: exact Pre-LN -> Pre-RMSNorm / Pre-CRMSNorm, LayerNorm removal by fine-tuning, safety."""
 
-import hashlib
 import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb, tiny_cfg
+from conftest import digest, perturb, save_model, tiny_cfg
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -20,7 +19,7 @@ from transformers import (
 import layerlab
 from layerlab.compress import TARGETS, convert
 from layerlab.compress.convert import _fixable, fold_norms, removal_schedule, to_rmsnorm
-from layerlab.data import ByteTokenizer, embedded_documents
+from layerlab.data import embedded_documents
 from layerlab.errors import LayerlabError
 from layerlab.norms import NORMS, NoNorm
 
@@ -35,16 +34,6 @@ DESIGNS = {
     "rope-untied-swiglu-nobias": dict(positions="rope", tie_embeddings=False, mlp="swiglu", bias=False),
     "dropped-sublayers": dict(drop_attn=[1], drop_mlp=[0, 2]),  # as `prune --unit attn|mlp` writes
 }
-
-
-def _save(model, path):
-    model.save_pretrained(path)
-    ByteTokenizer().save(path)
-    return path
-
-
-def _digest(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
 
 
 def _ids(n=2, t=16, seed=0):
@@ -76,7 +65,7 @@ def trained(tmp_path_factory):
         F.cross_entropy(logits.reshape(-1, V), rows[:, 1:].reshape(-1)).backward()
         opt.step()
         opt.zero_grad()
-    return _save(model.eval(), tmp_path_factory.mktemp("m") / "trained")
+    return save_model(model.eval(), tmp_path_factory.mktemp("m") / "trained")
 
 
 # ---------------------------------------------------------------- exact conversion
@@ -101,9 +90,9 @@ def test_random_pre_ln_model_converts_exactly(design, norm):
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "crmsnorm"])
 def test_trained_model_converts_exactly_and_loads(trained, tmp_path, norm):
-    digest = _digest(trained)
+    before = digest(trained)
     rec = convert(trained, to=norm, out=tmp_path / "c", **QUIET)
-    assert _digest(trained) == digest, "the input directory is never modified"
+    assert digest(trained) == before, "the input directory is never modified"
     original = AutoModelForCausalLM.from_pretrained(trained).eval()
     conv = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
     assert type(conv).__name__ == "LayerlabForCausalLM" and conv.cfg.norm == norm
@@ -123,11 +112,11 @@ def test_trained_model_converts_exactly_and_loads(trained, tmp_path, norm):
 @pytest.mark.parametrize("norm", ["rmsnorm", "crmsnorm"])
 def test_hugging_face_gpt2_converts_exactly_to_a_layerlab_model(tmp_path, norm):
     gpt2 = _gpt2()
-    src = _save(gpt2, tmp_path / "gpt2")
-    digest = _digest(src)
+    src = save_model(gpt2, tmp_path / "gpt2")
+    before = digest(src)
     lines = []
     rec = convert(src, to=norm, out=tmp_path / "c", tokens=256, echo=lines.append)
-    assert _digest(src) == digest
+    assert digest(src) == before
     conv = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
     assert conv.config.model_type == "layerlab" and conv.cfg.norm == norm and conv.cfg.head_bias
     assert conv.config.eos_token_id == 256 and conv.generation_config.eos_token_id == 256
@@ -167,17 +156,18 @@ def test_bad_arguments_and_unsupported_models(trained, tmp_path):
         convert(trained, to="rmsnorm", out=trained / "inside", **QUIET)
     with pytest.raises(LayerlabError, match="refusing to write into the input directory"):
         convert(trained, to="rmsnorm", out=trained, **QUIET)
-    llama = _save(LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               num_key_value_heads=2, intermediate_size=64)), tmp_path / "llama")
+    llama_cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            num_key_value_heads=2, intermediate_size=64)
+    llama = save_model(LlamaForCausalLM(llama_cfg), tmp_path / "llama")
     with pytest.raises(LayerlabError, match="Llama-style model already uses RMSNorm"):
         convert(llama, to="rmsnorm", out=tmp_path / "a", **QUIET)
     with pytest.raises(LayerlabError, match="no-norm removes LayerNorm .* uses RMSNorm"):
         convert(llama, to="no-norm", out=tmp_path / "a", **QUIET)
-    bert = _save(BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    bert = save_model(BertModel(BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                       intermediate_size=64)), tmp_path / "bert")
     with pytest.raises(LayerlabError, match="needs a causal Pre-LN language model; this is a BERT-style encoder"):
         convert(bert, to="crmsnorm", out=tmp_path / "a", **QUIET)
-    post = _save(layerlab.build_model(tiny_cfg(vocab_size=V, placement="post")), tmp_path / "post")
+    post = save_model(layerlab.build_model(tiny_cfg(vocab_size=V, placement="post")), tmp_path / "post")
     with pytest.raises(LayerlabError, match="placement is 'post'"):
         convert(post, to="no-norm", out=tmp_path / "a", **QUIET)
     assert not (tmp_path / "a").exists(), "a refused conversion writes nothing"
@@ -211,10 +201,10 @@ def test_removal_schedule_follows_the_paper_order():
 
 
 def test_no_norm_fine_tunes_folds_and_records_the_loss_delta(trained, tmp_path):
-    digest = _digest(trained)
+    before = digest(trained)
     lines = []
     rec = convert(trained, to="no-norm", steps=12, control=True, out=tmp_path / "nn", tokens=256, echo=lines.append)
-    assert _digest(trained) == digest
+    assert digest(trained) == before
     assert rec["fold_max_abs_logit_diff"] < 1e-4
     assert rec["after"]["loss"] == pytest.approx(rec["fixed"]["loss"], abs=1e-4), "folding changes nothing"
     assert rec["loss_delta"] == pytest.approx(rec["after"]["loss"] - rec["before"]["loss"])
@@ -233,7 +223,7 @@ def test_no_norm_fine_tunes_folds_and_records_the_loss_delta(trained, tmp_path):
 
 
 def test_no_norm_from_gpt2(tmp_path):
-    src = _save(_gpt2(), tmp_path / "gpt2")
+    src = save_model(_gpt2(), tmp_path / "gpt2")
     rec = convert(src, to="no-norm", steps=4, out=tmp_path / "nn", **QUIET)
     assert rec["source"] == "gpt2" and rec["fold_max_abs_logit_diff"] < 1e-4
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "nn")

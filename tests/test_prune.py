@@ -1,27 +1,19 @@
 """prune: each metric's choice on a model where the answer is known, exact surgery, safety."""
 
-import hashlib
 import json
 
 import pytest
 import torch
-from conftest import idle_blocks, perturb, tiny_cfg
+from conftest import digest, idle_blocks, perturb, save_model, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
 from layerlab.adapters import view
 from layerlab.compress import METRICS, prune, without_blocks
 from layerlab.compress.prune import present_sublayers, without_sublayers
-from layerlab.data import ByteTokenizer
 from layerlab.errors import LayerlabError
 
 QUIET = {"echo": lambda *a: None, "tokens": 512}
-
-
-def _save(model, path):
-    model.save_pretrained(path)
-    ByteTokenizer().save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def trained(tmp_path_factory):
 def known(trained, tmp_path_factory):
     """The trained model with blocks 2 and 3 made to do nothing."""
     model = idle_blocks(AutoModelForCausalLM.from_pretrained(trained), [2, 3])
-    return _save(model, tmp_path_factory.mktemp("m") / "known")
+    return save_model(model, tmp_path_factory.mktemp("m") / "known")
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
@@ -95,9 +87,9 @@ def test_mix_schedule_is_kept_per_block():
 
 
 def test_input_untouched_and_bad_arguments(known, tmp_path):
-    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in known.iterdir()}
+    before = digest(known)
     prune(known, remove=1, out=tmp_path / "a", **QUIET)
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in known.iterdir()} == digest
+    assert digest(known) == before
     with pytest.raises(LayerlabError, match="--remove must be between 1 and 4 for a 5-layer model, got 5"):
         prune(known, remove=5, out=tmp_path / "b", **QUIET)
     with pytest.raises(LayerlabError, match="refusing to write into the input directory"):
@@ -107,7 +99,7 @@ def test_input_untouched_and_bad_arguments(known, tmp_path):
     with pytest.raises(LayerlabError, match="unknown metric 'cosine'; valid: angular, bi, loss"):
         prune(known, remove=1, metric="cosine", out=tmp_path / "c", **QUIET)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
-    lns = _save(layerlab.build_model(tiny_cfg(layers=3, placement="lns", vocab_size=320)), tmp_path / "lns")
+    lns = save_model(layerlab.build_model(tiny_cfg(layers=3, placement="lns", vocab_size=320)), tmp_path / "lns")
     with pytest.raises(LayerlabError, match="LNS"):
         prune(lns, remove=1, out=tmp_path / "d", **QUIET)
     assert not (tmp_path / "d").exists(), "an output is written whole or not at all"
@@ -163,7 +155,7 @@ def known_sub(trained, tmp_path_factory):
                 proj = getattr(model.blocks[i], unit).proj
                 proj.weight.zero_()
                 proj.bias.zero_()
-    return _save(model, tmp_path_factory.mktemp("m") / "known_sub")
+    return save_model(model, tmp_path_factory.mktemp("m") / "known_sub")
 
 
 @pytest.mark.parametrize("unit", ["attn", "mlp"])
@@ -247,7 +239,7 @@ def test_hugging_face_sublayers_are_zeroed_and_stay_plain_transformers(make, uni
 
 def test_sublayer_refusals_and_bounds(known_sub, tmp_path):
     for placement in ("post", "mix"):
-        d = _save(layerlab.build_model(tiny_cfg(layers=4, placement=placement, mix_alpha=0.5, vocab_size=320)),
+        d = save_model(layerlab.build_model(tiny_cfg(layers=4, placement=placement, mix_alpha=0.5, vocab_size=320)),
                   tmp_path / placement)
         with pytest.raises(LayerlabError, match="--unit attn needs blocks that add each sublayer to the residual "
                                                 "stream .*; this model has post blocks"):
@@ -298,7 +290,7 @@ def test_block_pruning_renumbers_the_dropped_sublayers():
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_healing_keeps_zeroed_sublayers_zero(tmp_path, mode):
     torch.manual_seed(0)
-    src = _save(perturb(_gpt2(), 0.02), tmp_path / "gpt2")
+    src = save_model(perturb(_gpt2(), 0.02), tmp_path / "gpt2")
     before = AutoModelForCausalLM.from_pretrained(src).state_dict()
     rec = prune(src, remove=2, unit="attn", metric="bi", heal_steps=3, heal=mode, out=tmp_path / "h", **QUIET)
     assert rec["surgery"] == "zeroed" and len(rec["zeroed"]) == 4 and "does not shrink" in rec["note"]

@@ -1,19 +1,17 @@
 """quantize: packing round trips, the exact allocator, each importance on known models, the packed directory."""
 
-import hashlib
 import itertools
 import json
 import random
 
 import pytest
 import torch
-from conftest import idle_blocks, perturb, tiny_cfg
+from conftest import digest, idle_blocks, perturb, save_model, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import layerlab
 from layerlab.compress import allocate, quantize
 from layerlab.compress.quantize import Quantizer, lim_scores, ranked_cost, zd_scores
-from layerlab.data import ByteTokenizer
 from layerlab.errors import LayerlabError
 from layerlab.packed import (
     PACKED,
@@ -148,28 +146,18 @@ def test_zd_is_the_share_beyond_one_std():
 
 
 # ---------------------------------------------------------------------------- the command
-def _save(model, path):
-    model.save_pretrained(path)
-    ByteTokenizer().save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     torch.manual_seed(0)
     model = perturb(layerlab.build_model(tiny_cfg(layers=4, width=64, context=64, vocab_size=259)), 0.02)
-    return _save(model, tmp_path_factory.mktemp("m") / "model")
-
-
-def _digest(path):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in path.iterdir()}
+    return save_model(model, tmp_path_factory.mktemp("m") / "model")
 
 
 @pytest.mark.parametrize("importance", ["lim", "zd", "loss"])
 def test_quantize_writes_a_packed_model_that_loads_back(small, tmp_path, importance):
-    digest = _digest(small)
+    before = digest(small)
     record = quantize(small, bits=3.5, out=tmp_path / "q", importance=importance, group=32, **QUIET)
-    assert _digest(small) == digest  # the input is never modified
+    assert digest(small) == before  # the input is never modified
     out = tmp_path / "q"
     manifest = json.loads((out / "layerlab.json").read_text())
     assert manifest["command"] == "quantize" and manifest["args"]["bits"] == 3.5
@@ -195,7 +183,7 @@ def test_quantized_gpt2_loads_with_the_hugging_face_class(tmp_path):
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=2, vocab_size=259, n_positions=64,
                                       bos_token_id=0, eos_token_id=0)).eval()
-    src = _save(gpt2, tmp_path / "gpt2")
+    src = save_model(gpt2, tmp_path / "gpt2")
     quantize(src, bits=2.5, out=tmp_path / "q", importance="zd", widths=(2, 3), group=32, **QUIET)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert type(loaded) is GPT2LMHeadModel and isinstance(loaded.transformer.h[0].attn.c_attn, PackedLinear)
