@@ -3,7 +3,7 @@
 import pytest
 
 from layerlab.cli import parse_extra
-from layerlab.config import ModelConfig, check_fields, preset_names, resolve
+from layerlab.config import ModelConfig, TrainConfig, check_fields, preset_names, read_preset, resolve
 from layerlab.errors import LayerlabError
 
 
@@ -40,8 +40,47 @@ def test_wrong_type_is_one_line_error(tmp_path):
 
 
 def test_unknown_field_lists_valid_fields():
-    with pytest.raises(LayerlabError, match="unknown field 'layres'.*valid fields: .*layers"):
-        check_fields({"layres": 3})
+    with pytest.raises(LayerlabError, match=r"^unknown field 'colour' in config; valid fields: .*layers") as e:
+        check_fields({"colour": 3})
+    assert "did you mean" not in str(e.value)
+
+
+@pytest.mark.parametrize("name, close", [
+    ("placment", "placement"), ("layres", "layers"), ("lr_", "lr"), ("mix-alpa", "mix_alpha"),
+    ("lerning_rate", "lr"), ("learning_rate", "lr"), ("num_layers", "layers"), ("d_model", "width"),
+])
+def test_misspelt_field_suggests_the_closest(name, close):
+    with pytest.raises(LayerlabError) as e:
+        check_fields({name: "1"}, from_text=True, source="sweeps/x.yaml")
+    assert str(e.value) == f"unknown field {name!r} in sweeps/x.yaml; did you mean {close!r}?"
+
+
+def test_misspelt_field_on_the_command_line_and_in_a_config_file(tmp_path):
+    with pytest.raises(LayerlabError, match=r"^unknown field 'placment' in command line; did you mean 'placement'\?$"):
+        check_fields(parse_extra(["--placment", "peri"]), from_text=True, source="command line")
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  placment: peri\n")
+    with pytest.raises(LayerlabError, match=r"^unknown field 'placment' in .*c\.yaml; did you mean 'placement'\?$"):
+        resolve(None, f)
+
+
+def test_unknown_choice_suggests_the_closest():
+    with pytest.raises(LayerlabError, match=r"^unknown norm 'rmsnrom'; valid: .*; did you mean 'rmsnorm'\?$"):
+        ModelConfig(norm="rmsnrom")
+    with pytest.raises(LayerlabError, match=r"^unknown placement 'peir'; valid: .*; did you mean 'peri'\?$"):
+        ModelConfig(placement="peir")
+    with pytest.raises(LayerlabError, match=r"per-block schedule 'psot'; valid: .*; did you mean 'post'\?$"):
+        ModelConfig(layers=2, placement=["pre", "psot"])
+    with pytest.raises(LayerlabError, match=r"^unknown optimizer 'lamd'; valid: .*; did you mean 'lamb'\?$"):
+        TrainConfig(optimizer="lamd")
+    with pytest.raises(LayerlabError, match=r"^unknown preset 'tiyn'; valid: .*; did you mean 'tiny'\?$"):
+        read_preset("tiyn")
+    with pytest.raises(LayerlabError, match=r"^field 'mlp' in config expects 'gelu' \| 'swiglu', got 'swigul'; "
+                                            r"did you mean 'swiglu'\?$"):
+        check_fields({"mlp": "swigul"}, from_text=True)
+    with pytest.raises(LayerlabError) as e:  # nothing close: only the valid names
+        ModelConfig(norm="fancy")
+    assert "did you mean" not in str(e.value) and "valid: " in str(e.value)
 
 
 def test_text_values_are_parsed_by_type():

@@ -233,7 +233,8 @@ def test_saved_state_resumes_bit_identically(name):
 
 
 def test_unknown_optimizer_lists_the_valid_ones():
-    with pytest.raises(LayerlabError, match=r"^unknown optimizer 'adamx'; valid: adamw, lamb, lars, lisa, llr, noise$"):
+    expected = r"^unknown optimizer 'adamx'; valid: adamw, lamb, lars, lisa, llr, noise; did you mean 'adamw'\?$"
+    with pytest.raises(LayerlabError, match=expected):
         resolve("debug", overrides={"optimizer": "adamx"})
     with pytest.raises(LayerlabError, match="need 0 < llr_s_min <= llr_s_max"):
         TrainConfig(llr_s_min=2.0, llr_s_max=1.0)

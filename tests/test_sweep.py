@@ -104,8 +104,17 @@ def test_rerun_skips_finished_runs(swept, monkeypatch):
 
 @pytest.mark.parametrize("doc, message", [
     ({"grid": {"norm": ["layernorm", "foo"]}}, r"run foo-s0: unknown norm 'foo'; valid: .*rmsnorm"),
-    ({"grid": {"nrom": ["layernorm"]}}, r"unknown field 'nrom' in .* grid; valid fields: "),
-    ({"base": {**BASE, "stepz": 3}}, r"unknown field 'stepz' in .* base"),
+    ({"grid": {"nrom": ["layernorm"]}}, r"^unknown field 'nrom' in .*bad\.yaml grid; did you mean 'norm'\?$"),
+    ({"grid": {"colour": ["red"]}}, r"^unknown field 'colour' in .* grid; valid fields: .*placement"),
+    ({"grid": {"presett": ["debug"]}}, r"unknown field 'presett' in .* grid; did you mean 'preset'\?$"),
+    ({"grid": {"optimizer": [{"optimizer": "lamb", "lerning_rate": 0.01}]}},
+     r"^unknown field 'lerning_rate' in .* grid; did you mean 'lr'\?$"),
+    ({"grid": {"norm": ["rmsnrom"]}}, r"run rmsnrom-s0: unknown norm 'rmsnrom'; valid: .*; did you mean 'rmsnorm'\?$"),
+    ({"base": {**BASE, "stepz": 3}}, r"^unknown field 'stepz' in .*bad\.yaml base; did you mean 'steps'\?$"),
+    ({"base": {**BASE, "lr_": 0.1}}, r"^unknown field 'lr_' in .* base; did you mean 'lr'\?$"),
+    ({"base": {**BASE, "placment": "peri"}}, r"^unknown field 'placment' in .* base; did you mean 'placement'\?$"),
+    ({"base": {**BASE, "presett": "debug"}}, r"^unknown field 'presett' in .* base; did you mean 'preset'\?$"),
+    ({"base": {**BASE, "model": {"widht": 32}}}, r"^unknown field 'widht' in .* base; did you mean 'width'\?$"),
     ({"grid": {"layers": ["many"]}}, r"field 'layers' in .* grid expects int, got 'many'"),
     ({"grid": {"width": [64, 63]}}, r"run width63-s0: width 63 is not divisible by heads 2"),
     ({"grid": {"optimizer": ["adamw", "sgdd"]}}, r"run sgdd-s0: unknown optimizer 'sgdd'"),
@@ -113,9 +122,14 @@ def test_rerun_skips_finished_runs(swept, monkeypatch):
     ({"grid": {"optimizer": [{"lr": 0.1}]}}, r"a mapping in grid field 'optimizer' must set 'optimizer'"),
     ({"seeds": 0}, r"seeds must be a positive count"),
     ({"grid": {"seed": [0, 1]}}, r"give seeds with the top-level seeds: key"),
-    ({"analyze": {"tokenz": 5}}, r"unknown option 'tokenz' in .* analyze; valid: tokens"),
+    ({"analyze": {"tokenz": 5}}, r"^unknown option 'tokenz' in .* analyze; did you mean 'tokens'\?$"),
+    ({"analyze": {"colour": 5}}, r"unknown option 'colour' in .* analyze; valid: tokens"),
+    ({"ray": {"gpu_per_run": 1}}, r"^unknown option 'gpu_per_run' in .* ray; did you mean 'gpus_per_run'\?$"),
     ({"ray": {"cpus_per_run": 0}}, r"option 'cpus_per_run' in .* ray expects int >= 1"),
     ({"bogus": 1}, r"unknown key 'bogus' in sweep file .*; valid: name, out, base, grid"),
+    ({"seed": 1}, r"^unknown key 'seed' in sweep file .*bad\.yaml; did you mean 'seeds'\?$"),
+    ({"grids": {"placement": ["pre"]}}, r"^unknown key 'grids' in sweep file .*; did you mean 'grid'\?$"),
+    ({"lr": 0.1}, r"unknown key 'lr' in sweep file .*\(config fields go under base: or grid:\)"),
     ({"base": {"preset": "huge"}}, r"unknown preset 'huge'; valid: debug"),
 ])
 def test_bad_sweep_files_fail_before_any_run(tmp_path, doc, message):
@@ -124,6 +138,44 @@ def test_bad_sweep_files_fail_before_any_run(tmp_path, doc, message):
     with pytest.raises(LayerlabError, match=message):
         sweep(file, out=out, echo=quiet)
     assert not out.exists()
+
+
+def test_summary_csv_leaves_missing_values_empty(tmp_path):
+    """A config with one seed has no standard deviation: the CSV field is empty, so pandas reads NaN and every
+    numeric column stays numeric; the printed table keeps a readable dash."""
+    import pandas as pd
+
+    from layerlab.sweep import Sweep, markdown_table, write_outputs
+
+    def config(name, hidden, seeds, losses, params, seconds):
+        stats = {"n": len(losses), "mean": sum(losses) / len(losses) if losses else None,
+                 "std": 0.01 if len(losses) > 1 else None, "min": min(losses, default=None),
+                 "max": max(losses, default=None)}
+        return {"name": name, "fields": {"mlp_hidden": hidden}, "seeds": seeds, "finished": len(losses),
+                "failed": [], "val_loss": stats, "val_bpb": {**stats}, "params": params,
+                "seconds_per_run": seconds, "layers": {}}
+
+    summary = {"name": "csv", "grid": {"mlp_hidden": [None, 128]}, "runs": [], "failed": [], "configs": [
+        config("mlp_hidden-none", None, [0], [3.5], 1000, 2.0),  # one seed: no std
+        config("mlp_hidden128", 128, [0, 1], [3.25, 3.75], 2000, 3.0),
+        config("broken", 128, [0], [], None, None),  # every run failed: nothing measured
+    ]}
+    out = tmp_path / "out"
+    plan = Sweep(name="csv", path=tmp_path / "csv.yaml", out=out, base={}, grid=summary["grid"], seeds=[0, 1],
+                 workers=1, analyze=None, ray={})
+    write_outputs(plan, summary)
+    assert "–" not in (out / "summary.csv").read_text(encoding="utf-8")
+    df = pd.read_csv(out / "summary.csv")
+    assert list(df["config"]) == ["mlp_hidden-none", "mlp_hidden128", "broken"]
+    for column in ("mlp_hidden", "val_loss_mean", "val_loss_std", "val_loss_min", "val_loss_max", "val_bpb_mean",
+                   "params", "seconds_per_run"):
+        assert df[column].dtype == "float64", (column, df[column].dtype)
+    assert df["val_loss_std"].isna().tolist() == [True, False, True] and df["val_loss_std"][1] == 0.01
+    assert df["mlp_hidden"].isna().tolist() == [True, False, False]
+    assert df["params"].tolist()[:2] == [1000, 2000] and df["params"].isna()[2]
+    assert df["runs"].tolist() == ["1/1", "2/2", "0/1"]
+    assert "| mlp_hidden-none | None | 1/1 | 3.5000 | – |" in markdown_table(summary)  # the terminal's table
+    assert "3.5000 ± –" in (out / "sweep.html").read_text()  # and the page keep a dash
 
 
 def test_cli_help_has_examples():

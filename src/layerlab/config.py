@@ -9,8 +9,10 @@ checked against the annotations, and a wrong type or an unknown name gives a one
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,6 +29,42 @@ PLACEMENT_ALIASES = {"subln": "sandwich"}
 # Placements whose sublayers add their output to the residual stream (x + F(...)), so a block may lack one:
 # without it, the block adds nothing for that sublayer. Post-LN (Norm(x + F(x))) still normalizes without F.
 RESIDUAL_SUBLAYER_PLACEMENTS = ("pre", "peri", "lns", "sandwich")
+# Names other tools (Hugging Face, nanoGPT) give some fields: only for "did you mean", never accepted as fields.
+FIELD_SYNONYMS = {
+    "learning_rate": "lr", "n_layer": "layers", "n_layers": "layers", "num_layers": "layers",
+    "num_hidden_layers": "layers", "n_head": "heads", "n_heads": "heads", "num_heads": "heads",
+    "num_attention_heads": "heads", "d_model": "width", "n_embd": "width", "hidden_size": "width",
+    "block_size": "context", "max_seq_len": "context", "seq_len": "context", "max_steps": "steps",
+    "warmup_steps": "warmup", "wd": "weight_decay", "clip_grad": "grad_clip", "max_grad_norm": "grad_clip",
+}
+
+
+def close_match(name: object, valid: Iterable[str]) -> str | None:
+    """The one of ``valid`` that a misspelt ``name`` most likely meant, or None when none is close."""
+    matches = difflib.get_close_matches(str(name), list(valid), n=1)
+    return matches[0] if matches else None
+
+
+def unknown_name_error(what: str, name: object, valid: Iterable[str], source: str | None = None,
+                       listing: str = "valid", hint: str = "") -> LayerlabError:
+    """``unknown <what> 'x' in <source>; did you mean 'y'?``, or the valid names when none is close.
+
+    ``hint`` follows the list of valid names (it says where else the name might belong).
+    """
+    valid = list(valid)
+    where = f" in {source}" if source else ""
+    if (close := close_match(name, valid)) is not None:
+        return LayerlabError(f"unknown {what} {name!r}{where}; did you mean {close!r}?")
+    return LayerlabError(f"unknown {what} {name!r}{where}; {listing}: {', '.join(valid)}{hint}")
+
+
+def choice_error(kind: str, name: object, valid: Iterable[str]) -> LayerlabError:
+    """:func:`~layerlab.errors.choices_error` (the valid names, a short list) and the closest one, if any."""
+    valid = list(valid)
+    error = choices_error(kind, name, valid)
+    if (close := close_match(name, valid)) is not None:
+        return LayerlabError(f"{error}; did you mean {close!r}?")
+    return error
 
 
 @dataclass
@@ -60,16 +98,16 @@ class ModelConfig:
         from .norms import NORMS  # late import: norms depends on nothing but torch
 
         if self.norm not in NORMS:
-            raise choices_error("norm", self.norm, list(NORMS))
+            raise choice_error("norm", self.norm, list(NORMS))
         if isinstance(self.placement, str):
             self.placement = PLACEMENT_ALIASES.get(self.placement, self.placement)
             if self.placement not in PLACEMENT_NAMES:
-                raise choices_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
+                raise choice_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
         else:
             self.placement = [PLACEMENT_ALIASES.get(p, p) for p in self.placement]
             for p in self.placement:
                 if p not in BLOCK_PLACEMENTS:
-                    raise choices_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
+                    raise choice_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
             if len(self.placement) != self.layers:
                 raise LayerlabError(
                     f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
@@ -193,7 +231,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise LayerlabError(f"lr must be positive, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
-            raise choices_error("optimizer", self.optimizer, list(OPTIMIZERS))
+            raise choice_error("optimizer", self.optimizer, list(OPTIMIZERS))
         for name in ("input_norm_decay", "output_norm_decay", "llr_ramp"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -291,22 +329,38 @@ def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
     raise ValueError
 
 
-def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str = "config") -> dict[str, Any]:
-    """Validate names and types of a flat field dict; return it with values coerced."""
+def unknown_field_error(name: object, source: str, also: Iterable[str] = ()) -> LayerlabError:
+    """An unknown field: the field it most likely means (spelling, or another tool's name for it), else the list.
+
+    ``also``: other names valid where the field was given (a sweep file's ``preset``), suggested like fields.
+    """
+    key = str(name).replace("-", "_")
+    names = sorted({*ALL_FIELDS, *also})
+    if (close := close_match(key, [*names, *FIELD_SYNONYMS])) is not None:
+        return LayerlabError(f"unknown field {name!r} in {source}; did you mean {FIELD_SYNONYMS.get(close, close)!r}?")
+    return LayerlabError(f"unknown field {name!r} in {source}; valid fields: {', '.join(names)}")
+
+
+def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str = "config",
+                 also: Iterable[str] = ()) -> dict[str, Any]:
+    """Validate names and types of a flat field dict; return it with values coerced.
+
+    ``also`` names what the caller accepts besides fields (and has taken out): suggested for a misspelt name.
+    """
     out = {}
     for name, value in values.items():
-        key = name.replace("-", "_")
+        key = str(name).replace("-", "_")
         if key not in ALL_FIELDS:
-            raise LayerlabError(
-                f"unknown field {name!r} in {source}; valid fields: {', '.join(sorted(ALL_FIELDS))}"
-            )
+            raise unknown_field_error(name, source, also)
         tp = _HINTS[key]
         try:
             out[key] = _coerce(value, tp, from_text)
         except ValueError:
-            raise LayerlabError(
-                f"field {key!r} in {source} expects {_type_name(tp)}, got {value!r}"
-            ) from None
+            message = f"field {key!r} in {source} expects {_type_name(tp)}, got {value!r}"
+            if typing.get_origin(tp) is Literal and isinstance(value, str):
+                if (close := close_match(value, [str(a) for a in typing.get_args(tp)])) is not None:
+                    message += f"; did you mean {close!r}?"
+            raise LayerlabError(message) from None
     return out
 
 
@@ -350,7 +404,7 @@ def preset_names() -> list[str]:
 def read_preset(name: str) -> dict[str, Any]:
     """Fields of a shipped preset (``src/layerlab/presets/NAME.yaml``)."""
     if name not in preset_names():
-        raise choices_error("preset", name, preset_names())
+        raise choice_error("preset", name, preset_names())
     text = resources.files("layerlab.presets").joinpath(f"{name}.yaml").read_text()
     return check_fields(_flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from layerlab.errors import LayerlabError
+from layerlab.io import current_umask
 
 EMBEDDED = "embedded"
 EOS_TOKEN = "<|endoftext|>"
@@ -358,6 +359,7 @@ class TokenData:
         n_tokens = n_bytes = 0
         eos = np.array([tokenizer.eos_id], dtype=dtype)
         fd, tmp_name = tempfile.mkstemp(prefix=f"tokens-{key}.", suffix=".tmp", dir=cache_dir)
+        os.chmod(tmp_name, 0o666 & ~current_umask())  # mkstemp makes 0600: a shared cache must stay readable
         try:
             with os.fdopen(fd, "wb") as out:
                 # Written group by group: only one group of documents is ever in memory.

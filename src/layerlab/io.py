@@ -16,15 +16,20 @@ from typing import Any
 from .errors import LayerlabError
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -101,6 +106,8 @@ def output_dir(out: str | Path, *, protect: tuple[str | Path, ...] = ()) -> Iter
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
+        # mkdtemp makes 0700, and the rename keeps it: give the folder the permissions mkdir would
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if out.exists():
             out.rmdir()

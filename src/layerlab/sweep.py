@@ -44,7 +44,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .config import ALL_FIELDS, _flatten_yaml, check_fields, load_yaml, read_preset
+from .config import (
+    ALL_FIELDS,
+    _flatten_yaml,
+    check_fields,
+    load_yaml,
+    read_preset,
+    unknown_field_error,
+    unknown_name_error,
+)
 from .errors import LayerlabError, choices_error
 from .io import MANIFEST, atomic_write_bytes, atomic_write_json, versions
 
@@ -169,7 +177,7 @@ def _options(value: Any, defaults: dict[str, Any], source: str) -> dict[str, Any
     out = dict(defaults)
     for key, v in value.items():
         if key not in defaults:
-            raise LayerlabError(f"unknown option {key!r} in {source}; valid: {', '.join(defaults)}")
+            raise unknown_name_error("option", key, defaults, source)
         want = type(defaults[key]) if defaults[key] is not None else int
         ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
         if v is None and defaults[key] is None:
@@ -197,7 +205,7 @@ def _axis_values(key: str, values: Any, source: str) -> list[tuple[str, dict[str
         else:
             fields = {key: value}
         preset = fields.pop("preset", None)
-        checked = check_fields(fields, from_text=True, source=f"{source} grid")
+        checked = check_fields(fields, from_text=True, source=f"{source} grid", also=("preset",))
         if preset is not None:
             read_preset(str(preset))  # an unknown preset lists the valid ones
             checked["preset"] = str(preset)
@@ -225,8 +233,8 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, workers: int 
         raise LayerlabError(f"sweep file {path} must be a mapping with keys {', '.join(SWEEP_KEYS)}")
     for key in doc:
         if key not in SWEEP_KEYS:
-            raise LayerlabError(f"unknown key {key!r} in sweep file {path}; valid: {', '.join(SWEEP_KEYS)} "
-                                "(config fields go under base: or grid:)")
+            raise unknown_name_error("key", key, SWEEP_KEYS, f"sweep file {path}",
+                                     hint=" (config fields go under base: or grid:)")
     source = str(path)
     name = str(doc.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9._+=-]+", name):
@@ -244,7 +252,8 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, workers: int 
     if config_file is not None:
         config_file = str((path.parent / str(config_file)) if not Path(str(config_file)).is_absolute()
                           else config_file)
-    base = check_fields(_flatten_yaml(base_doc, f"{source} base"), from_text=True, source=f"{source} base")
+    base = check_fields(_flatten_yaml(base_doc, f"{source} base"), from_text=True, source=f"{source} base",
+                        also=("preset", "config"))
 
     grid_doc = doc.get("grid") or {}
     if not isinstance(grid_doc, dict):
@@ -252,12 +261,10 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, workers: int 
     if "seed" in grid_doc:
         raise LayerlabError(f"{source}: give seeds with the top-level seeds: key, not in the grid")
     axes: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    for key, values in grid_doc.items():
-        key = str(key).replace("-", "_")
-        if key != "preset":
-            if key not in ALL_FIELDS:
-                raise LayerlabError(f"unknown field {key!r} in {source} grid; "
-                                    f"valid fields: {', '.join(sorted(ALL_FIELDS))}")
+    for name, values in grid_doc.items():
+        key = str(name).replace("-", "_")
+        if key != "preset" and key not in ALL_FIELDS:
+            raise unknown_field_error(name, f"{source} grid", also=("preset",))
         axes[key] = _axis_values(key, values, source)
 
     seeds = _seeds(doc.get("seeds"), source)
@@ -603,22 +610,32 @@ def collect(sweep: Sweep, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any, digits: int = 4) -> str:
-    return "–" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+def _fmt(x: Any, digits: int = 4, missing: str = "–") -> str:
+    return missing if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-config table (also summary.csv)."""
+def _value_text(v: Any, none: str) -> str:
+    return "+".join(map(str, v)) if isinstance(v, list) else none if v is None else str(v)
+
+
+def table_rows(summary: dict[str, Any], *, for_csv: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-config table: printed, and with ``for_csv`` as summary.csv.
+
+    In the CSV a missing value (a grid value None, the std of one seed, anything of a config whose runs all
+    failed) is an empty field: CSV readers such as pandas take that for NaN, where a dash would turn the whole
+    column into text. The printed table keeps a readable dash.
+    """
+    missing, none = ("", "") if for_csv else ("–", "None")
     fields = list(summary["grid"])
     header = ["config", *fields, "runs", "val_loss_mean", "val_loss_std", "val_loss_min", "val_loss_max",
               "val_bpb_mean", "params", "seconds_per_run"]
     rows = []
     for c in summary["configs"]:
         vl, vb = c["val_loss"], c["val_bpb"]
-        values = [c["fields"].get(f) for f in fields]
-        rows.append([c["name"], *("+".join(map(str, v)) if isinstance(v, list) else str(v) for v in values),
-                     f"{c['finished']}/{len(c['seeds'])}", _fmt(vl["mean"]), _fmt(vl["std"]), _fmt(vl["min"]),
-                     _fmt(vl["max"]), _fmt(vb["mean"]), _fmt(c["params"]), _fmt(c["seconds_per_run"], 1)])
+        measured = (vl["mean"], vl["std"], vl["min"], vl["max"], vb["mean"], c["params"])
+        rows.append([c["name"], *(_value_text(c["fields"].get(f), none) for f in fields),
+                     f"{c['finished']}/{len(c['seeds'])}", *(_fmt(x, missing=missing) for x in measured),
+                     _fmt(c["seconds_per_run"], 1, missing)])
     return header, rows
 
 
@@ -635,7 +652,7 @@ def write_outputs(sweep: Sweep, summary: dict[str, Any]) -> None:
 
     sweep.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sweep.out / "sweep.json", summary)
-    header, rows = table_rows(summary)
+    header, rows = table_rows(summary, for_csv=True)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
