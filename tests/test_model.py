@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import layerlab
 from layerlab.config import BLOCK_PLACEMENTS, PLACEMENT_NAMES, ModelConfig
 from layerlab.errors import LayerlabError
-from layerlab.model import PLACEMENTS, num_params
+from layerlab.model import CACHE_NAME, PLACEMENTS, num_params, output_cache
 from layerlab.norms import NORMS, set_norm_schedule
 
 
@@ -176,7 +176,7 @@ def test_save_load_gives_identical_logits_and_cached_generation_matches(tmp_path
     # and the cached logits equal a full recomputation
     full = loaded(with_cache).logits[:, -1]
     step = loaded(with_cache[:, :-1], use_cache=True)
-    inc = loaded(with_cache[:, -1:], past_key_values=step.past_key_values, use_cache=True).logits[:, -1]
+    inc = loaded(with_cache[:, -1:], **{CACHE_NAME: output_cache(step)}, use_cache=True).logits[:, -1]
     torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
 
 

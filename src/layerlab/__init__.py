@@ -1,32 +1,61 @@
-"""layerlab: build, train, analyze and compress the layers of transformer language models."""
+"""layerlab: build, train, analyze and compress the layers of transformer language models.
+
+``import layerlab`` is light: it loads neither torch nor transformers, so that ``layerlab --help``
+and argument errors answer at once. The public names below load on first use. What the import
+does promise is that transformers' Auto classes know layerlab's model, config and quantization
+method: importing :mod:`layerlab.model` registers them, and this package imports it as soon as
+transformers is imported (right away, if it already is).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-import logging as _logging
 
-# transformers imports torchao (when installed) with its quantizers, and torchao then logs warnings
-# about optional CUDA kernels it cannot load on a CPU machine: silence them for these imports.
-_quiet = {_n: _logging.getLogger(_n).level for _n in ("torchao", "torch.utils._pytree")}
-for _n in _quiet:
-    _logging.getLogger(_n).setLevel(_logging.ERROR)
-try:
-    from transformers import AutoConfig, AutoModelForCausalLM
+class _DropImportNoise(logging.Filter):
+    """Drops two import-time warnings that say nothing to a layerlab user, and nothing else.
 
+    transformers imports torchao, when installed, with its quantizers. torchao then warns for each
+    optional CUDA kernel library it cannot load ("Failed to load ...so"), which no CPU machine can,
+    and torch warns that torchao registers Enum constants in a deprecated way. Neither is actionable.
+    """
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+logging.getLogger("torchao").addFilter(_DropImportNoise("Failed to load "))
+logging.getLogger("torch.utils._pytree").addFilter(_DropImportNoise("register_constant() on Enum subclasses"))
+
+_LAZY = {
+    "ModelConfig": "config", "TrainConfig": "config", "LayerlabError": "errors",
+    "LayerlabConfig": "model", "LayerlabForCausalLM": "model", "build_model": "model",
+}
+__all__ = ["LayerlabConfig", "LayerlabError", "LayerlabForCausalLM", "ModelConfig", "TrainConfig", "analyze",
+           "build_model"]
+
+if TYPE_CHECKING:
     from .config import ModelConfig, TrainConfig
     from .errors import LayerlabError
     from .model import LayerlabConfig, LayerlabForCausalLM, build_model
-    from .packed import _register as _register_quantizer
-finally:
-    for _n, _level in _quiet.items():
-        _logging.getLogger(_n).setLevel(_level)
 
-# After ``import layerlab``, the Auto classes load layerlab model directories.
-AutoConfig.register(LayerlabConfig.model_type, LayerlabConfig, exist_ok=True)
-AutoModelForCausalLM.register(LayerlabConfig, LayerlabForCausalLM, exist_ok=True)
-# ... and directories written by ``layerlab quantize`` (quantization_config.quant_method "layerlab").
-_register_quantizer()
 
-__all__ = ["LayerlabConfig", "LayerlabError", "LayerlabForCausalLM", "ModelConfig", "TrainConfig", "build_model"]
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'layerlab' has no attribute {name!r}")
 
 
 def analyze(*models, **kwargs):
@@ -34,3 +63,45 @@ def analyze(*models, **kwargs):
     from .analysis import analyze as _analyze
 
     return _analyze(*models, **kwargs)
+
+
+def _register_with_transformers() -> None:
+    # A layerlab.model already being imported (it imported transformers) registers when it finishes.
+    if f"{__name__}.model" not in sys.modules:
+        importlib.import_module(f"{__name__}.model")
+
+
+class _RegisterAfterImport(importlib.abc.Loader):
+    """Runs transformers' own loader, then registers layerlab with the Auto classes it defines."""
+
+    def __init__(self, inner: importlib.abc.Loader):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        _register_with_transformers()
+
+    def __getattr__(self, name: str) -> Any:  # everything else (resources, source) from the real loader
+        return getattr(self._inner, name)
+
+
+class _WatchTransformers(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: it wraps the loader of ``transformers`` the first time that is imported."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterImport(spec.loader)
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _WatchTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _WatchTransformers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,18 +13,35 @@ from .io import load_causal_lm
 
 
 def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
-           seed: int = 0) -> str:
-    """The prompt followed by ``tokens`` generated tokens (greedy when temperature is 0)."""
+           seed: int = 0, echo: Callable[[str], None] | None = None) -> str:
+    """The prompt followed by ``tokens`` generated tokens (greedy when temperature is 0).
+
+    Prompt and continuation must fit the model's context: the continuation is shortened to the room
+    the prompt leaves, and a prompt that fills the context keeps only its tail. ``echo`` is told when
+    either happens.
+    """
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     if temperature < 0:
         raise LayerlabError(f"--temperature must be >= 0, got {temperature}")
+    if not prompt:
+        raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
     model = load_causal_lm(model_dir)
     tok = load_tokenizer(Path(model_dir))
     ids = torch.tensor(tok.encode(prompt).astype("int64"))[None]  # (1, T)
-    context = getattr(model.config, "max_position_embeddings", None) or ids.shape[1] + tokens
-    tokens = min(tokens, context - 1)
-    ids = ids[:, -(context - tokens):]  # keep the prompt's tail so prompt + new tokens fit the context
+    if ids.shape[1] == 0:
+        raise LayerlabError(f"the prompt {prompt!r} encodes to no tokens")
+    asked, prompt_len = tokens, ids.shape[1]
+    context = getattr(model.config, "max_position_embeddings", None) or prompt_len + tokens
+    if prompt_len + tokens > context:
+        # the prompt keeps priority; only a prompt that leaves no room for half the context loses its head
+        tokens = min(tokens, max(context - prompt_len, context // 2))
+        ids = ids[:, -(context - tokens):]
+        if echo is not None:
+            cut = f"; the prompt was cut to its last {ids.shape[1]} of {prompt_len} tokens" \
+                if ids.shape[1] < prompt_len else ""
+            echo(f"note: generating {tokens} tokens, not {asked}: the model's context of {context} tokens holds "
+                 f"the prompt and the continuation together{cut}")
     torch.manual_seed(seed)
     greedy = temperature == 0
     out = model.generate(

@@ -11,19 +11,55 @@ A block named in ``drop_attn`` (``drop_mlp``) has ``ln1``, ``attn`` (``ln2``, ``
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import MODEL_FIELDS, ModelConfig
+from .errors import LayerlabError
 from .norms import build_norm, lns_scale
+from .packed import register_quantizer
+
+KNOWN_CACHE_NAMES = ("past_key_values", "cache")
+
+
+def cache_convention() -> str:
+    """The name under which the installed transformers passes the KV cache to ``forward`` and returns it.
+
+    transformers up to 5.23 says ``past_key_values``; 5.24 renamed it ``cache`` in ``generate`` and in
+    every output class (the old name still works there, with a deprecation warning). layerlab's forward
+    accepts both, and returns the cache under this name so that ``generate`` finds it. An unknown
+    convention is an error here, not garbage from ``generate`` later.
+    """
+    out_fields = {f.name for f in fields(CausalLMOutputWithPast)}
+    gen_params = set(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
+    for name in reversed(KNOWN_CACHE_NAMES):  # the newer name first
+        if name in out_fields and name in gen_params:
+            return name
+    import transformers
+
+    raise LayerlabError(
+        f"transformers {transformers.__version__} passes the KV cache in a way layerlab does not know "
+        f"(output fields {sorted(out_fields & {'cache', 'past_key_values', 'cache_params'})}, generate's "
+        f"parameters {sorted(gen_params & {'cache', 'past_key_values', 'cache_params'})}); install a version "
+        "within the range in pyproject.toml (see docs/install.md)"
+    )
+
+
+CACHE_NAME = cache_convention()
+
+
+def output_cache(output) -> Cache | None:
+    """The KV cache of a model output, under whichever name the installed transformers uses."""
+    return output.get(CACHE_NAME)
 
 
 class LayerlabConfig(PreTrainedConfig):
@@ -242,6 +278,7 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -250,11 +287,15 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        if past_key_values is not None and cache is not None and past_key_values is not cache:
+            raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
+        cache = cache if cache is not None else past_key_values  # generate() names it per CACHE_NAME
+        use_cache = use_cache or cache is not None  # a cache passed in is updated and returned
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).unsqueeze(0)  # (1, T)
         if past + T > self.cfg.context and self.pos is not None:
@@ -271,7 +312,7 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         for block in self.blocks:
             if hidden is not None:
                 hidden.append(x)
-            x = block(x, rope=rope, cache=past_key_values, mask=mask)
+            x = block(x, rope=rope, cache=cache, mask=mask)
         x = self.ln_f(x)
         if hidden is not None:  # as Hugging Face GPT-2: the last entry is after the final norm
             hidden.append(x)
@@ -282,8 +323,8 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
             flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
             loss = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None,
-            hidden_states=tuple(hidden) if hidden is not None else None,
+            loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
     @staticmethod
@@ -314,3 +355,11 @@ def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     if exclude_embeddings and isinstance(model, LayerlabForCausalLM):
         n -= model.embed.weight.numel() + (model.pos.weight.numel() if model.pos is not None else 0)
     return n
+
+
+# After ``import layerlab``, the Auto classes load layerlab model directories and the directories that
+# ``layerlab quantize`` writes: importing this module registers both (the package imports it as soon as
+# transformers is imported).
+AutoConfig.register(LayerlabConfig.model_type, LayerlabConfig, exist_ok=True)
+AutoModelForCausalLM.register(LayerlabConfig, LayerlabForCausalLM, exist_ok=True)
+register_quantizer()

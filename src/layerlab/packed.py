@@ -25,9 +25,7 @@ A packed layer dequantizes its weight on each forward, so it runs on any device,
 from __future__ import annotations
 
 import functools
-import logging
 import math
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -99,27 +97,13 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
 
 
 # ---------------------------------------------------------------------------- torchao int8
-@contextmanager
-def _quiet_torchao():
-    """torchao logs warnings, on import, about optional CUDA kernels it cannot load on CPU machines."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 @functools.cache
 def torchao_int8():
     """torchao's Int8Tensor and PerGroup, or None when torchao is not importable."""
-    try:
-        with _quiet_torchao():
-            from torchao.quantization import Int8Tensor
-            from torchao.quantization.granularity import PerGroup
+    try:  # its import-time warnings are filtered in layerlab/__init__
+        from torchao.quantization import Int8Tensor
+        from torchao.quantization.granularity import PerGroup
+
         return Int8Tensor, PerGroup
     except Exception:  # noqa: BLE001  (absent, or a version whose API moved: fall back to our packing)
         return None
@@ -236,17 +220,16 @@ def refuse_quantized(model, model_dir, command: str) -> None:
 
 
 # ---------------------------------------------------------------------------- Hugging Face integration
-def _register() -> None:
+def register_quantizer() -> None:
     """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent)."""
-    with _quiet_torchao():  # transformers imports torchao, when installed, with its quantizers
-        from transformers.quantizers.auto import (
-            AUTO_QUANTIZATION_CONFIG_MAPPING,
-            AUTO_QUANTIZER_MAPPING,
-            register_quantization_config,
-            register_quantizer,
-        )
-        from transformers.quantizers.base import HfQuantizer
-        from transformers.utils.quantization_config import QuantizationConfigMixin
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return
@@ -297,5 +280,5 @@ def _register() -> None:
 def quant_config_class():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
 
-    _register()
+    register_quantizer()
     return AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
