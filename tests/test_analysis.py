@@ -1,8 +1,10 @@
 """Analysis: adapters on every architecture, and each measurement against an independent recomputation."""
 
+import importlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,7 +196,7 @@ def test_removal_delta_equals_the_loss_of_the_deleted_model():
 
 
 class _FakeTok:
-    """A tokenizer stand-in: fixed random ids, so the windows are known exactly."""
+    """A tokenizer stand-in: fixed random ids, so the windows are known exactly (see ``_fake_text``)."""
 
     pad_token_id = 0
     cls_token_id = sep_token_id = None
@@ -202,8 +204,14 @@ class _FakeTok:
     def __init__(self):
         self.ids = torch.randint(1, V, (4000,), generator=torch.Generator().manual_seed(3)).tolist()
 
-    def __call__(self, text, add_special_tokens=False, verbose=False):
-        return {"input_ids": self.ids}
+
+@pytest.fixture(autouse=True)
+def _fake_text(monkeypatch):
+    """With a _FakeTok, analyze measures exactly its ids; any other tokenizer reads the real text."""
+    module = importlib.import_module("layerlab.analysis.analyze")  # the package re-exports a function of that name
+    real = module.split_ids
+    monkeypatch.setattr(module, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
+        tok, _FakeTok) else real(tok, data, split))
 
 
 def test_effective_rank_is_exact_on_low_rank_data():

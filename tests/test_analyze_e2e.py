@@ -118,7 +118,7 @@ def test_short_data_warns_and_uses_what_exists(tmp_path, run_dir):
         warnings.simplefilter("always")
         report = analyze(run_dir, data=str(f), tokens=100_000, spectra=False, progress=False)
     assert any("fewer than --tokens" in str(x.message) for x in w)
-    assert report.models[0]["samples"]["tokens"] == 520
+    assert report.models[0]["samples"]["tokens"] == 521  # 520 bytes and the eos that ends the document
 
 
 def test_cli_error_is_one_line(tmp_path):

@@ -23,6 +23,16 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
+def _inputs(*models: Path, out: Path | None = None) -> None:
+    """Check model directories and --out before the command imports torch: a mistyped path is answered at once."""
+    from .io import check_model_dir, check_output
+
+    for m in models:
+        check_model_dir(m)
+    if out is not None:
+        check_output(out, protect=models)
+
+
 def parse_extra(args: list[str]) -> dict[str, Any]:
     """``--field value`` / ``--field=value`` pairs left over by the declared options."""
     out: dict[str, Any] = {}
@@ -87,7 +97,7 @@ def train(
     = None,
 ) -> None:
     """Train a GPT with any norm and placement; the run directory is a Hugging Face model."""
-    from .train import train as run_train
+    from .config import check_fields
 
     overrides = {k: v for k, v in dict(norm=norm, placement=placement, mix_alpha=mix_alpha, layers=layers,
                                        width=width, data=data, tokenizer=tokenizer, steps=steps,
@@ -95,10 +105,11 @@ def train(
                  if v is not None}
     if isinstance(overrides.get("placement"), str) and "," in overrides["placement"]:
         overrides["placement"] = [p.strip() for p in overrides["placement"].split(",")]
-    from .config import check_fields
-
+    # field names and types are checked before torch loads, so that a typo is answered at once
     overrides = check_fields(overrides, source="command line")
     overrides.update(check_fields(parse_extra(ctx.args), from_text=True, source="command line"))
+    from .train import train as run_train
+
     _quiet_hf()
     res = run_train(preset=preset, config=config, overrides=overrides, out=out, resume=resume, progress=progress,
                     nproc=nproc)
@@ -121,10 +132,15 @@ def sample(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Print a continuation of PROMPT by a model directory."""
+    if not prompt:
+        raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
+    _inputs(model)
     from .generate import sample as run_sample
 
     _quiet_hf()
-    typer.echo(run_sample(model, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed))
+    text = run_sample(model, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
+                      echo=lambda note: typer.echo(note, err=True))
+    typer.echo(text)
 
 
 @app.command(epilog="Example:\n\n  layerlab export runs/tiny-pre-layernorm-L4-d256 --to gpt2 --out gpt2-tiny")
@@ -134,6 +150,7 @@ def export(
     out: Annotated[Path, typer.Option(help="output directory")] = ...,
 ) -> None:
     """Write a layerlab model of a standard design as a plain Hugging Face model (no layerlab needed)."""
+    _inputs(model, out=out)
     from .export import export as run_export
 
     _quiet_hf()
@@ -155,14 +172,17 @@ Examples:
 def analyze(
     models: Annotated[list[Path], typer.Argument(help="one or more model directories (layerlab or Hugging Face)")],
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens to stream through each model")] = 8192,
-    out: Annotated[Path | None, typer.Option(help="where report.json and report.html go")] = None,
+    tokens: Annotated[int, typer.Option(help="tokens to stream through each model (the first of the "
+                                        "embedded validation split, or of --data)")] = 8192,
+    out: Annotated[Path | None, typer.Option(help="where report.json and report.html go (must not exist)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace the report in an existing --out")] = False,
     spectra: Annotated[bool, typer.Option(help="weight spectra (ESD alpha, stable rank)")] = True,
     seq_len: Annotated[int | None, typer.Option(help="window length (default min(256, context); 128 encoders)")] = None,
     removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = 2048,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
+    _inputs(*models)
     from .analysis import analyze as run_analyze
 
     _quiet_hf()
@@ -170,14 +190,14 @@ def analyze(
 
     out = out or Path("reports") / "-vs-".join(model_label(m) for m in models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
-                         removal_tokens=removal_tokens, progress=progress)
+                         removal_tokens=removal_tokens, progress=progress, overwrite=overwrite)
     for m in report.models:
         best = m["best_block_to_prune"].get("1")
         key = "removal_loss_delta" if m["causal"] else "removal_effect"
         ranked = sorted(m["layers"], key=lambda lay: lay[key] if lay[key] is not None else float("inf"))
         line = f"{m['name']}: {m['num_layers']} layers"
         if m["loss"] is not None:
-            line += f", loss {m['loss']:.4f}"
+            line += f", loss {m['loss']:.4f} nats/token on the {m['data_slice']}"
         if ranked:
             line += f"; least important block {ranked[0]['index']}, most important {ranked[-1]['index']} (by {key})"
         if best:
@@ -208,18 +228,21 @@ def prune(
                                       "sublayers (Pre-LN-style blocks; GPT-2/Llama get them zeroed)")] = "block",
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens for the measurements and perplexity")] = 8192,
+    tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
+                                               "validation split)")] = None,
+    measure_tokens: Annotated[int, typer.Option(help="tokens the choosing metric reads")] = 8192,
     heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
     heal: Annotated[str, typer.Option(help="lora (merged back) | full")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
 ) -> None:
     """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
     model and a before/after table."""
+    _inputs(model, out=out)
     from .compress import prune as run_prune
 
     _quiet_hf()
     run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
-              heal_steps=heal_steps, heal=heal, progress=progress, echo=typer.echo)
+              measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress, echo=typer.echo)
     typer.echo(f"wrote {out}")
 
 
@@ -244,13 +267,15 @@ def quantize(
     group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = 64,
     data: Annotated[str | None, typer.Option(help="text: calibrate on its first 90%, evaluate on the rest "
                                              "(default: embedded)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens for each perplexity")] = 8192,
+    tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
+                                               "validation split)")] = None,
     calibration_tokens: Annotated[int, typer.Option(help="tokens for the importance measurements")] = 4096,
     baselines: Annotated[bool, typer.Option(help="also evaluate uniform floor/ceil and a random ordering")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
 ) -> None:
     """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
+    _inputs(model, out=out)
     from .compress import quantize as run_quantize
 
     try:
@@ -282,7 +307,8 @@ def convert(
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text: fine-tune on its first 90%, evaluate on the rest "
                                              "(default: embedded)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens for each perplexity")] = 8192,
+    tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
+                                               "validation split)")] = None,
     steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = 200,
     lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = 3e-4,
     seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune")] = 0,
@@ -291,6 +317,7 @@ def convert(
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
 ) -> None:
     """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
+    _inputs(model, out=out)
     from .compress import convert as run_convert
 
     _quiet_hf()
@@ -339,20 +366,38 @@ def sweep(
         raise typer.Exit(1)
 
 
-@app.command(name="eval", epilog="Example:\n\n  layerlab eval runs/tiny-pre-layernorm-L4-d256")
+EVAL_EXAMPLE = """
+Examples:
+
+  layerlab eval runs/tiny-pre-layernorm-L4-d256                    # the embedded validation split, all of it
+
+  layerlab eval runs/tiny-pre-layernorm-L4-d256 --data notes.txt   # all of your own text
+
+  layerlab eval runs/my-run --data corpus/ --split validation      # the held-out 10% of text the run trained on
+"""
+
+
+@app.command(name="eval", epilog=EVAL_EXAMPLE)
 def eval_(
     model: Annotated[Path, typer.Argument(help="causal LM directory")],
-    data: Annotated[str | None, typer.Option(help="text (default: embedded validation split)")] = None,
-    tokens: Annotated[int, typer.Option(help="tokens to evaluate")] = 16384,
+    data: Annotated[str | None, typer.Option(help="text (default: the embedded corpus)")] = None,
+    split: Annotated[str | None, typer.Option(help="all | validation (its last 10% of tokens, held out when "
+                                              "layerlab trains on it); default: validation for the embedded "
+                                              "corpus, all of --data")] = None,
+    tokens: Annotated[int | None, typer.Option(help="evaluate only the first N tokens (default: all)")] = None,
 ) -> None:
-    """Validation loss, perplexity and bits per byte of a model directory."""
+    """Loss, perplexity and bits per byte of a model directory, on a named slice of text."""
+    if split is not None and split not in ("all", "validation"):
+        raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
+    if tokens is not None and tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    _inputs(model)
     from .evaluate import evaluate
 
     _quiet_hf()
-    r = evaluate(model, data=data, tokens=tokens)
-    bpb = f", {r['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in r else ""
-    typer.echo(f"{model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}{bpb} "
-               f"({r['tokens']} tokens)")
+    r = evaluate(model, data=data, tokens=tokens, split=split)
+    typer.echo(f"{model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+               f"{r['bits_per_byte']:.4f} bits/byte on the {r['slice']}")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from layerlab.errors import LayerlabError
-from layerlab.io import current_umask
+from layerlab.io import cache_dir, current_umask
 
 EMBEDDED = "embedded"
 EOS_TOKEN = "<|endoftext|>"
@@ -227,12 +227,14 @@ class HFTokenizer:
         """Ids of ``text``; bytes are decoded as utf-8 (bad bytes become U+FFFD) first."""
         if not isinstance(text, str):
             text = bytes(text).decode("utf-8", errors="replace")
-        return np.asarray(self.tokenizer.encode(text).ids, dtype=self._dtype)
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=self._dtype)
 
     def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
         """``encode`` of each text, in parallel."""
         strs = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
-        return [np.asarray(e.ids, dtype=self._dtype) for e in self.tokenizer.encode_batch(strs)]
+        # no post-processor tokens ([CLS], <s>): a document is its text, and prepare() appends eos
+        encoded = self.tokenizer.encode_batch(strs, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=self._dtype) for e in encoded]
 
     def decode(self, ids) -> str:
         """Text of ``ids``, special tokens dropped."""
@@ -423,3 +425,53 @@ class TokenData:
             if max_batches is not None and b >= max_batches:
                 return
             yield self._windows(self.val, starts[first : first + batch_size], seq_len)
+
+
+SPLITS = ("validation", "train", "all")
+
+
+def stream_tokenizer(tokenizer) -> ByteTokenizer | HFTokenizer:
+    """layerlab's tokenizer interface for ``tokenizer``: one of layerlab's own, or a transformers
+    tokenizer (a layerlab byte tokenizer saved in a model directory becomes :class:`ByteTokenizer`
+    again, so a run's own token stream, and so its validation split, is the one training used)."""
+    if isinstance(tokenizer, ByteTokenizer | HFTokenizer):
+        return tokenizer
+    if getattr(tokenizer, "init_kwargs", {}).get("layerlab_tokenizer") == "byte":
+        return ByteTokenizer()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise LayerlabError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer")
+    eos = tokenizer.eos_token or tokenizer.sep_token  # encoders join documents with their separator
+    if eos is None:
+        raise LayerlabError("the tokenizer has no end-of-text or separator token to join documents with")
+    from tokenizers import Tokenizer
+
+    # a copy: HFTokenizer changes how special-token text is encoded, and the caller's tokenizer stays as it is
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()  # encoders' tokenizers cut every text at their maximum length, 512 for BERT
+    copy.no_padding()
+    return HFTokenizer(copy, "hf", eos)
+
+
+def default_split(data: str | Path | None) -> str:
+    """``validation`` for the embedded corpus (layerlab trains on the rest); all of a user's own text."""
+    return "validation" if data is None or data == EMBEDDED else "all"
+
+
+def split_ids(tokenizer, data: str | Path | None = None, split: str = "validation") -> np.ndarray:
+    """Token ids of one split of ``data`` (default: the embedded corpus), exactly as training sees them:
+    every document's ids followed by eos, the last ``VAL_FRACTION`` of that stream being ``validation``,
+    the rest ``train``; ``all`` is the whole stream. Tokenized once per tokenizer and corpus, then cached."""
+    if split not in SPLITS:
+        raise LayerlabError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    tokens = TokenData.prepare(data, stream_tokenizer(tokenizer), cache_dir())
+    return {"validation": tokens.val, "train": tokens.train, "all": tokens.tokens}[split]
+
+
+def describe_slice(data: str | Path | None, split: str, used: int, available: int) -> str:
+    """How a figure's text is named wherever it is printed, e.g. ``embedded validation split, all 46,557
+    tokens`` or ``corpus.txt (all), first 8,192 of 120,000 tokens``."""
+    source = "embedded" if data is None or data == EMBEDDED else str(data)
+    part = f"{source} {split} split" if split != "all" else f"{source} (all)"
+    amount = f"all {available:,} tokens" if used >= available else f"first {used:,} of {available:,} tokens"
+    return f"{part}, {amount}"

@@ -1,48 +1,69 @@
-"""Language-model loss, perplexity and bits per byte of a model directory on held-out text."""
+"""Language-model loss, perplexity and bits per byte of a model on one named slice of text.
+
+One definition serves every command that reports a loss (``train``'s final figure, ``eval``, and the
+before/after tables of ``prune``, ``quantize`` and ``convert``): the text is a split of the token stream
+that training sees (:func:`layerlab.data.split_ids`), cut into consecutive windows of
+``DEFAULT_SEQ_LEN`` tokens (or the context, if shorter), each predicting its next token; by default the
+whole validation split, which takes seconds for the models layerlab trains on a CPU. Every result
+carries ``slice``, the name of the text it was measured on, and the commands print it.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .adapters import view
-from .analysis.analyze import analysis_text_ids, batches, load_for_analysis, masked_loss_sum
+from .analysis.analyze import load_for_analysis
+from .data import default_split, describe_slice, split_ids, stream_tokenizer
 from .errors import LayerlabError
 
-DEFAULT_EVAL_TOKENS = 16384
+DEFAULT_SEQ_LEN = 256
 
 
 @torch.no_grad()
-def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int = DEFAULT_EVAL_TOKENS,
+def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None = None, split: str = "validation",
             seq_len: int | None = None, batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy over ``tokens`` tokens of the validation split of ``data`` (its
-    last 10%; default: the embedded corpus'), with perplexity and bits per byte. The windows are the
-    analysis' windows."""
+    """Mean next-token cross-entropy (nats/token) over the first ``tokens`` predictions of ``split`` of
+    ``data`` (default: all of it), with perplexity, bits per byte, and ``slice``, the text's name."""
     v = view(model)
     if not v.causal or not v.has_lm_head:
         raise LayerlabError(f"{v.arch_name} models have no language-model loss to evaluate")
-    ids = analysis_text_ids(tokenizer, data, tokens, split="validation")
-    if len(ids) < 2:
-        raise LayerlabError("data too short: fewer than 2 tokens to evaluate")
-    seq_len = seq_len or min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    if tokens is not None and tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    stream = split_ids(tokenizer, data, split)
+    available = len(stream) - 1  # predictions the split holds
+    if available < 1:
+        raise LayerlabError(f"data too short: the {split} split holds fewer than 2 tokens")
+    n = available if tokens is None else min(tokens, available)
+    ids = torch.from_numpy(np.asarray(stream[: n + 1], dtype=np.int64))
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or 10**9)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for input_ids, mask in batches(v, tokenizer, ids, tokens, seq_len, batch_size):
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        part, n = masked_loss_sum(v.forward(input_ids, mask).logits, input_ids, mask)
-        total, count = total + part, count + n
-    used = ids[: min(len(ids), tokens)]
-    loss = total / max(count, 1)
-    result = {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count}
-    if hasattr(tokenizer, "decode"):  # nats/token -> bits/byte through the evaluated text's bytes per token
-        n_bytes = len(tokenizer.decode(used).encode("utf-8"))
-        result["bits_per_byte"] = loss / math.log(2) * len(used) / max(n_bytes, 1)
-    return result
+    starts = list(range(0, n, seq_len))
+    full = [s for s in starts if s + seq_len <= n]  # whole windows go in batches, a short last one alone
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in starts[len(full):]]
+    total = 0.0
+    for group in groups:
+        width = min(seq_len, n - group[0])
+        x = torch.stack([ids[s:s + width] for s in group]).to(device)  # (B, T)
+        y = torch.stack([ids[s + 1:s + width + 1] for s in group]).to(device)
+        logits = v.forward(x, torch.ones_like(x)).logits  # (B, T, V)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"))
+    loss = total / n
+    text = stream_tokenizer(tokenizer).decode(ids[1:].numpy())  # the predicted tokens' text
+    n_bytes = max(len(text.encode("utf-8")), 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2) * n / n_bytes,
+            "tokens": n, "slice": describe_slice(data, split, n, available)}
 
 
-def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int = DEFAULT_EVAL_TOKENS) -> dict:
-    """:func:`lm_loss` of a model directory."""
+def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int | None = None,
+             split: str | None = None) -> dict:
+    """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``."""
+    if tokens is not None and tokens < 1:
+        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     model, tok = load_for_analysis(model_dir)
-    return lm_loss(model, tok, data, tokens)
+    return lm_loss(model, tok, data, tokens, split=split or default_split(data))

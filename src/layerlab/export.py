@@ -17,6 +17,7 @@ from .data import load_tokenizer
 from .errors import LayerlabError
 from .io import load_causal_lm, output_dir, write_manifest
 from .model import LayerlabForCausalLM, build_model
+from .packed import refuse_quantized
 
 # layerlab name -> GPT-2 name, per block; True where the weight is a transposed Conv1D matrix.
 _BLOCK_MAP = {
@@ -109,6 +110,7 @@ def export(model_dir: str | Path, *, to: str = "gpt2", out: str | Path) -> Path:
     if to != "gpt2":
         raise LayerlabError(f"unknown export target {to!r}; valid: gpt2")
     model = load_causal_lm(model_dir)
+    refuse_quantized(model, model_dir, "export")
     if not isinstance(model, LayerlabForCausalLM):
         raise LayerlabError(f"{model_dir} is not a layerlab model (it is {type(model).__name__})")
     tok = load_tokenizer(Path(model_dir))

@@ -89,6 +89,19 @@ def write_manifest(directory: str | Path, command: str, args: dict[str, Any], **
     atomic_write_json(Path(directory) / MANIFEST, {"command": command, "args": args, "versions": versions(), **fields})
 
 
+def check_output(out: str | Path, *, protect: tuple[str | Path, ...] = (), also: str = "") -> Path:
+    """``out`` as a Path, or a one-line error if it exists and is not an empty directory, or lies in
+    (or is) one of the ``protect``-ed input directories. ``also`` ends the message with another way out."""
+    out = Path(out)
+    for src in protect:
+        src = Path(src).resolve()
+        if out.resolve() == src or src in out.resolve().parents:
+            raise LayerlabError(f"refusing to write into the input directory {src}; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LayerlabError(f"output {out} already exists and is not empty; choose another --out{also}")
+    return out
+
+
 @contextmanager
 def output_dir(out: str | Path, *, protect: tuple[str | Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` only if the block completes.
@@ -96,13 +109,7 @@ def output_dir(out: str | Path, *, protect: tuple[str | Path, ...] = ()) -> Iter
     An interrupted command leaves nothing half-written. Writing into (or inside) a
     ``protect``-ed input directory, or over a non-empty directory, is refused.
     """
-    out = Path(out)
-    for src in protect:
-        src = Path(src).resolve()
-        if out.resolve() == src or src in out.resolve().parents:
-            raise LayerlabError(f"refusing to write into the input directory {src}; choose another --out")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LayerlabError(f"output {out} already exists and is not empty; choose another --out")
+    out = check_output(out, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

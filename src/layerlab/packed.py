@@ -255,7 +255,9 @@ def register_quantizer() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs):
             cfg = self.quantization_config
             for name, spec in cfg.modules.items():
-                set_module(model, name, PackedLinear(spec["in"], spec["out"], bits=spec["bits"], group=cfg.group,
+                # a layer narrower than the group was quantized in one group of its own width
+                group = spec.get("group", cfg.group)
+                set_module(model, name, PackedLinear(spec["in"], spec["out"], bits=spec["bits"], group=group,
                                                      bias=spec["bias"], fmt=spec.get("format", PACKED)))
             if any(s.get("format") == TORCHAO for s in cfg.modules.values()) and torchao_int8() is None:
                 from .errors import LayerlabError

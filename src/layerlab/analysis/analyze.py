@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LayerView, view
-from ..data import EMBEDDED, VAL_FRACTION, iter_documents, tail_documents
+from ..data import default_split, describe_slice, split_ids
 from ..errors import LayerlabError
-from ..io import cache_dir, check_model_dir, versions
+from ..io import cache_dir, check_model_dir, check_output, versions
 from .report import Report
 from .stats import StreamStats, TokenSample, sample_measures
 
@@ -71,25 +71,12 @@ def model_label(path: Path) -> str:
     return p.parent.name if p.name.lower() in {"model", "models", "checkpoint", "final"} else p.name
 
 
-def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int, split: str = "all") -> list[int]:
-    """Token ids to measure on: the embedded corpus' validation split, or ``data`` from its start
-    (``split="all"``, what ``analyze`` reads) or from the start of its validation split, its last
-    10% (``split="validation"``, what perplexities are reported on, so that text a command trains or
-    calibrates on, the first 90%, is never the text it is judged on)."""
-    if data is None or data == EMBEDDED:
-        text = b"\n\n".join(iter_documents(None))
-        text = text[int(len(text) * (1 - VAL_FRACTION)):]
-        docs: Iterator[bytes] = iter([text])
-    elif split == "validation":
-        docs = tail_documents(data, VAL_FRACTION)
-    else:
-        docs = iter_documents(data)
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer(doc.decode("utf-8", errors="replace"), add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) >= 2 * tokens:
-            break
-    return ids
+def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int, split: str | None = None) -> list[int]:
+    """The first ``2 * tokens`` token ids of ``split`` of ``data`` (:func:`layerlab.data.split_ids`; by
+    default :func:`layerlab.data.default_split`: the embedded corpus' validation split, or all of a
+    user's text). ``split="validation"`` is what the compressors' perplexities read, so that the text
+    they calibrate or fine-tune on, the first 90%, is never the text they are judged on."""
+    return split_ids(tokenizer, data, split or default_split(data))[: 2 * tokens].tolist()
 
 
 def batches(view_: LayerView, tokenizer, ids: list[int], tokens: int, seq_len: int,
@@ -153,7 +140,9 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     device = next(model.parameters()).device
     max_pos = getattr(model.config, "max_position_embeddings", None) or 512
     seq_len = seq_len or min(256 if v.causal else 128, max_pos)
-    ids = analysis_text_ids(tokenizer, data, tokens)
+    split = default_split(data)
+    split_tokens = split_ids(tokenizer, data, split)
+    ids = split_tokens[: 2 * tokens].tolist()
     available = len(ids)
     if available < tokens:
         warnings.warn(f"data holds only {available} tokens for this tokenizer, fewer than --tokens {tokens}; "
@@ -243,7 +232,8 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     top = max(points)
     return {
         "name": name, "path": path, "arch": v.arch_name, "causal": v.causal, "num_layers": L,
-        "hidden_size": int(states[0].shape[-1]), "placements": placements, "loss": res["loss"], "layers": layers,
+        "hidden_size": int(states[0].shape[-1]), "placements": placements, "loss": res["loss"],
+        "data_slice": describe_slice(data, split, min(tokens, len(split_tokens)), len(split_tokens)), "layers": layers,
         "embedding": {"hidden_rms": res["rms"][0], "max_abs_activation": res["max_resid"][0]},
         "final_norm_max_abs": max_final or None,
         "angular_distance_matrix": res["ang"], "angular_distance_matrix_last_token": res["ang_last"],
@@ -257,15 +247,18 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
 
 def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, out: str | Path | None = None,
             spectra: bool = True, seq_len: int | None = None, batch_size: int = 8,
-            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True) -> Report:
+            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True, overwrite: bool = False) -> Report:
     """Measure every layer of one or more models (paths or loaded (model, tokenizer) pairs).
 
-    Several models are overlaid in one report. With ``out``, writes report.json and report.html there.
+    Several models are overlaid in one report. With ``out``, writes report.json and report.html there;
+    an existing, non-empty ``out`` is refused unless ``overwrite``, as every command refuses its --out.
     """
     if not models:
         raise LayerlabError("give at least one model to analyze")
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if out is not None and not overwrite:
+        check_output(out, also=", or pass --overwrite to replace its report")
     entries = []
     names: set[str] = set()
     for m in models:

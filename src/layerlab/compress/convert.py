@@ -57,7 +57,6 @@ from .heal import _train_ids, lm_step
 from .prune import _size, copy_tokenizer
 
 TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
-DEFAULT_TOKENS = 8192
 DEFAULT_STEPS = 200  # GPT-2 small takes 300 steps of 2^19 tokens in Baroni et al.; a tiny model needs far fewer tokens
 DEFAULT_LR = 3e-4  # constant after a linear warmup; Baroni et al. use 6e-4 (GPT-2 small) down to 1e-4 (XL)
 STD_MOMENTUM = 0.9  # moving average of the measured std (Baroni et al., config.py ``momentum``)
@@ -359,7 +358,7 @@ def _stage(model, tok, data, tokens) -> dict:
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
-            tokens: int = DEFAULT_TOKENS, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = 0,
+            tokens: int | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = 0,
             control: bool = False, progress: bool = False, echo: Callable = print) -> dict:
     """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
 
@@ -430,6 +429,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         vs = f" ({record['loss_delta_vs_control']:+.4f} against the control)" if control else ""
         echo(f"fine-tuned {steps} steps; fold max |logit difference|: {record['fold_max_abs_logit_diff']:.2e}; "
              f"loss delta {record['loss_delta']:+.4f}{vs}")
+    echo(f"loss (nats/token) and perplexity on the {stages['before']['slice']}")
     echo(f"{'':8s}{'params':>12s}{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
     for name, r in stages.items():
         echo(f"{name:8s}{r['params']:12,d}{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")

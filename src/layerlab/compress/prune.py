@@ -52,7 +52,7 @@ from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
 from ..packed import refuse_quantized
 
-DEFAULT_TOKENS = 8192
+MEASURE_TOKENS = 8192  # tokens the choosing metric reads
 UNITS = ("block", *SUBLAYERS)
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
 # the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
@@ -296,21 +296,22 @@ def _size(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _stage(model, tok, data, tokens: int) -> dict:
+def _stage(model, tok, data, tokens: int | None) -> dict:
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) for u in SUBLAYERS}
     return {"layers": view(model).num_layers, **counts, "bytes": _size(model), **lm_loss(model, tok, data, tokens)}
 
 
 def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: str = "block", out: str | Path,
-          data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, heal_steps: int = 0, heal: str = "lora",
-          progress: bool = False, echo=print) -> dict:
+          data: str | Path | None = None, tokens: int | None = None, measure_tokens: int = MEASURE_TOKENS,
+          heal_steps: int = 0, heal: str = "lora", progress: bool = False, echo=print) -> dict:
     """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
     optionally heal, and write the model to ``out``.
 
     Returns the record also written to ``out/layerlab.json``: ``unit``, ``removed`` (a list of
     ``{"block", "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size,
-    sublayer counts and validation loss/perplexity before pruning, after pruning and (with
-    ``heal_steps``) after healing on the training part of ``data``. Where sublayers of a Hugging
+    sublayer counts and validation loss/perplexity (on the first ``tokens`` of the validation split;
+    default all of it) before pruning, after pruning and (with ``heal_steps``) after healing on the
+    training part of ``data``. ``metric`` reads ``measure_tokens`` tokens. Where sublayers of a Hugging
     Face model were zeroed rather than removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the
     weights; healing keeps them zero.
     """
@@ -341,7 +342,7 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
                                 f"{UNIT_NAMES[unit]} sublayers (one must stay), got {remove}")
     with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
         before = _stage(model, tok, data, tokens)
-        chosen, scores = METRICS[metric](model, tok, remove, data, tokens, unit=unit)
+        chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
         if unit == "block":
             smaller, zeroed = without_blocks(model, chosen), []
         else:
@@ -370,12 +371,14 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         record.update(metric=metric, scores=scores, **stages, after=stages["healed" if heal_steps else "pruned"])
         write_manifest(tmp, "prune", {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit,
                                       "heal_steps": heal_steps, "heal": heal,
-                                      "data": str(data) if data else "embedded", "tokens": tokens}, **record)
+                                      "data": str(data) if data else "embedded", "tokens": tokens,
+                                      "measure_tokens": measure_tokens}, **record)
     if unit == "block":
         echo(f"removed blocks {chosen} by {metric}")
     else:
         echo(f"removed the {UNIT_NAMES[unit]} sublayer of blocks {chosen} by {metric}")
     count = [] if unit == "block" else [f"{unit}_sublayers"]
+    echo(f"loss (nats/token) and perplexity on the {before['slice']}")
     echo(f"{'':8s}{'layers':>8s}" + "".join(f"{unit:>8s}" for _ in count) + f"{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
     for name in stages:
         r = stages[name]

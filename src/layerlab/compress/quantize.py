@@ -42,7 +42,6 @@ from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_confi
 
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 DEFAULT_GROUP = 64
-DEFAULT_TOKENS = 8192
 CALIBRATION_TOKENS = 4096
 MAX_STATES = 4_000_000  # knapsack table cells; beyond this, layer sizes are rounded to coarser units
 
@@ -257,7 +256,7 @@ IMPORTANCE = ("lim", "zd", "loss")
 # ---------------------------------------------------------------------------- the command
 def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance: str = "lim",
              widths: tuple[int, ...] = DEFAULT_WIDTHS, group: int = DEFAULT_GROUP, data: str | Path | None = None,
-             tokens: int = DEFAULT_TOKENS, calibration_tokens: int = CALIBRATION_TOKENS, seed: int = 0,
+             tokens: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS, seed: int = 0,
              baselines: bool = True, progress: bool = False, echo: Callable = print) -> dict:
     """Quantize every block to one of ``widths`` so the average is ``bits``, ordered by ``importance``;
     write the packed model to ``out`` with a before/after table (also in ``out/layerlab.json``)."""
@@ -335,6 +334,7 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
                                          "data": str(data) if data else "embedded", "tokens": tokens,
                                          "calibration_tokens": calibration_tokens}, **record)
     echo(f"widths per block by {importance}: {chosen}")
+    echo(f"loss (nats/token) and perplexity on the {before['slice']}")
     echo(f"{'':16s}{'avg bits':>9s}{'MB':>9s}{'loss':>9s}{'ppl':>9s}{'Δloss':>9s}")
     for name, r in rows.items():
         avg = f"{r['avg_bits']:9.3f}" if r["avg_bits"] is not None else f"{'fp':>9s}"
