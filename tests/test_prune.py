@@ -4,16 +4,19 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import digest, idle_blocks, perturb, save_model, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
 from layerlab.adapters import view
+from layerlab.analysis.analyze import load_for_analysis, masked_loss_sum
 from layerlab.compress import METRICS, prune, without_blocks
 from layerlab.compress.prune import present_sublayers, without_sublayers
 from layerlab.errors import LayerlabError
+from layerlab.model import CACHE_NAME, output_cache
 
-QUIET = {"echo": lambda *a: None, "tokens": 512}
+QUIET = {"echo": lambda *a: None, "tokens": 512, "measure_tokens": 512}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +114,7 @@ def test_cli_prune_and_eval(known, tmp_path):
     from layerlab.cli import app
 
     r = CliRunner().invoke(app, ["prune", str(known), "--remove", "1", "--out", str(tmp_path / "p"),
-                                 "--tokens", "512"])
+                                 "--tokens", "512", "--measure-tokens", "512"])
     assert r.exit_code == 0, r.output
     assert "before" in r.output and "pruned" in r.output and "removed blocks" in r.output
     r = CliRunner().invoke(app, ["eval", str(tmp_path / "p"), "--tokens", "512"])
@@ -142,19 +145,63 @@ def test_bad_heal_mode(known, tmp_path):
 ZERO_ATTN, ZERO_MLP = [1, 3], [2, 4]  # the sublayers of known_sub that do nothing
 
 
+def _measured_loss(model, held, unit: str | None = None, skip: int | None = None) -> float:
+    """Mean next-token loss on ``held``, with the ``unit`` sublayer of block ``skip`` adding nothing."""
+    total, count = 0.0, 0
+    with torch.no_grad(), view(model).skip_sublayers(unit or "attn", *([] if skip is None else [skip])):
+        for ids, mask in held:
+            part, n = masked_loss_sum(view(model).forward(ids, mask).logits, ids, mask)
+            total, count = total + part, count + n
+    return total / count
+
+
 @pytest.fixture(scope="module")
 def known_sub(trained, tmp_path_factory):
-    """The trained model with the attention of blocks 1, 3 and the MLP of blocks 2, 4 made to do nothing.
+    """The trained model with the attention of blocks 1, 3 and the MLP of blocks 2, 4 made to do nothing,
+    and every other sublayer made to matter.
 
     Different blocks for each kind, so that a metric that confused the kinds would pick the wrong ones.
+
+    Zeroing alone does not make the other sublayers matter: after 300 steps the later ones barely
+    work (removing block 2's attention moved the measured loss by ~1e-3 nats, and which way depends
+    on the machine, as the run is not bitwise reproducible across CPUs and thread counts), so the
+    greedy ``loss`` metric could rightly find one of them as free to remove as a zeroed one. So the
+    model learns the text the metrics measure (the first tokens of the training split) by heart, with
+    the zeroed projections frozen: their output stays exactly zero, so no gradient reaches the rest of
+    those sublayers, and the live sublayers train for the network without them. Removing any live
+    sublayer then costs tenths of a nat, removing a zeroed one exactly nothing; checked below.
     """
-    model = AutoModelForCausalLM.from_pretrained(trained)
+    from layerlab.compress.prune import _held_batches
+
+    torch.manual_seed(0)
+    model, tok = load_for_analysis(trained)
+    zeroed = [getattr(model.blocks[i], unit).proj for unit, blocks in (("attn", ZERO_ATTN), ("mlp", ZERO_MLP))
+              for i in blocks]
     with torch.no_grad():
-        for unit, blocks in (("attn", ZERO_ATTN), ("mlp", ZERO_MLP)):
-            for i in blocks:
-                proj = getattr(model.blocks[i], unit).proj
-                proj.weight.zero_()
-                proj.bias.zero_()
+        for proj in zeroed:
+            proj.weight.zero_()
+            proj.bias.zero_()
+            proj.requires_grad_(False)
+    held = _held_batches(model, tok, None, QUIET["measure_tokens"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(100):
+        for ids, mask in held:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+            F.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.eval()
+    assert not any(p.any() for proj in zeroed for p in proj.parameters()), "the zeroed sublayers stay zero"
+    base = _measured_loss(model, held)
+    for unit, gone in (("attn", ZERO_ATTN), ("mlp", ZERO_MLP)):
+        for i in range(len(model.blocks)):
+            cost = _measured_loss(model, held, unit, i) - base
+            if i in gone:
+                assert cost == 0, f"removing the zeroed {unit} of block {i} costs {cost}"
+            else:
+                assert cost > 0.05, f"fixture: removing the {unit} of block {i} costs only {cost:.2e} nats"
     return save_model(model, tmp_path_factory.mktemp("m") / "known_sub")
 
 
@@ -201,8 +248,8 @@ def test_sublayer_surgery_equals_skipping_and_the_cache_still_works(placement, u
     assert not [k for k in loaded.state_dict() if k.startswith(gone)]
     torch.testing.assert_close(_fwd(loaded, x, use_cache=False).logits, expect, atol=1e-5, rtol=0)
     # the KV cache: two tokens after a cached prefix equal the full forward, and generation agrees
-    past = _fwd(loaded, x[:, :6], use_cache=True).past_key_values
-    step = _fwd(loaded, x[:, 6:8], past_key_values=past, use_cache=True).logits
+    past = output_cache(_fwd(loaded, x[:, :6], use_cache=True))
+    step = _fwd(loaded, x[:, 6:8], **{CACHE_NAME: past}, use_cache=True).logits
     torch.testing.assert_close(step, expect[:, 6:8], atol=1e-5, rtol=0)
     with torch.no_grad():
         cached = loaded.generate(x[:, :4], max_new_tokens=6, do_sample=False)
@@ -314,7 +361,7 @@ def test_cli_prune_unit(known_sub, tmp_path):
     from layerlab.cli import app
 
     r = CliRunner().invoke(app, ["prune", str(known_sub), "--remove", "2", "--unit", "mlp", "--metric", "bi",
-                                 "--out", str(tmp_path / "p"), "--tokens", "512"])
+                                 "--out", str(tmp_path / "p"), "--tokens", "512", "--measure-tokens", "512"])
     assert r.exit_code == 0, r.output
     assert f"removed the MLP sublayer of blocks {ZERO_MLP} by bi" in r.output and "mlp" in r.output
     r = CliRunner().invoke(app, ["prune", "--help"])
