@@ -1,15 +1,19 @@
 """Training end to end on the debug preset: outputs, exact resume, divergence, bad input."""
 
+import dataclasses
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerlab
+from layerlab.config import MODEL_FIELDS, TrainConfig, resolve
 from layerlab.errors import LayerlabError
 from layerlab.train import TrainingDiverged, train
 from layerlab.train import checkpoint as ckpt_mod
@@ -190,6 +194,80 @@ def test_existing_directories_are_protected(tmp_path, debug_run):
         train(resume=debug_run.run_dir, overrides={"width": 128}, progress=False)
     with pytest.raises(LayerlabError, match="not a layerlab run directory"):
         train(resume=other, progress=False)
+
+
+def test_extending_a_finished_run_keeps_its_lr_schedule(tmp_path, monkeypatch):
+    """--steps 8 on a finished 4-step run: the cosine keeps its 4 steps, steps 5-8 train at its final LR (no jump
+    back up); a note says so and how to get an 8-step schedule; cut by Ctrl-C, the extension resumes exactly."""
+    base = {**FAST, "steps": 4, "eval_every": 4, "save_every": 4}
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(preset="debug", overrides=base, out=a, progress=False, echo=lambda *a: None)
+    shutil.copytree(a, b)
+    said = []
+    res = train(resume=a, overrides={"steps": 8}, progress=False, echo=said.append)
+    assert res.step == 8
+    tc = TrainConfig(**json.loads((a / "layerlab.json").read_text())["args"]["train"])
+    assert tc.steps == 8
+    lrs = {r["step"]: r["lr"] for r in _metrics(a) if "lr" in r}
+    four = dataclasses.replace(tc, steps=4)
+    assert [lrs[s] for s in range(1, 5)] == [loop_mod.lr_at(s, four) for s in range(4)]
+    assert [lrs[s] for s in range(5, 9)] == [tc.lr * tc.min_lr_ratio] * 4
+    notes = [line for line in said if line.startswith("note: the LR schedule of")]
+    assert len(notes) == 1 and "laid out for 4 steps and keeps that length: steps 5-8 train at its final LR" in \
+        notes[0] and notes[0].endswith("start a new run: layerlab train --steps 8 --out NEW_DIR")
+    man = json.loads((a / "layerlab.json").read_text())
+    assert man["status"] == "finished" and man["schedule_steps"] == 4
+
+    real = loop_mod.lr_at
+
+    def ctrl_c_at_6(step, tc):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(step, tc)
+
+    monkeypatch.setattr(loop_mod, "lr_at", ctrl_c_at_6)
+    with pytest.raises(SystemExit):
+        train(resume=b, overrides={"steps": 8}, progress=False, echo=lambda *a: None)
+    assert json.loads((b / "trainer_state.json").read_text())["step"] == 6
+    monkeypatch.setattr(loop_mod, "lr_at", real)
+    train(resume=b, progress=False, echo=lambda *a: None)  # the steps saved (8), the schedule saved (4)
+    same = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _metrics(b)]
+    assert same == [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _metrics(a)]
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("mine")
+    with pytest.raises(LayerlabError, match=r"^\S*README\.md is a file, not a run directory; choose another --out$"):
+        train(preset="debug", out=readme, progress=False)
+    with pytest.raises(LayerlabError, match=r"^cannot create run directory \S*README\.md/run: \S*README\.md is a "
+                                            r"file; choose another --out$"):
+        train(preset="debug", out=readme / "run", progress=False)
+    assert readme.read_text() == "mine"
+
+
+def test_default_run_dir_names_the_model_fields_that_differ():
+    from layerlab.train.loop import default_run_dir
+
+    def name(preset=None, **over):
+        return default_run_dir(resolve(preset, overrides=over))
+
+    assert name() == Path("runs/tiny-pre-layernorm-L4-d256")  # the README's
+    assert name(mlp="swiglu") == Path("runs/tiny-pre-layernorm-L4-d256-swiglu")
+    assert name(positions="rope") == Path("runs/tiny-pre-layernorm-L4-d256-rope")
+    assert name(mlp="swiglu", positions="rope") == Path("runs/tiny-pre-layernorm-L4-d256-swiglu-rope")
+    assert name("debug") == Path("runs/debug-pre-layernorm-L2-d64")  # a preset's own values are not named
+    assert name("debug", heads=4) == Path("runs/debug-pre-layernorm-L2-d64-h4")
+    variants = [{}, {"mlp": "swiglu"}, {"positions": "rope"}, {"heads": 8}, {"context": 128}, {"dropout": 0.1},
+                {"tie_embeddings": False}, {"bias": False}, {"init": "standard"}, {"rope_theta": 5e5},
+                {"placement": ["pre", "pre", "post", "post"]}, {"placement": ["post", "post", "pre", "pre"]},
+                {"drop_attn": [1]}, {"drop_mlp": [1]}]
+    assert len({name(**v) for v in variants}) == len(variants)
+    # every model field is in the name, or named when it differs (vocab_size follows the tokenizer)
+    from layerlab.train.loop import _NAME_PARTS
+
+    assert set(MODEL_FIELDS) == {"vocab_size", "placement", "norm", "layers", "width"} | set(_NAME_PARTS)
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):

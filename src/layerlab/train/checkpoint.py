@@ -10,8 +10,10 @@ Layout of a run directory::
     layerlab.json       the run's config, versions and results
 
 A checkpoint is first written in full to a temporary folder inside the run directory; each
-file is then renamed into place and ``trainer_state.json`` last. Its hashes tie it to the
-files it describes, so a checkpoint torn by a crash between renames is detected on resume.
+file is then renamed into place and ``trainer_state.json`` last, with Ctrl-C held off until
+the last rename is done, so an interrupt leaves either the old checkpoint or the new one. Its
+hashes tie it to the files it describes, so a checkpoint torn by a crash between renames is
+detected on resume.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,6 +36,27 @@ from ..io import atomic_write_json, read_json, sha256_file
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 WEIGHTS = "model.safetensors"
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold off SIGINT (Ctrl-C) during the block, then deliver it to the handler that was there before.
+
+    A KeyboardInterrupt between the renames of :func:`save_checkpoint` would leave the files of two checkpoints
+    side by side, which resume refuses. Signals can be caught only in the main thread; elsewhere this does nothing.
+    """
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # now the previous handler runs: it may raise KeyboardInterrupt
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | None = None) -> None:
@@ -53,9 +79,13 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | No
             "hashes": {n: sha256_file(tmp / n) for n in (WEIGHTS, OPTIMIZER)},
             **(extra or {}),
         }
-        for name in names:
-            os.replace(tmp / name, run_dir / name)
-        atomic_write_json(run_dir / STATE, state)
+        with sigint_deferred():  # a Ctrl-C that came meanwhile is raised once the folder is gone too
+            try:
+                for name in names:
+                    os.replace(tmp / name, run_dir / name)
+                atomic_write_json(run_dir / STATE, state)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         if bar:
             hf_logging.enable_progress_bar()

@@ -410,7 +410,8 @@ def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any], echo: Cal
             drain()
             if done:
                 break
-    except mp.ProcessException as e:  # a worker failed; join() has stopped the others
+    # the common base of both, ProcessException, is not exported by torch.multiprocessing
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:  # join() has stopped the others
         drain()
         if "error" in out:
             raise out["error"] from None

@@ -5,9 +5,13 @@ One process, or several under DDP or FSDP (``torchrun`` or ``nproc``): see :mod:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +80,70 @@ def _differences(a: dict, b: dict, ignore: set[str]) -> list[str]:
             and a.get(k) != b.get(k)]
 
 
+# The model fields outside the base name, each with how it reads in a run name (named only where it differs from
+# the preset's value; ``vocab_size`` follows the tokenizer, and a test checks that no other field is missing).
+_NAME_PARTS: dict[str, Callable[[Any], str]] = {
+    "context": lambda v: f"ctx{v}",
+    "heads": lambda v: f"h{v}",
+    "mlp": str,
+    "mlp_hidden": lambda v: f"ff{v}",
+    "positions": str,
+    "rope_theta": lambda v: f"theta{v:g}",
+    "tie_embeddings": lambda v: "tied" if v else "untied",
+    "bias": lambda v: "bias" if v else "nobias",
+    "head_bias": lambda v: "headbias" if v else "noheadbias",
+    "dropout": lambda v: f"drop{v:g}",
+    "norm_eps": lambda v: f"eps{v:g}",
+    "mix_alpha": lambda v: f"alpha{v:g}",
+    "init": str,
+    "init_std": lambda v: f"std{v:g}",
+    "drop_attn": lambda v: "noattn" + ".".join(map(str, v)),
+    "drop_mlp": lambda v: "nomlp" + ".".join(map(str, v)),
+}
+
+
+def _placement_name(placement: str | list[str]) -> str:
+    """A placement, or a per-block schedule run-length encoded (``pre,pre,post`` is ``pre2.post``)."""
+    if isinstance(placement, str):
+        return placement
+    runs: list[list] = []
+    for p in placement:
+        if runs and runs[-1][0] == p:
+            runs[-1][1] += 1
+        else:
+            runs.append([p, 1])
+    return ".".join(p + (str(n) if n > 1 else "") for p, n in runs)
+
+
 def default_run_dir(spec: RunSpec) -> Path:
+    """``runs/<preset>-<placement>-<norm>-L<layers>-d<width>``, then every other model field that differs from the
+    preset's (or, without a preset, the defaults'), so two configs that train different models never share a
+    directory by default: ``--mlp swiglu --positions rope`` gives ``runs/tiny-pre-layernorm-L4-d256-swiglu-rope``."""
     m = spec.model
-    placement = m.placement if isinstance(m.placement, str) else "schedule"
-    return Path("runs") / f"{spec.preset or 'custom'}-{placement}-{m.norm}-L{m.layers}-d{m.width}"
+    try:
+        base = resolve(spec.preset).model if spec.preset else ModelConfig()
+    except LayerlabError:  # a preset that no longer exists: name every field that differs from the defaults
+        base = ModelConfig()
+    name = f"{spec.preset or 'custom'}-{_placement_name(m.placement)}-{m.norm}-L{m.layers}-d{m.width}"
+    # every field, even one this model does not read (rope_theta without rope): plan_run compares them all, and
+    # would refuse the directory of a run that differs in it
+    extra = [part(getattr(m, f)) for f, part in _NAME_PARTS.items() if getattr(m, f) != getattr(base, f)]
+    return Path("runs") / "-".join([name, *extra])
+
+
+def _check_out_dir(run_dir: Path) -> None:
+    """A run directory that can be created (or is one): not a file, nor under one, nor in a read-only folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise LayerlabError(f"{run_dir} is a file, not a run directory; choose another --out")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if parent != run_dir:
+        if not parent.is_dir():
+            raise LayerlabError(f"cannot create run directory {run_dir}: {parent} is a file; choose another --out")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LayerlabError(f"cannot create run directory {run_dir}: {parent} is not writable; "
+                                "choose another --out")
 
 
 def _saved_spec(run_dir: Path) -> RunSpec:
@@ -88,8 +152,11 @@ def _saved_spec(run_dir: Path) -> RunSpec:
         raise LayerlabError(f"{run_dir} is not a layerlab training run ({MANIFEST} says {manifest.get('command')!r})")
     try:
         args = manifest["args"]
-        return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"))
-    except (KeyError, TypeError) as e:
+        # the length its LR schedule was laid out for, which later changes of ``steps`` keep (see _train)
+        extra = {"schedule_steps": int(manifest.get("schedule_steps", args["train"]["steps"]))}
+        return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"),
+                       extra=extra)
+    except (KeyError, TypeError, ValueError) as e:
         raise LayerlabError(f"{run_dir / MANIFEST} does not hold a readable run config ({e})") from None
 
 
@@ -102,9 +169,9 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
     """Decide the spec and directory of a run, and whether it continues an existing one.
 
     ``--resume DIR`` continues DIR with its saved config; fields given again must agree,
-    except those in ``RESUMABLE_CHANGES`` (e.g. ``steps``, to extend a run). ``--out DIR``
-    on an existing run of the same config continues it too; any other existing, non-empty
-    directory is refused.
+    except those in ``RESUMABLE_CHANGES`` (e.g. ``steps``, to extend a run: its LR schedule
+    keeps its length, see :func:`_train`). ``--out DIR`` on an existing run of the same config
+    continues it too; any other existing, non-empty directory, or a file, is refused.
     """
     if resume is not None:
         run_dir = Path(resume)
@@ -130,6 +197,7 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
 
     spec = resolve(preset, config, overrides)
     run_dir = Path(out) if out is not None else default_run_dir(spec)
+    _check_out_dir(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not (run_dir / MANIFEST).exists():
             raise LayerlabError(f"output directory {run_dir} exists and is not a layerlab run; choose another --out")
@@ -192,6 +260,47 @@ def evaluate(model, data: TokenData, tc: TrainConfig, context: int, device, auto
     if d.active:
         total, count = d.reduce([total, count])
     return total / count
+
+
+class _CtrlC:
+    """Ctrl-C (SIGINT) during training: a request to stop at the end of the current step.
+
+    Python's own handler raises KeyboardInterrupt wherever the signal lands: after ``optimizer.step()`` but before
+    the step counter moves, after LLR's ``begin_step`` moved its ramp, after a forward that counted down PRepBN's
+    schedule. A checkpoint taken there holds parts of two steps, and the resumed run diverges. So the first
+    Ctrl-C only sets ``requested``; the loop finishes the step, saves it and stops. A second one raises
+    KeyboardInterrupt at once, for a user who will not wait: the loop then saves only a state that is wholly one
+    step's. Once the final save has begun (``saving``), Ctrl-C is ignored: it takes moments and is atomic.
+    Outside the main thread no handler can be installed; KeyboardInterrupt then meets the same rule.
+    """
+
+    def __init__(self, echo):
+        self.echo = echo
+        self.requested = False
+        self.saving = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _CtrlC:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        except ValueError:  # not the main thread of the main interpreter
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.saving:
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.echo("Ctrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once, keeping the "
+                  "last complete checkpoint)")
 
 
 def _progress(enabled: bool):
@@ -257,12 +366,24 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     mc.vocab_size = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
 
     # ---- model and optimizer
+    start = int(state["step"]) if state else 0
+    # A run's LR schedule (warmup + cosine) is laid out once, over the steps it started with, and keeps that length
+    # when ``steps`` changes on resume: steps beyond it train at the schedule's final LR (lr * min_lr_ratio), and a
+    # shortened run stops where it is asked to. Laying the cosine out again over the new total would move the LR
+    # of the steps still to come away from where the run stands (after a finished 20-step run, `--steps 30` jumped
+    # from the floor back to half the peak LR, and the loss spiked), and the run would then follow neither
+    # config. Refusing would leave no way to train a finished model further. Kept this way, every step already
+    # taken stays as it was, the LR is continuous, the extended run resumes exactly, and its manifest records the
+    # length in ``schedule_steps``. A run whose schedule should span the new total is a new run (a note says so).
+    schedule_steps = tc.steps
+    if start > 0:  # before its first step a run may still be laid out anew
+        schedule_steps = int(state.get("schedule_steps") or spec.extra.get("schedule_steps", tc.steps))
+    sched = tc if schedule_steps == tc.steps else dataclasses.replace(tc, steps=schedule_steps)
     torch.manual_seed(tc.seed)
     model: LayerlabForCausalLM = build_model(mc)
-    set_norm_schedule(model, tc.steps * tc.grad_accum)
+    set_norm_schedule(model, schedule_steps * tc.grad_accum)
     n_params = num_params(model)
     results: dict[str, Any] = dict(state.get("results", {})) if state else {}
-    start = int(state["step"]) if state else 0
     if start >= tc.steps:  # nothing to do: the finished run's manifest and optimizer state stay untouched
         echo(f"{run_dir} is already trained to step {start} of {tc.steps}")
         return TrainResult(run_dir, start, results.get("val_loss", float("nan")),
@@ -271,7 +392,8 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
         start = load_weights(run_dir, model)
     par = distributed.Parallel(model, d, tc, use_compile)  # FSDP shards it in place, block by block onto device
     model.to(device)
-    optimizer = build_optimizer(model, tc)  # groups per block and weight-decay kind, one rule (optimizers.py)
+    # groups per block and weight-decay kind, one rule (optimizers.py); LLR's window follows the schedule's length
+    optimizer = build_optimizer(model, sched)
     if state is not None:
         load_optimizer_state(run_dir, optimizer, prepare=par.shard_optimizer_state)
     d.barrier()  # every rank has read the checkpoint: rank 0 may write
@@ -281,23 +403,35 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
             tokenizer.save(run_dir)
             (run_dir / METRICS).unlink(missing_ok=True)
         truncate_metrics(run_dir / METRICS, start)
+    schedule = {} if schedule_steps == tc.steps else {"schedule_steps": schedule_steps}
 
     def manifest(status: str) -> None:
         if d.main:
             write_manifest(run_dir, "train", spec.to_dict(), status=status, params=n_params, processes=d.world,
                            data={"source": tc.data or "embedded", "tokens": data.n_tokens, "bytes": data.n_bytes,
-                                 "tokenizer": tokenizer.name}, optimizer=optimizer.describe(), results=results)
+                                 "tokenizer": tokenizer.name}, optimizer=optimizer.describe(), results=results,
+                           **schedule)
 
-    def checkpoint(step: int) -> None:
+    def save(step: int) -> None:
+        """Rank 0 writes a checkpoint of ``step`` from its own replica (DDP) or the gathered state (FSDP)."""
         model_out, optimizer_out = par.full_state(optimizer)  # under FSDP every rank gathers
         if d.main:
-            save_checkpoint(run_dir, model_out, optimizer_out, step, {"results": results})
-        d.barrier()
+            save_checkpoint(run_dir, model_out, optimizer_out, step, {"results": results, **schedule})
 
     manifest("running")
     where = f"{d.world} processes ({tc.parallel}) on {device.type}" if d.active else str(device)
     echo(f"{'resuming' if start else 'training'} {n_params / 1e6:.2f}M params on {where} "
          f"({mc.layers} layers, width {mc.width}, {mc.norm}, {mc.placement}) -> {run_dir}")
+    if schedule_steps != tc.steps:
+        floor = tc.lr * tc.min_lr_ratio
+        if tc.steps > schedule_steps:
+            what = (f"steps {schedule_steps + 1}-{tc.steps} train at its final LR {floor:.3g} "
+                    f"(lr x min_lr_ratio)")
+        else:
+            what = f"the run stops at step {tc.steps}, at LR {lr_at(tc.steps - 1, sched):.3g}, before its floor"
+        echo(f"note: the LR schedule of {run_dir} (warmup {tc.warmup}, cosine to {floor:.3g}) was laid out for "
+             f"{schedule_steps} steps and keeps that length: {what}. For a schedule over {tc.steps} steps, "
+             f"start a new run: layerlab train --steps {tc.steps} --out NEW_DIR")
     if d.active and is_batch_norm(mc.norm):
         echo(f"note: {mc.norm} normalizes over each process's {tc.batch_size // d.world} rows, not the global "
              f"batch: the run depends on the number of processes")
@@ -307,88 +441,127 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     bpb = 1 / (math.log(2) * data.bytes_per_token)
     model.train()
     step = start
-    interrupted = False
+    interrupted = graceful = False
     last_val = results.get("val_loss")
-    try:
-        with _progress(progress and d.main) as bar:
-            task = bar.add_task("train", total=tc.steps, completed=start, loss="-", val="-", tps="-")
-            if start == 0:  # the step-0 validation loss, as a baseline for "did it learn"
-                results["val_loss_step0"] = evaluate(model, data, tc, mc.context, device, autocast, d)
-                log.write({"step": 0, "val_loss": results["val_loss_step0"],
-                           "val_bpb": results["val_loss_step0"] * bpb})
-            t_last, tok_since = time.perf_counter(), 0
-            while step < tc.steps:
-                lr = lr_at(step, tc)
-                optimizer.begin_step(step)  # e.g. LISA's draw of blocks, LLR's alphas: before the forward
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                torch.manual_seed(_step_seed(tc.seed, step))
-                gen = torch.Generator().manual_seed(_step_seed(tc.seed, step))
-                want_tel = tc.telemetry_every > 0 and (step + 1) % tc.telemetry_every == 0
-                loss_sum = 0.0
-                stats_ctx = telemetry.residual_stats(model) if want_tel else nullcontext({})
-                step_fn = par.module()  # after begin_step: DDP follows LISA's choice of trainable blocks
-                with stats_ctx as stats:
-                    for micro in range(tc.grad_accum):
-                        # every rank draws the same global batch and trains on its share of the rows
-                        x, y = data.get_batch("train", tc.batch_size, mc.context, gen)
-                        x, y = d.rows(x), d.rows(y)
-                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                        with par.accumulating(last=micro == tc.grad_accum - 1):
-                            with autocast():
-                                logits = step_fn(x).logits
-                            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
-                            (loss / tc.grad_accum).backward()
-                        loss_sum += float(loss.detach())
-                loss_val = d.mean(loss_sum / tc.grad_accum)
-                if not math.isfinite(loss_val):
-                    saved = read_state(run_dir)
-                    kept = f"last good checkpoint (step {saved['step']}) kept" if saved else "no checkpoint was saved"
-                    raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}; stopped, {kept} in {run_dir}")
-                record: dict[str, Any] = {}
-                if want_tel:
-                    record["grad_norm_block"] = par.grad_norms()
-                    before = par.snapshot()
-                grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-                optimizer.step()
-                optimizer.zero_grad()
-                step += 1
-                tok_since += tokens_per_step
-                if want_tel:
-                    record["update_ratio_block"] = par.update_ratios(before)
-                    stats = d.residual_stats(stats)
-                    record["resid_rms_block"] = stats["resid_rms"]
-                    record["max_abs_block"] = stats["max_abs"]
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    last_val = evaluate(model, data, tc, mc.context, device, autocast, d)
-                    record.update(val_loss=last_val, val_bpb=last_val * bpb)
-                    results.update(val_loss=last_val, val_bpb=last_val * bpb, step=step)
-                if step % tc.log_every == 0 or record or step == tc.steps:
-                    now = time.perf_counter()
-                    tps = tok_since / max(now - t_last, 1e-9)
-                    t_last, tok_since = now, 0
-                    log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                               "tokens": step * tokens_per_step, "tok_per_s": tps, **optimizer.telemetry(),
-                               **record})
-                    bar.update(task, loss=f"{loss_val:.3f}", tps=f"{tps:,.0f}")
-                if "val_loss" in record:
-                    bar.update(task, val=f"{last_val:.3f}")
-                bar.update(task, completed=step)
-                if step % tc.save_every == 0 or step == tc.steps:
-                    checkpoint(step)
-    except KeyboardInterrupt:
-        interrupted = True
-        if par.kind == "fsdp":  # gathering the shards needs every rank at the same point, which Ctrl-C is not
-            saved = read_state(run_dir)
-            echo(f"interrupted at step {step}; an FSDP run cannot gather a checkpoint after Ctrl-C: "
-                 f"{'the checkpoint of step ' + str(saved['step']) if saved else 'no checkpoint'} is kept")
-        else:
-            if d.main:  # its own replica is complete: no other rank is needed
-                save_checkpoint(run_dir, *par.full_state(optimizer), step, {"results": results})
-            echo(f"interrupted: checkpoint of step {step} saved; continue with: layerlab train --resume {run_dir}")
-    finally:
-        log.close()
-    manifest("interrupted" if interrupted else "finished")
+    # What a checkpoint written now would hold: ``clean`` while model, optimizer, rule and records are all those
+    # of the end of step ``step``; from ``begin_step`` of step ``taking`` until its log line they are not.
+    saved_step: int | None = start if state is not None else None
+    clean, taking = True, start
+    stop_voted = False  # every process has heard that a Ctrl-C was requested: all stop after the same step
+    again = f"continue with: layerlab train --resume {run_dir}"
+    ctrl_c = _CtrlC(echo)
+    with ctrl_c:
+        try:
+            with _progress(progress and d.main) as bar:
+                task = bar.add_task("train", total=tc.steps, completed=start, loss="-", val="-", tps="-")
+                if start == 0:  # the step-0 validation loss, as a baseline for "did it learn"
+                    results["val_loss_step0"] = evaluate(model, data, tc, mc.context, device, autocast, d)
+                    log.write({"step": 0, "val_loss": results["val_loss_step0"],
+                               "val_bpb": results["val_loss_step0"] * bpb})
+                t_last, tok_since = time.perf_counter(), 0
+                while step < tc.steps:
+                    # a step boundary: one process may act on its own Ctrl-C at once, several on the vote
+                    if stop_voted or (not d.active and ctrl_c.requested):
+                        break
+                    lr = lr_at(step, sched)
+                    clean, taking = False, step + 1  # begin_step may move LLR's ramp, a forward a norm's buffers
+                    optimizer.begin_step(step)  # e.g. LISA's draw of blocks, LLR's alphas: before the forward
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    torch.manual_seed(_step_seed(tc.seed, step))
+                    gen = torch.Generator().manual_seed(_step_seed(tc.seed, step))
+                    want_tel = tc.telemetry_every > 0 and (step + 1) % tc.telemetry_every == 0
+                    loss_sum = 0.0
+                    stats_ctx = telemetry.residual_stats(model) if want_tel else nullcontext({})
+                    step_fn = par.module()  # after begin_step: DDP follows LISA's choice of trainable blocks
+                    with stats_ctx as stats:
+                        for micro in range(tc.grad_accum):
+                            # every rank draws the same global batch and trains on its share of the rows
+                            x, y = data.get_batch("train", tc.batch_size, mc.context, gen)
+                            x, y = d.rows(x), d.rows(y)
+                            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                            with par.accumulating(last=micro == tc.grad_accum - 1):
+                                with autocast():
+                                    logits = step_fn(x).logits
+                                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                                (loss / tc.grad_accum).backward()
+                            loss_sum += float(loss.detach())
+                    # the mean loss over the processes, and whether any of them has had a Ctrl-C, in one reduction
+                    loss_val, votes = d.reduce([loss_sum / tc.grad_accum, float(ctrl_c.requested)])
+                    loss_val = loss_val / d.world if d.active else loss_val
+                    stop_voted = votes > 0
+                    if not math.isfinite(loss_val):
+                        saved = read_state(run_dir)
+                        kept = (f"last good checkpoint (step {saved['step']}) kept" if saved
+                                else "no checkpoint was saved")
+                        raise TrainingDiverged(f"loss became {loss_val} at step {step + 1}; stopped, {kept} "
+                                               f"in {run_dir}")
+                    record: dict[str, Any] = {}
+                    if want_tel:
+                        record["grad_norm_block"] = par.grad_norms()
+                        before = par.snapshot()
+                    grad_norm = distributed.scalar(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    step += 1
+                    tok_since += tokens_per_step
+                    if want_tel:
+                        record["update_ratio_block"] = par.update_ratios(before)
+                        stats = d.residual_stats(stats)
+                        record["resid_rms_block"] = stats["resid_rms"]
+                        record["max_abs_block"] = stats["max_abs"]
+                    if step % tc.eval_every == 0 or step == tc.steps:
+                        last_val = evaluate(model, data, tc, mc.context, device, autocast, d)
+                        record.update(val_loss=last_val, val_bpb=last_val * bpb)
+                        results.update(val_loss=last_val, val_bpb=last_val * bpb, step=step)
+                    if step % tc.log_every == 0 or record or step == tc.steps:
+                        now = time.perf_counter()
+                        tps = tok_since / max(now - t_last, 1e-9)
+                        t_last, tok_since = now, 0
+                        log.write({"step": step, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens": step * tokens_per_step, "tok_per_s": tps, **optimizer.telemetry(),
+                                   **record})
+                        bar.update(task, loss=f"{loss_val:.3f}", tps=f"{tps:,.0f}")
+                    if "val_loss" in record:
+                        bar.update(task, val=f"{last_val:.3f}")
+                    bar.update(task, completed=step)
+                    clean = True
+                    if step % tc.save_every == 0 or step == tc.steps:
+                        save(step)
+                        saved_step = step
+                        d.barrier()
+                if step < tc.steps:  # stopped by Ctrl-C at a step boundary, on every process at the same one
+                    ctrl_c.saving = True
+                    if saved_step != step:
+                        save(step)
+                        saved_step = step
+                    interrupted = graceful = True
+                    echo(f"interrupted: checkpoint of step {step} saved; {again}")
+        except KeyboardInterrupt:  # a second Ctrl-C, or one that came where no handler could be installed
+            ctrl_c.saving = True
+            if clean and saved_step != step and par.kind != "fsdp" and d.main:
+                # its own replica is complete: no other rank is needed (FSDP's shards would need every rank)
+                save_checkpoint(run_dir, *par.full_state(optimizer), step, {"results": results, **schedule})
+                saved_step = step
+            interrupted = saved_step != tc.steps  # after the last step's checkpoint, the run is finished
+            if interrupted and saved_step == step:
+                echo(f"interrupted: checkpoint of step {step} saved; {again}")
+            elif interrupted:
+                if d.main:  # the manifest reports the results of the checkpoint that is kept
+                    kept_state = read_state(run_dir)
+                    results.clear()
+                    results.update(kept_state.get("results", {}) if kept_state else {})
+                why = ("an FSDP run gathers a checkpoint only at the end of a step (press Ctrl-C once)"
+                       if clean else f"step {taking} was half done")
+                kept = f"the checkpoint of step {saved_step} is kept" if saved_step is not None else \
+                    "no checkpoint was saved yet, so it starts over"
+                echo(f"interrupted at once: {why}; {kept}; {again}")
+        finally:
+            log.close()
+        ctrl_c.saving = True  # a Ctrl-C now would only cut the manifest short
+        manifest("interrupted" if interrupted else "finished")
+    if graceful:  # no process exits before rank 0 has written: --nproc stops the others when one exits
+        d.barrier()
     if interrupted:
         raise SystemExit(130)
     return TrainResult(run_dir, step, last_val, last_val * bpb, n_params, main=d.main)
