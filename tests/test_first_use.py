@@ -153,3 +153,17 @@ def test_sample_says_when_the_context_cuts_the_continuation(model_dir):
     assert p.returncode == 0, p.stderr
     assert "generating 61 tokens, not 1000: the model's context of 64 tokens" in p.stderr
     assert p.stdout.startswith("def")
+
+
+def test_train_reports_the_figure_eval_reports(tmp_path):
+    """The loss train prints at the end is eval's default figure, on the same named slice, to the last bit."""
+    from layerlab.train import train
+
+    res = train(preset="debug", out=tmp_path / "run", progress=False, echo=lambda *a, **k: None)
+    r = evaluate(tmp_path / "run")
+    assert res.val_loss == r["loss"] and res.val_bpb == r["bits_per_byte"] and res.slice == r["slice"]
+    assert res.slice.startswith("embedded validation split, all ")
+    manifest = json.loads((tmp_path / "run" / "layerlab.json").read_text())
+    assert manifest["results"]["val_loss"] == r["loss"] and manifest["results"]["val_slice"] == r["slice"]
+    again = train(preset="debug", out=tmp_path / "run", progress=False, echo=lambda *a, **k: None)
+    assert (again.val_loss, again.slice) == (res.val_loss, res.slice)  # a finished run reports the same

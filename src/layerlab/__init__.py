@@ -20,11 +20,12 @@ __version__ = "0.1.0"
 
 
 class _DropImportNoise(logging.Filter):
-    """Drops two import-time warnings that say nothing to a layerlab user, and nothing else.
+    """Drops torchao's import-time warnings that say nothing to a layerlab user, and nothing else.
 
     transformers imports torchao, when installed, with its quantizers. torchao then warns for each
-    optional CUDA kernel library it cannot load ("Failed to load ...so"), which no CPU machine can,
-    and torch warns that torchao registers Enum constants in a deprecated way. Neither is actionable.
+    optional CUDA kernel library it cannot load ("Failed to load ...so") and that Triton is missing,
+    which no CPU machine has, and torch warns that torchao registers Enum constants in a deprecated
+    way. None of it is actionable. (A logger's filter sees only its own records, hence one per logger.)
     """
 
     def __init__(self, *fragments: str):
@@ -37,6 +38,7 @@ class _DropImportNoise(logging.Filter):
 
 
 logging.getLogger("torchao").addFilter(_DropImportNoise("Failed to load "))
+logging.getLogger("torchao.kernel.intmm").addFilter(_DropImportNoise("Detected no triton"))
 logging.getLogger("torch.utils._pytree").addFilter(_DropImportNoise("register_constant() on Enum subclasses"))
 
 _LAZY = {

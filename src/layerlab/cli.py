@@ -116,7 +116,8 @@ def train(
     if not res.main:  # under torchrun, rank 0 reports
         return
     typer.echo(f"model: {res.run_dir}")
-    typer.echo(f"step {res.step}: validation loss {res.val_loss:.4f} nats/token, {res.val_bpb:.4f} bits/byte")
+    typer.echo(f"step {res.step}: validation loss {res.val_loss:.4f} nats/token, {res.val_bpb:.4f} bits/byte "
+               f"on the {res.slice}")
 
 
 SAMPLE_EXAMPLE = "Example:\n\n  layerlab sample runs/tiny-pre-layernorm-L4-d256 --prompt 'The for statement'"

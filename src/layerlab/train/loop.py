@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ..config import RESUMABLE_CHANGES, ModelConfig, RunSpec, TrainConfig, check_fields, resolve
 from ..data import VAL_FRACTION, TokenData, build_tokenizer, head_documents, load_tokenizer
 from ..errors import LayerlabError
-from ..io import MANIFEST, cache_dir, read_json, write_manifest
+from ..evaluate import lm_loss
+from ..io import MANIFEST, cache_dir, load_causal_lm, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import is_batch_norm, set_norm_schedule
 from . import distributed, telemetry
@@ -46,6 +47,22 @@ class TrainResult:
     params: int
     interrupted: bool = False
     main: bool = True  # rank 0 of the run's processes, the one that writes and reports
+    slice: str = "validation windows seen during training"  # the text val_loss was measured on
+
+
+def _result(run_dir: Path, step: int, results: dict[str, Any], params: int, main: bool) -> TrainResult:
+    """The result a run reports: its final figure (``val_slice`` names the text), else its last in-run one."""
+    nan = float("nan")
+    return TrainResult(run_dir, step, results.get("val_loss", nan), results.get("val_bpb", nan), params, main=main,
+                       slice=results.get("val_slice", TrainResult.slice))
+
+
+def final_validation(run_dir: Path, tokenizer, data, device) -> dict[str, Any]:
+    """A finished run's figure of merit, as ``layerlab eval RUN`` computes it: the saved model on the whole
+    validation split, in the evaluation's windows. The curve in metrics.jsonl comes from ``eval_batches``
+    windows of the context length during training, a cheaper and, for large corpora, smaller sample."""
+    r = lm_loss(load_causal_lm(run_dir, device=str(device)), tokenizer, data, split="validation")
+    return {"val_loss": r["loss"], "val_bpb": r["bits_per_byte"], "val_tokens": r["tokens"], "val_slice": r["slice"]}
 
 
 def pick_device(name: str) -> torch.device:
@@ -386,8 +403,7 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     results: dict[str, Any] = dict(state.get("results", {})) if state else {}
     if start >= tc.steps:  # nothing to do: the finished run's manifest and optimizer state stay untouched
         echo(f"{run_dir} is already trained to step {start} of {tc.steps}")
-        return TrainResult(run_dir, start, results.get("val_loss", float("nan")),
-                           results.get("val_bpb", float("nan")), n_params, main=d.main)
+        return _result(run_dir, start, read_json(run_dir / MANIFEST).get("results", {}), n_params, d.main)
     if state is not None:
         start = load_weights(run_dir, model)
     par = distributed.Parallel(model, d, tc, use_compile)  # FSDP shards it in place, block by block onto device
@@ -558,10 +574,15 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
                 echo(f"interrupted at once: {why}; {kept}; {again}")
         finally:
             log.close()
+        if not interrupted and d.main:
+            try:
+                results.update(final_validation(run_dir, tokenizer, tc.data, device))
+            except KeyboardInterrupt:  # the checkpoint is whole: only the figure is missing
+                echo("interrupted: the final validation figure is skipped; `layerlab eval RUN` computes it")
         ctrl_c.saving = True  # a Ctrl-C now would only cut the manifest short
         manifest("interrupted" if interrupted else "finished")
     if graceful:  # no process exits before rank 0 has written: --nproc stops the others when one exits
         d.barrier()
     if interrupted:
         raise SystemExit(130)
-    return TrainResult(run_dir, step, last_val, last_val * bpb, n_params, main=d.main)
+    return _result(run_dir, step, results, n_params, d.main)
