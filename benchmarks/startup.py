@@ -21,6 +21,9 @@ CASES = [
     *((f"layerlab {c} --help", [c, "--help"]) for c in COMMANDS),
     ("layerlab train --nrom rmsnorm   (unknown field)", ["train", "--nrom", "rmsnorm"]),
     ("layerlab train --layers many    (bad type)", ["train", "--layers", "many"]),
+    ("layerlab train --norm rmsnrom   (unknown norm)", ["train", "--norm", "rmsnrom"]),
+    ("layerlab prune . --metric angulr (unknown metric)", ["prune", ".", "--remove", "1", "--metric", "angulr",
+                                                         "--out", "x"]),
     ("layerlab eval no/such/dir       (missing model)", ["eval", "no/such/dir"]),
     ("layerlab prune x --remove 1     (missing --out)", ["prune", "x", "--remove", "1"]),
 ]

@@ -32,10 +32,11 @@ def _run(*args: str, **kw) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- one validation slice, named
 def test_eval_reads_the_whole_embedded_validation_split_and_names_it(model_dir):
     r = evaluate(model_dir)
-    n = len(split_ids(ByteTokenizer(), None, "validation")) - 1
-    assert r["tokens"] == n and r["slice"] == f"embedded validation split, all {n:,} tokens"
+    n = len(split_ids(ByteTokenizer(), None, "validation"))
+    assert r["tokens"] == n and r["predictions"] == n - 1
+    assert r["slice"] == f"embedded validation split, all {n:,} tokens"
     first = evaluate(model_dir, tokens=1000)
-    assert first["tokens"] == 1000 and first["slice"].endswith(f"first 1,000 of {n:,} tokens")
+    assert first["predictions"] == 999 and first["slice"].endswith(f"first 1,000 of {n:,} tokens")
     assert first["loss"] != r["loss"]
 
 
@@ -48,9 +49,9 @@ def test_lm_loss_windows_cover_every_prediction_once(model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    a = lm_loss(model, tok, tokens=64, seq_len=64)
-    b = lm_loss(model, tok, tokens=64, seq_len=7)
-    assert a["tokens"] == b["tokens"] == 64
+    a = lm_loss(model, tok, tokens=65, seq_len=64)
+    b = lm_loss(model, tok, tokens=65, seq_len=7)
+    assert a["predictions"] == b["predictions"] == 64
     ids = torch.tensor(split_ids(tok, None, "validation")[:65].astype("int64"))[None]
     with torch.no_grad():
         expect = F.cross_entropy(model(ids[:, :-1]).logits[0], ids[0, 1:]).item()
@@ -70,15 +71,15 @@ def test_eval_split_defaults_to_all_of_a_users_file(model_dir, tmp_path):
     data.write_text("a" * 900 + "b" * 100)
     whole = evaluate(model_dir, data=str(data))
     held = evaluate(model_dir, data=str(data), split="validation")
-    assert whole["tokens"] == 900 + 100  # 1001 ids with the closing eos: 1000 predictions
-    assert held["tokens"] == int(1001 * 0.1) - 1
+    assert whole["tokens"] == 1001 and whole["predictions"] == 1000  # 1000 bytes and the closing eos
+    assert held["tokens"] == int(1001 * 0.1)
     assert whole["slice"].startswith(f"{data} (all)") and held["slice"].startswith(f"{data} validation split")
     r = CliRunner().invoke(app, ["eval", str(model_dir), "--data", str(data)])
-    assert r.exit_code == 0 and f"on the {data} (all), all 1,000 tokens" in r.output
+    assert r.exit_code == 0 and f"on the {data} (all), all 1,001 tokens" in r.output
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    (["--tokens", "0"], "--tokens must be at least 2 (one to read, one to predict), got 0"),
     (["--split", "train"], "unknown --split 'train'; valid: all, validation"),
 ])
 def test_eval_refuses_what_it_cannot_score(model_dir, args, message):
@@ -89,6 +90,9 @@ def test_eval_refuses_what_it_cannot_score(model_dir, args, message):
 # ---------------------------------------------------------------- startup
 @pytest.mark.parametrize("args", [["--help"], *([c, "--help"] for c in COMMANDS), ["eval", "no/such/model"],
                                   ["train", "--nrom", "rmsnorm"], ["train", "--lr", "fast"],
+                                  ["train", "--norm", "rmsnrom"], ["train", "--optimizer", "adamx"],
+                                  ["prune", ".", "--remove", "1", "--metric", "angulr", "--out", "x"],
+                                  ["convert", ".", "--to", "rms", "--out", "x"],
                                   ["prune", "no/such/model", "--remove", "1", "--out", "x"]])
 def test_help_and_argument_errors_do_not_load_torch(args):
     """What makes `layerlab --help` take seconds is importing torch (benchmarks/startup.py times it)."""

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import LayerlabError
+from .config import PLACEMENT_NAMES, preset_names
+from .errors import LayerlabError, choices_error
+from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
 
 app = typer.Typer(
     help="Build, train, analyze and compress the layers of transformer language models.",
@@ -21,6 +23,17 @@ def _quiet_hf() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _names(names) -> str:
+    """A choice list for --help, from the registry itself."""
+    return " | ".join(names)
+
+
+def _choice(kind: str, value: str, valid) -> None:
+    """The registry's one-line error for an unknown choice, before any heavy import."""
+    if value not in valid:
+        raise choices_error(kind, value, list(valid))
 
 
 def _inputs(*models: Path, out: Path | None = None) -> None:
@@ -76,12 +89,11 @@ Any config field can be given as --field value (see presets in src/layerlab/pres
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, epilog=TRAIN_EXAMPLE)
 def train(
     ctx: typer.Context,
-    preset: Annotated[str | None, typer.Option(help="debug | tiny | small (default tiny)")] = None,
+    preset: Annotated[str | None, typer.Option(help=f"{_names(preset_names())} (default tiny)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file with any config fields")] = None,
-    norm: Annotated[str | None, typer.Option(help="layernorm | rmsnorm | crmsnorm | dyt | seednorm | "
-                                             "powernorm | prepbn | batchnorm | none")] = None,
+    norm: Annotated[str | None, typer.Option(help=_names(NORMS))] = None,
     placement: Annotated[str | None, typer.Option(
-        help="post | pre | peri | mix | lns | sandwich, or a comma-separated per-block schedule")] = None,
+        help=f"{_names(PLACEMENT_NAMES)}, or a comma-separated per-block schedule")] = None,
     mix_alpha: Annotated[float | None, typer.Option(help="share of Post-LN blocks for mix")] = None,
     layers: Annotated[int | None, typer.Option(help="number of blocks")] = None,
     width: Annotated[int | None, typer.Option(help="model width")] = None,
@@ -97,7 +109,7 @@ def train(
     = None,
 ) -> None:
     """Train a GPT with any norm and placement; the run directory is a Hugging Face model."""
-    from .config import check_fields
+    from .config import check_fields, resolve
 
     overrides = {k: v for k, v in dict(norm=norm, placement=placement, mix_alpha=mix_alpha, layers=layers,
                                        width=width, data=data, tokenizer=tokenizer, steps=steps,
@@ -108,6 +120,8 @@ def train(
     # field names and types are checked before torch loads, so that a typo is answered at once
     overrides = check_fields(overrides, source="command line")
     overrides.update(check_fields(parse_extra(ctx.args), from_text=True, source="command line"))
+    if resume is None:
+        resolve(preset, config, overrides)  # names and values too: the registries know them without torch
     from .train import train as run_train
 
     _quiet_hf()
@@ -151,6 +165,7 @@ def export(
     out: Annotated[Path, typer.Option(help="output directory")] = ...,
 ) -> None:
     """Write a layerlab model of a standard design as a plain Hugging Face model (no layerlab needed)."""
+    _choice("export target", to, ("gpt2",))
     _inputs(model, out=out)
     from .export import export as run_export
 
@@ -224,20 +239,23 @@ Examples:
 def prune(
     model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
     remove: Annotated[int, typer.Option(help="number of blocks (or, with --unit attn|mlp, sublayers) to remove")] = ...,
-    metric: Annotated[str, typer.Option(help="angular | bi | loss")] = "angular",
-    unit: Annotated[str, typer.Option(help="block | attn | mlp: remove whole blocks, or only their attention or MLP "
-                                      "sublayers (Pre-LN-style blocks; GPT-2/Llama get them zeroed)")] = "block",
+    metric: Annotated[str, typer.Option(help=_names(PRUNE_METRICS))] = "angular",
+    unit: Annotated[str, typer.Option(help=f"{_names(PRUNE_UNITS)}: remove whole blocks, or only their attention "
+                                      "or MLP sublayers (Pre-LN-style blocks; GPT-2/Llama get them zeroed)")] = "block",
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
     measure_tokens: Annotated[int, typer.Option(help="tokens the choosing metric reads")] = 8192,
     heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
-    heal: Annotated[str, typer.Option(help="lora (merged back) | full")] = "lora",
+    heal: Annotated[str, typer.Option(help=f"{_names(HEAL_MODES)} (lora is merged back)")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
 ) -> None:
     """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
     model and a before/after table."""
+    _choice("metric", metric, PRUNE_METRICS)
+    _choice("unit", unit, PRUNE_UNITS)
+    _choice("heal mode", heal, HEAL_MODES)
     _inputs(model, out=out)
     from .compress import prune as run_prune
 
@@ -263,7 +281,7 @@ def quantize(
     model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
     bits: Annotated[float, typer.Option(help="average bits per block weight, fractional allowed (e.g. 3.5)")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
-    importance: Annotated[str, typer.Option(help="lim | zd | loss")] = "lim",
+    importance: Annotated[str, typer.Option(help=_names(QUANT_IMPORTANCE))] = "lim",
     widths: Annotated[str, typer.Option(help="candidate widths, comma-separated")] = "2,3,4,8",
     group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = 64,
     data: Annotated[str | None, typer.Option(help="text: calibrate on its first 90%, evaluate on the rest "
@@ -276,6 +294,7 @@ def quantize(
     progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
 ) -> None:
     """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
+    _choice("importance", importance, QUANT_IMPORTANCE)
     _inputs(model, out=out)
     from .compress import quantize as run_quantize
 
@@ -304,7 +323,8 @@ Examples:
 @app.command(epilog=CONVERT_EXAMPLE)
 def convert(
     model: Annotated[Path, typer.Argument(help="Pre-LN causal LM directory (layerlab pre+layernorm, or GPT-2)")],
-    to: Annotated[str, typer.Option(help="rmsnorm | crmsnorm (exact) | no-norm (fine-tuned)")] = ...,
+    to: Annotated[str, typer.Option(help=f"{_names(CONVERT_TARGETS)} (the first two exact, no-norm "
+                                      "fine-tuned)")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text: fine-tune on its first 90%, evaluate on the rest "
                                              "(default: embedded)")] = None,
@@ -318,6 +338,7 @@ def convert(
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
 ) -> None:
     """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
+    _choice("conversion target", to, CONVERT_TARGETS)
     _inputs(model, out=out)
     from .compress import convert as run_convert
 
@@ -390,8 +411,8 @@ def eval_(
     """Loss, perplexity and bits per byte of a model directory, on a named slice of text."""
     if split is not None and split not in ("all", "validation"):
         raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
-    if tokens is not None and tokens < 1:
-        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if tokens is not None and tokens < 2:
+        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
     _inputs(model)
     from .evaluate import evaluate
 

@@ -9,7 +9,6 @@ checked against the annotations, and a wrong type or an unknown name gives a one
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from collections.abc import Iterable
@@ -20,7 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import LayerlabError, choices_error
+from .errors import LayerlabError, choices_error, close_match
+from .registry import NORMS, OPTIMIZERS
 
 PLACEMENT_NAMES = ("post", "pre", "peri", "mix", "lns", "sandwich")
 # A per-block schedule may name only the placements that describe one block.
@@ -39,12 +39,6 @@ FIELD_SYNONYMS = {
 }
 
 
-def close_match(name: object, valid: Iterable[str]) -> str | None:
-    """The one of ``valid`` that a misspelt ``name`` most likely meant, or None when none is close."""
-    matches = difflib.get_close_matches(str(name), list(valid), n=1)
-    return matches[0] if matches else None
-
-
 def unknown_name_error(what: str, name: object, valid: Iterable[str], source: str | None = None,
                        listing: str = "valid", hint: str = "") -> LayerlabError:
     """``unknown <what> 'x' in <source>; did you mean 'y'?``, or the valid names when none is close.
@@ -56,15 +50,6 @@ def unknown_name_error(what: str, name: object, valid: Iterable[str], source: st
     if (close := close_match(name, valid)) is not None:
         return LayerlabError(f"unknown {what} {name!r}{where}; did you mean {close!r}?")
     return LayerlabError(f"unknown {what} {name!r}{where}; {listing}: {', '.join(valid)}{hint}")
-
-
-def choice_error(kind: str, name: object, valid: Iterable[str]) -> LayerlabError:
-    """:func:`~layerlab.errors.choices_error` (the valid names, a short list) and the closest one, if any."""
-    valid = list(valid)
-    error = choices_error(kind, name, valid)
-    if (close := close_match(name, valid)) is not None:
-        return LayerlabError(f"{error}; did you mean {close!r}?")
-    return error
 
 
 @dataclass
@@ -95,19 +80,16 @@ class ModelConfig:
     drop_mlp: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from .norms import NORMS  # late import: norms depends on nothing but torch
-
-        if self.norm not in NORMS:
-            raise choice_error("norm", self.norm, list(NORMS))
+        NORMS.check(self.norm)
         if isinstance(self.placement, str):
             self.placement = PLACEMENT_ALIASES.get(self.placement, self.placement)
             if self.placement not in PLACEMENT_NAMES:
-                raise choice_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
+                raise choices_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
         else:
             self.placement = [PLACEMENT_ALIASES.get(p, p) for p in self.placement]
             for p in self.placement:
                 if p not in BLOCK_PLACEMENTS:
-                    raise choice_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
+                    raise choices_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
             if len(self.placement) != self.layers:
                 raise LayerlabError(
                     f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
@@ -222,16 +204,13 @@ class TrainConfig:
     lisa_layers: int = 1
 
     def __post_init__(self) -> None:
-        from .train.optimizers import OPTIMIZERS  # late import: the registry needs torch
-
         for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "save_every",
                      "llr_every", "lisa_every", "lisa_layers"):
             if getattr(self, name) < 1:
                 raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LayerlabError(f"lr must be positive, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise choice_error("optimizer", self.optimizer, list(OPTIMIZERS))
+        OPTIMIZERS.check(self.optimizer)
         for name in ("input_norm_decay", "output_norm_decay", "llr_ramp"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -404,7 +383,7 @@ def preset_names() -> list[str]:
 def read_preset(name: str) -> dict[str, Any]:
     """Fields of a shipped preset (``src/layerlab/presets/NAME.yaml``)."""
     if name not in preset_names():
-        raise choice_error("preset", name, preset_names())
+        raise choices_error("preset", name, preset_names())
     text = resources.files("layerlab.presets").joinpath(f"{name}.yaml").read_text()
     return check_fields(_flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
 

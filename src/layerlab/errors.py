@@ -1,10 +1,25 @@
-"""The one exception type that the CLI turns into a one-line message."""
+"""The one exception type that the CLI turns into a one-line message, and the errors for unknown names."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class LayerlabError(Exception):
     """A problem with the user's input: printed as ``error: <message>``, no traceback."""
 
 
-def choices_error(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> LayerlabError:
-    """An error for an unknown registry name that lists the valid ones."""
-    return LayerlabError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid))}")
+def close_match(name: object, valid: Iterable[str]) -> str | None:
+    """The one of ``valid`` that a misspelt ``name`` most likely meant, or None when none is close."""
+    matches = difflib.get_close_matches(str(name), list(valid), n=1)
+    return matches[0] if matches else None
+
+
+def choices_error(kind: str, name: object, valid: Iterable[str]) -> LayerlabError:
+    """An error for an unknown registry name that lists the valid ones, and the closest one if any."""
+    valid = list(valid)
+    error = f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid))}"
+    if (close := close_match(name, valid)) is not None:
+        error += f"; did you mean {close!r}?"
+    return LayerlabError(error)

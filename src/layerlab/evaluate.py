@@ -28,19 +28,21 @@ DEFAULT_SEQ_LEN = 256
 @torch.no_grad()
 def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None = None, split: str = "validation",
             seq_len: int | None = None, batch_size: int = 8) -> dict:
-    """Mean next-token cross-entropy (nats/token) over the first ``tokens`` predictions of ``split`` of
-    ``data`` (default: all of it), with perplexity, bits per byte, and ``slice``, the text's name."""
+    """Mean next-token cross-entropy (nats/token) over the first ``tokens`` tokens of ``split`` of ``data``
+    (default: all of it; every token after the first is predicted), with perplexity, bits per byte, and
+    ``slice``, the text's name. ``tokens`` in the result counts the tokens read, ``predictions`` the scored."""
     v = view(model)
     if not v.causal or not v.has_lm_head:
         raise LayerlabError(f"{v.arch_name} models have no language-model loss to evaluate")
-    if tokens is not None and tokens < 1:
-        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if tokens is not None and tokens < 2:
+        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
     stream = split_ids(tokenizer, data, split)
-    available = len(stream) - 1  # predictions the split holds
-    if available < 1:
+    available = len(stream)
+    if available < 2:
         raise LayerlabError(f"data too short: the {split} split holds fewer than 2 tokens")
-    n = available if tokens is None else min(tokens, available)
-    ids = torch.from_numpy(np.asarray(stream[: n + 1], dtype=np.int64))
+    used = available if tokens is None else min(tokens, available)
+    n = used - 1  # predictions
+    ids = torch.from_numpy(np.asarray(stream[:used], dtype=np.int64))
     seq_len = seq_len or min(DEFAULT_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or 10**9)
     device = next(model.parameters()).device
     starts = list(range(0, n, seq_len))
@@ -57,13 +59,13 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
     text = stream_tokenizer(tokenizer).decode(ids[1:].numpy())  # the predicted tokens' text
     n_bytes = max(len(text.encode("utf-8")), 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2) * n / n_bytes,
-            "tokens": n, "slice": describe_slice(data, split, n, available)}
+            "tokens": used, "predictions": n, "slice": describe_slice(data, split, used, available)}
 
 
 def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int | None = None,
              split: str | None = None) -> dict:
     """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``."""
-    if tokens is not None and tokens < 1:
-        raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if tokens is not None and tokens < 2:
+        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
     model, tok = load_for_analysis(model_dir)
     return lm_loss(model, tok, data, tokens, split=split or default_split(data))

@@ -1,4 +1,4 @@
-"""Normalization modules, one registry.
+"""Normalization modules, one registry (:data:`layerlab.registry.NORMS`).
 
 Every norm is built as ``NORMS[name](dim, *, eps)`` and maps ``(..., dim) -> (..., dim)``.
 Token-wise norms accept any leading shape; batch-level norms (powernorm, batchnorm, prepbn)
@@ -16,27 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import choices_error
-
-NORMS: dict[str, type[nn.Module]] = {}
+from .registry import NORMS
 
 
 def register(name: str):
-    """Class decorator: add a norm to the registry under ``name``."""
+    """Class decorator: add a norm to the registry under ``name`` (declared in :mod:`layerlab.registry`, so
+    that configs and the CLI know the name before torch loads)."""
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        NORMS[name] = cls
         cls.norm_name = name
-        return cls
+        return NORMS.register(name, cls)
 
     return wrap
 
 
 def build_norm(name: str, dim: int, *, eps: float = 1e-5) -> nn.Module:
     """Build a registered norm; an unknown name raises an error listing the valid ones."""
-    if name not in NORMS:
-        raise choices_error("norm", name, list(NORMS))
-    return NORMS[name](dim, eps=eps)
+    return NORMS.get_checked(name)(dim, eps=eps)
 
 
 @register("layernorm")

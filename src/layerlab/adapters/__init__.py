@@ -24,8 +24,7 @@ from torch import nn
 
 from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..errors import LayerlabError, choices_error
-
-SUBLAYERS = ("attn", "mlp")
+from ..registry import SUBLAYERS
 
 
 @dataclass(frozen=True)

@@ -53,10 +53,10 @@ from ..io import output_dir, write_manifest
 from ..model import LayerlabForCausalLM, build_model
 from ..norms import LayerNorm
 from ..packed import refuse_quantized
+from ..registry import CONVERT_TARGETS as TARGETS
 from .heal import _train_ids, lm_step
 from .prune import _size, copy_tokenizer
 
-TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
 DEFAULT_STEPS = 200  # GPT-2 small takes 300 steps of 2^19 tokens in Baroni et al.; a tiny model needs far fewer tokens
 DEFAULT_LR = 3e-4  # constant after a linear warmup; Baroni et al. use 6e-4 (GPT-2 small) down to 1e-4 (XL)
 STD_MOMENTUM = 0.9  # moving average of the measured std (Baroni et al., config.py ``momentum``)

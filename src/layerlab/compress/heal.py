@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from ..adapters import view
 from ..data import VAL_FRACTION, head_documents
 from ..errors import LayerlabError, choices_error
+from ..registry import HEAL_MODES
 
-HEAL_MODES = ("lora", "full")
 LORA_RANK = 8  # a small rank suffices to heal a few removed layers (Gromov et al., 2024 use QLoRA ranks 2-64)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -51,9 +51,10 @@ from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
 from ..packed import refuse_quantized
+from ..registry import PRUNE_METRICS as METRICS
+from ..registry import PRUNE_UNITS as UNITS
 
 MEASURE_TOKENS = 8192  # tokens the choosing metric reads
-UNITS = ("block", *SUBLAYERS)
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
 # the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
 _LAYERLAB_PARTS = {"attn": ("ln1", "attn", "ln1_out"), "mlp": ("ln2", "mlp", "ln2_out")}
@@ -171,7 +172,8 @@ def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple
     return sorted(removed), {"greedy": steps}
 
 
-METRICS: dict[str, Callable] = {"angular": by_angular, "bi": by_bi, "loss": by_loss}
+for _name, _fn in {"angular": by_angular, "bi": by_bi, "loss": by_loss}.items():
+    METRICS.register(_name, _fn)  # declared in layerlab.registry, so that the CLI knows the names before torch
 
 
 def without_blocks(model, remove: list[int]):

@@ -39,6 +39,7 @@ from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
 from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, refuse_quantized, set_module
+from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 DEFAULT_GROUP = 64
@@ -250,7 +251,6 @@ def average_bits(sizes: list[int], alloc: list[int]) -> float:
     return sum(s * b for s, b in zip(sizes, alloc, strict=True)) / sum(sizes)
 
 
-IMPORTANCE = ("lim", "zd", "loss")
 
 
 # ---------------------------------------------------------------------------- the command

@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import LayerlabError, choices_error
+from ..errors import LayerlabError
+from ..registry import OPTIMIZERS
 from . import telemetry
 
 if TYPE_CHECKING:
@@ -459,18 +459,12 @@ class LISA(Layerwise):
         return {"period": self.period, "active": self.active}  # for inspection: begin_step redraws them
 
 
-OPTIMIZERS: dict[str, Callable[[nn.Module, TrainConfig], Layerwise]] = {
-    "adamw": Layerwise,
-    "lamb": Lamb,
-    "lars": Lars,
-    "llr": LLR,
-    "noise": NoiseAdaptive,
-    "lisa": LISA,
-}
+# the names are declared in layerlab.registry, so that configs and the CLI know them before torch loads
+for _name, _cls in {"adamw": Layerwise, "lamb": Lamb, "lars": Lars, "llr": LLR, "noise": NoiseAdaptive,
+                    "lisa": LISA}.items():
+    OPTIMIZERS.register(_name, _cls)
 
 
 def build_optimizer(model: nn.Module, tc: TrainConfig) -> Layerwise:
     """The optimizer ``tc.optimizer`` names, over ``model``'s trainable parameters (already on their device)."""
-    if tc.optimizer not in OPTIMIZERS:
-        raise choices_error("optimizer", tc.optimizer, list(OPTIMIZERS))
-    return OPTIMIZERS[tc.optimizer](model, tc)
+    return OPTIMIZERS.get_checked(tc.optimizer)(model, tc)
