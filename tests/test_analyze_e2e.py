@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 import layerlab
-from layerlab.adapters import view
-from layerlab.analysis import analyze, load_for_analysis
+from layerlab.adapters import load_model, view
+from layerlab.analysis import analyze
 from layerlab.cli import app
 from layerlab.errors import LayerlabError
 from layerlab.train import train
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
 
 
 def test_real_minilm_trace_matches_hidden_states():
-    model, tok = load_for_analysis(MINILM)
+    model, tok, _ = load_model(MINILM)
     v = view(model)
     assert v.arch_name == "bert" and v.num_layers == 6 and not v.causal
     enc = tok(["The quick brown fox.", "Layers of a transformer, measured one by one."], return_tensors="pt",

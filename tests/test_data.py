@@ -340,7 +340,7 @@ def test_head_and_tail_documents_split_the_bytes(tmp_path):
 
 def test_reported_losses_read_the_validation_tail_of_user_data(tmp_path):
     """Commands train or calibrate on the first 90% of --data; perplexities come from the rest."""
-    from layerlab.analysis.analyze import analysis_text_ids
+    from layerlab.data import measure_ids
 
     path = tmp_path / "t.txt"
     path.write_text("a" * 900 + "b" * 100)
@@ -348,6 +348,6 @@ def test_reported_losses_read_the_validation_tail_of_user_data(tmp_path):
 
     ByteTokenizer().save(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    validation = tok.decode(analysis_text_ids(tok, str(path), 1000, split="validation"), skip_special_tokens=True)
+    validation = tok.decode(measure_ids(tok, str(path), 1000, split="validation"), skip_special_tokens=True)
     assert set(validation) == {"b"}
-    assert tok.decode(analysis_text_ids(tok, str(path), 1000)).startswith("a")  # analyze reads it all
+    assert tok.decode(measure_ids(tok, str(path), 1000)).startswith("a")  # analyze reads it all

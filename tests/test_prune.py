@@ -9,11 +9,11 @@ from conftest import digest, idle_blocks, perturb, save_model, tiny_cfg
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
-from layerlab.adapters import view
-from layerlab.analysis.analyze import load_for_analysis, masked_loss_sum
+from layerlab.adapters import load_model, view
 from layerlab.compress import METRICS, prune, without_blocks
 from layerlab.compress.prune import present_sublayers, without_sublayers
 from layerlab.errors import LayerlabError
+from layerlab.evaluate import masked_loss_sum
 from layerlab.model import CACHE_NAME, output_cache
 
 QUIET = {"echo": lambda *a: None, "tokens": 512, "measure_tokens": 512}
@@ -174,7 +174,7 @@ def known_sub(trained, tmp_path_factory):
     from layerlab.compress.prune import _held_batches
 
     torch.manual_seed(0)
-    model, tok = load_for_analysis(trained)
+    model, tok, _ = load_model(trained)
     zeroed = [getattr(model.blocks[i], unit).proj for unit, blocks in (("attn", ZERO_ATTN), ("mlp", ZERO_MLP))
               for i in blocks]
     with torch.no_grad():

@@ -475,3 +475,55 @@ def describe_slice(data: str | Path | None, split: str, used: int, available: in
     part = f"{source} {split} split" if split != "all" else f"{source} (all)"
     amount = f"all {available:,} tokens" if used >= available else f"first {used:,} of {available:,} tokens"
     return f"{part}, {amount}"
+
+
+DEFAULT_SEQ_LEN = 256  # tokens per measuring window of a causal LM, unless its context is shorter
+ENCODER_SEQ_LEN = 128  # ... and of an encoder, [CLS] and [SEP] included
+
+
+def window_length(config, causal: bool = True, seq_len: int | None = None) -> int:
+    """``seq_len`` if given, else the default measuring window for a model with this Hugging Face ``config``:
+    :data:`DEFAULT_SEQ_LEN` tokens (:data:`ENCODER_SEQ_LEN` for encoders), never past its context."""
+    if seq_len:
+        return seq_len
+    context = getattr(config, "max_position_embeddings", None) or DEFAULT_SEQ_LEN
+    return min(DEFAULT_SEQ_LEN if causal else ENCODER_SEQ_LEN, context)
+
+
+def measure_ids(tokenizer, data: str | Path | None, tokens: int, split: str | None = None) -> list[int]:
+    """The first ``2 * tokens`` token ids of ``split`` of ``data`` (:func:`split_ids`; by default
+    :func:`default_split`: the embedded corpus' validation split, or all of a user's text), the text a
+    measurement reads. ``split="validation"`` is what the compressors' perplexities read, so that the text
+    they calibrate or fine-tune on, the first 90%, is never the text they are judged on."""
+    return split_ids(tokenizer, data, split or default_split(data))[: 2 * tokens].tolist()
+
+
+def batches(tokenizer, ids: list[int], tokens: int, seq_len: int, batch_size: int,
+            causal: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches of consecutive ``seq_len`` windows holding ``tokens`` real tokens
+    in all, each (B, seq_len).
+
+    Encoders (``causal`` False) get [CLS] ... [SEP] around each window; a short last window is
+    right-padded, which the measures skip through the mask.
+    """
+    special = [] if causal else [tokenizer.cls_token_id, tokenizer.sep_token_id]
+    if any(s is None for s in special):
+        special = []
+    body = seq_len - len(special)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, masks, used = [], [], 0
+    for start in range(0, len(ids), body):
+        window = ids[start:start + body][: max(tokens - used - len(special), 1)]
+        if len(window) < 2:
+            break
+        row = [special[0], *window, special[1]] if special else window
+        used += len(row)
+        masks.append([1] * len(row) + [0] * (seq_len - len(row)))
+        rows.append(row + [pad] * (seq_len - len(row)))
+        if len(rows) == batch_size or used >= tokens:
+            yield torch.tensor(rows), torch.tensor(masks)
+            rows, masks = [], []
+        if used >= tokens:
+            return
+    if rows:
+        yield torch.tensor(rows), torch.tensor(masks)

@@ -3,7 +3,7 @@
 One definition serves every command that reports a loss (``train``'s final figure, ``eval``, and the
 before/after tables of ``prune``, ``quantize`` and ``convert``): the text is a split of the token stream
 that training sees (:func:`layerlab.data.split_ids`), cut into consecutive windows of
-``DEFAULT_SEQ_LEN`` tokens (or the context, if shorter), each predicting its next token; by default the
+``layerlab.data.DEFAULT_SEQ_LEN`` tokens (or the context, if shorter), each predicting its next token; by default the
 whole validation split, which takes seconds for the models layerlab trains on a CPU. Every result
 carries ``slice``, the name of the text it was measured on, and the commands print it.
 """
@@ -17,12 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import view
-from .analysis.analyze import load_for_analysis
-from .data import default_split, describe_slice, split_ids, stream_tokenizer
+from .adapters import load_model, view
+from .data import default_split, describe_slice, split_ids, stream_tokenizer, window_length
 from .errors import LayerlabError
 
-DEFAULT_SEQ_LEN = 256
+
+def masked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token cross-entropy, number of predictions) over the real tokens of a (B, T) batch."""
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    ce = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum")
+    return float(ce), int(valid.sum())
 
 
 @torch.no_grad()
@@ -43,7 +47,7 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
     used = available if tokens is None else min(tokens, available)
     n = used - 1  # predictions
     ids = torch.from_numpy(np.asarray(stream[:used], dtype=np.int64))
-    seq_len = seq_len or min(DEFAULT_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
     starts = list(range(0, n, seq_len))
     full = [s for s in starts if s + seq_len <= n]  # whole windows go in batches, a short last one alone
@@ -67,5 +71,5 @@ def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int 
     """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``."""
     if tokens is not None and tokens < 2:
         raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
-    model, tok = load_for_analysis(model_dir)
+    model, tok, _ = load_model(model_dir)
     return lm_loss(model, tok, data, tokens, split=split or default_split(data))

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .adapters import load_model
 from .config import ModelConfig
 from .data import load_tokenizer
 from .errors import LayerlabError
-from .io import load_causal_lm, output_dir, write_manifest
+from .io import output_dir, write_manifest
 from .model import LayerlabForCausalLM, build_model
 from .packed import refuse_quantized
 
@@ -109,7 +110,7 @@ def export(model_dir: str | Path, *, to: str = "gpt2", out: str | Path) -> Path:
     """Write ``model_dir`` as a plain Hugging Face ``to`` model (with its tokenizer) into ``out``."""
     if to != "gpt2":
         raise LayerlabError(f"unknown export target {to!r}; valid: gpt2")
-    model = load_causal_lm(model_dir)
+    model = load_model(model_dir, dtype="auto", device="cpu").model
     refuse_quantized(model, model_dir, "export")
     if not isinstance(model, LayerlabForCausalLM):
         raise LayerlabError(f"{model_dir} is not a layerlab model (it is {type(model).__name__})")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .data import load_tokenizer
+from .adapters import load_model
+from .data import stream_tokenizer
 from .errors import LayerlabError
-from .io import load_causal_lm
 
 
 def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
@@ -26,8 +26,10 @@ def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature
         raise LayerlabError(f"--temperature must be >= 0, got {temperature}")
     if not prompt:
         raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
-    model = load_causal_lm(model_dir)
-    tok = load_tokenizer(Path(model_dir))
+    model, hf_tokenizer, v = load_model(model_dir, dtype="auto")
+    if not v.causal:
+        raise LayerlabError(f"{model_dir} is an encoder ({v.arch_name}): sample needs a causal LM")
+    tok = stream_tokenizer(hf_tokenizer)  # encode/decode as training saw them, with the eos id
     ids = torch.tensor(tok.encode(prompt).astype("int64"))[None]  # (1, T)
     if ids.shape[1] == 0:
         raise LayerlabError(f"the prompt {prompt!r} encodes to no tokens")
@@ -44,9 +46,10 @@ def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature
                  f"the prompt and the continuation together{cut}")
     torch.manual_seed(seed)
     greedy = temperature == 0
+    ids = ids.to(next(model.parameters()).device)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=not greedy,
         temperature=None if greedy else temperature, top_k=None if greedy else top_k,
         pad_token_id=tok.eos_id, eos_token_id=None,
     )
-    return prompt + tok.decode(out[0, ids.shape[1]:].tolist())
+    return prompt + tok.decode(out[0, ids.shape[1]:].cpu().numpy())

@@ -11,19 +11,29 @@ Everything that reads or edits layers goes through a :class:`LayerView`:
 - :meth:`LayerView.skip_sublayers` runs it with attention or MLP sublayers adding nothing;
 - :meth:`LayerView.linears` lists a block's linear weights as (out, in) matrices;
 - :meth:`LayerView.replace` swaps a named part (a norm, say) for another module.
+
+:func:`load_model` is the project's one model loader: any supported model directory, layerlab's or
+Hugging Face's, with its tokenizer and its view. Every command opens its input through it.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+import transformers
 from torch import nn
 
+from .. import model as _registers_layerlab  # noqa: F401  (the Auto classes learn layerlab's model and quantizer)
 from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..errors import LayerlabError, choices_error
+from ..io import check_model_dir
 from ..registry import SUBLAYERS
 
 
@@ -362,3 +372,43 @@ def view(model: nn.Module) -> LayerView:
     return LayerView(model, arch_of(model))
 
 
+
+
+class Loaded(NamedTuple):
+    """What :func:`load_model` returns: unpack it as ``model, tokenizer, view = load_model(path)``."""
+
+    model: nn.Module
+    tokenizer: Any  # the directory's transformers tokenizer
+    view: LayerView
+
+
+def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto") -> Loaded:
+    """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, BERT) for inference.
+
+    ``dtype`` ``"auto"`` keeps the checkpoint's own dtype; ``device`` ``"auto"`` is CUDA when present.
+    Weights come from safetensors (or a PyTorch file with ``weights_only``); every failure is one line.
+    """
+    path = check_model_dir(path)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LayerlabError(f"{path / 'config.json'} is not a valid model config (JSON object)") from None
+    if model_type not in MODEL_TYPES:
+        raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
+    auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = auto.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # noqa: BLE001  (corrupt or truncated weights surface as many exception types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayerlabError(f"cannot load model from {path}: {first}") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayerlabError(f"cannot load the tokenizer of {path}: {first}") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    return Loaded(model, tokenizer, view(model))

@@ -1,6 +1,6 @@
 """Per-layer measurements of any supported model."""
 
-from .analyze import analyze, analyze_model, load_for_analysis
+from .analyze import analyze, analyze_model
 from .report import Report
 
-__all__ = ["Report", "analyze", "analyze_model", "load_for_analysis"]
+__all__ = ["Report", "analyze", "analyze_model"]

@@ -8,20 +8,19 @@ Fixed sample sizes (documented in docs/report-format.md):
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..adapters import LayerView, view
-from ..data import default_split, describe_slice, split_ids
+from ..adapters import load_model, view
+from ..data import batches, default_split, describe_slice, split_ids, window_length
 from ..errors import LayerlabError
-from ..io import cache_dir, check_model_dir, check_output, versions
+from ..evaluate import masked_loss_sum
+from ..io import cache_dir, check_output, versions
 from .report import Report
 from .stats import StreamStats, TokenSample, sample_measures
 
@@ -31,82 +30,10 @@ SAMPLE_SEQUENCES = 8
 REMOVAL_TOKENS = 2048
 
 
-def load_for_analysis(path: str | Path, device: str = "auto"):
-    """(model, tokenizer) of a model directory: a causal LM, or a BERT-style encoder, on ``device``
-    (``auto``: CUDA when present)."""
-    import transformers
-
-    from .. import model as _registers_layerlab  # noqa: F401
-
-    path = check_model_dir(path)
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LayerlabError(f"{path / 'config.json'} is not valid JSON") from None
-    from ..adapters import MODEL_TYPES
-
-    model_type = cfg.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
-    auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = auto.from_pretrained(path, dtype=torch.float32)
-    except Exception as e:  # corrupt or truncated weights surface as many exception types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LayerlabError(f"cannot load model from {path}: {first}") from None
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise LayerlabError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tok
-
-
 def model_label(path: Path) -> str:
     """A short name for plots: the directory's name, or its parent's when the directory is generically named."""
     p = path.resolve()
     return p.parent.name if p.name.lower() in {"model", "models", "checkpoint", "final"} else p.name
-
-
-def analysis_text_ids(tokenizer, data: str | Path | None, tokens: int, split: str | None = None) -> list[int]:
-    """The first ``2 * tokens`` token ids of ``split`` of ``data`` (:func:`layerlab.data.split_ids`; by
-    default :func:`layerlab.data.default_split`: the embedded corpus' validation split, or all of a
-    user's text). ``split="validation"`` is what the compressors' perplexities read, so that the text
-    they calibrate or fine-tune on, the first 90%, is never the text they are judged on."""
-    return split_ids(tokenizer, data, split or default_split(data))[: 2 * tokens].tolist()
-
-
-def batches(view_: LayerView, tokenizer, ids: list[int], tokens: int, seq_len: int,
-            batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches holding ``tokens`` real tokens in all.
-
-    Encoders get [CLS] ... [SEP] around each window; a short last window is right-padded,
-    which the measures skip through the mask.
-    """
-    special = [] if view_.causal else [tokenizer.cls_token_id, tokenizer.sep_token_id]
-    if any(s is None for s in special):
-        special = []
-    body = seq_len - len(special)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows, masks, used = [], [], 0
-    for start in range(0, len(ids), body):
-        window = ids[start:start + body][: max(tokens - used - len(special), 1)]
-        if len(window) < 2:
-            break
-        row = [special[0], *window, special[1]] if special else window
-        used += len(row)
-        masks.append([1] * len(row) + [0] * (seq_len - len(row)))
-        rows.append(row + [pad] * (seq_len - len(row)))
-        if len(rows) == batch_size or used >= tokens:
-            yield torch.tensor(rows), torch.tensor(masks)
-            rows, masks = [], []
-        if used >= tokens:
-            return
-    if rows:
-        yield torch.tensor(rows), torch.tensor(masks)
 
 
 def _progress(enabled: bool):
@@ -114,13 +41,6 @@ def _progress(enabled: bool):
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     disable=not enabled)
-
-
-def masked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token cross-entropy, number of predictions) over the real tokens of a batch."""
-    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    ce = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum")
-    return float(ce), int(valid.sum())
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -138,8 +58,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     v = view(model)
     device = next(model.parameters()).device
-    max_pos = getattr(model.config, "max_position_embeddings", None) or 512
-    seq_len = seq_len or min(256 if v.causal else 128, max_pos)
+    seq_len = window_length(model.config, v.causal, seq_len)
     split = default_split(data)
     split_tokens = split_ids(tokenizer, data, split)
     ids = split_tokens[: 2 * tokens].tolist()
@@ -157,7 +76,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     n_batches = math.ceil(min(tokens, available) / (seq_len * batch_size)) + 1
     with _progress(progress) as bar:
         task = bar.add_task(f"analyze {name}", total=n_batches)
-        for input_ids, mask in batches(v, tokenizer, ids, tokens, seq_len, batch_size):
+        for input_ids, mask in batches(tokenizer, ids, tokens, seq_len, batch_size, causal=v.causal):
             input_ids, mask = input_ids.to(device), mask.to(device)
             with v.trace() as t:
                 out = v.forward(input_ids, mask)
@@ -263,7 +182,7 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     names: set[str] = set()
     for m in models:
         if isinstance(m, (str, Path)):
-            model, tok = load_for_analysis(m)
+            model, tok, _ = load_model(m)
             name, path, model_dir = model_label(Path(m)), str(m), Path(m)
         else:
             model, tok = m

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import view
-from ..analysis.analyze import analysis_text_ids, batches, load_for_analysis
+from ..adapters import load_model, view
+from ..data import batches, measure_ids, window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import output_dir, write_manifest
@@ -269,7 +269,7 @@ def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str
     """
     if steps < 0:
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
-    seq_len = seq_len or min(256, model.cfg.context)
+    seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
     ids = _train_ids(tokenizer, data, limit=4_000_000)
     if len(ids) < seq_len + 2:
@@ -342,10 +342,10 @@ def fold_norms(model: LayerlabForCausalLM) -> LayerlabForCausalLM:
 @torch.no_grad()
 def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int = 2048, batch_size: int = 4) -> float:
     """Largest |logit difference| between two models on the first batch of the validation windows."""
-    seq_len = min(256, getattr(a.config, "max_position_embeddings", None) or 256)
-    ids = analysis_text_ids(tokenizer, data, tokens)
+    seq_len = window_length(a.config)
+    ids = measure_ids(tokenizer, data, tokens)
     device = next(a.parameters()).device
-    input_ids, mask = next(iter(batches(view(a), tokenizer, ids, tokens, seq_len, batch_size)))
+    input_ids, mask = next(iter(batches(tokenizer, ids, tokens, seq_len, batch_size)))
     input_ids, mask = input_ids.to(device), mask.to(device)
     la = view(a).forward(input_ids, mask).logits
     lb = view(b).forward(input_ids, mask).logits
@@ -377,7 +377,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
-    model, tok = load_for_analysis(model_dir)
+    model, tok, _ = load_model(model_dir)
     refuse_quantized(model, model_dir, "convert")
     source = view(model).arch_name
     pre_ln = as_pre_ln(model, to)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import view
-from ..data import VAL_FRACTION, head_documents
+from ..data import VAL_FRACTION, head_documents, window_length
 from ..errors import LayerlabError, choices_error
 from ..registry import HEAL_MODES
 
@@ -51,7 +51,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
         return model
     if not view(model).causal:
         raise LayerlabError("healing trains a causal LM; this model is an encoder")
-    seq_len = seq_len or min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
     ids = _train_ids(tokenizer, data, limit=4_000_000)
     if len(ids) < seq_len + 2:

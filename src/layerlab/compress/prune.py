@@ -43,12 +43,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..adapters import SUBLAYERS, LayerView, view
-from ..analysis.analyze import analyze_model, batches, load_for_analysis, masked_loss_sum
+from ..adapters import SUBLAYERS, LayerView, load_model, view
+from ..analysis.analyze import analyze_model
 from ..analysis.stats import angular, last_token_index
 from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
+from ..data import batches, window_length
 from ..errors import LayerlabError, choices_error
-from ..evaluate import lm_loss
+from ..evaluate import lm_loss, masked_loss_sum
 from ..io import output_dir, write_manifest
 from ..packed import refuse_quantized
 from ..registry import PRUNE_METRICS as METRICS
@@ -71,11 +72,10 @@ def _held_batches(model, tok, data, tokens: int) -> list[tuple[torch.Tensor, tor
     before/after perplexities are measured on."""
     from .heal import _train_ids
 
-    v = view(model)
-    seq_len = min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    seq_len = window_length(model.config)
     device = next(model.parameters()).device
     ids = _train_ids(tok, data, limit=2 * tokens).tolist()
-    return [(i.to(device), m.to(device)) for i, m in batches(v, tok, ids, tokens, seq_len, 8)]
+    return [(i.to(device), m.to(device)) for i, m in batches(tok, ids, tokens, seq_len, 8)]
 
 
 def present_sublayers(model, unit: str) -> list[bool]:
@@ -328,9 +328,8 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         raise choices_error("heal mode", heal, HEAL_MODES)
     if heal_steps < 0:
         raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
-    model, tok = load_for_analysis(model_dir)
+    model, tok, v = load_model(model_dir)
     refuse_quantized(model, model_dir, "prune")
-    v = view(model)
     if not v.causal:
         raise LayerlabError("prune writes causal LMs; this model is an encoder")
     if unit == "block" and not 1 <= remove < v.num_layers:

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import view
-from ..analysis.analyze import load_for_analysis, masked_loss_sum
+from ..adapters import load_model, view
+from ..data import window_length
 from ..errors import LayerlabError, choices_error
-from ..evaluate import lm_loss
+from ..evaluate import lm_loss, masked_loss_sum
 from ..io import output_dir, write_manifest
 from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, refuse_quantized, set_module
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
@@ -110,7 +110,7 @@ class Quantizer:
 def _calibration(model, tokenizer, data, tokens: int, seq_len: int | None = None, batch_size: int = 8):
     from .heal import _train_ids
 
-    seq_len = seq_len or min(256, getattr(model.config, "max_position_embeddings", None) or 256)
+    seq_len = window_length(model.config, seq_len=seq_len)
     ids = _train_ids(tokenizer, data, limit=max(tokens, seq_len))
     if len(ids) < 2:
         raise LayerlabError("data too short: fewer than 2 training tokens to calibrate on")
@@ -270,9 +270,8 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
                             f"{', '.join(map(str, widths))}), got {bits}")
     if group < 8 or group % 8:
         raise LayerlabError(f"--group must be a positive multiple of 8, got {group}")
-    model, tok = load_for_analysis(model_dir)
+    model, tok, v = load_model(model_dir)
     refuse_quantized(model, model_dir, "quantize")
-    v = view(model)
     if not v.causal:
         raise LayerlabError("quantize reports language-model perplexity; this model is an encoder")
     with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
