@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LayerlabError
+from .version import __version__
 
 
 def current_umask() -> int:
@@ -63,12 +64,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def versions() -> dict[str, str]:
     """Versions of the libraries that decide a result, for provenance."""
+    # imported here, not at the top: io is the bottom layer, and the CLI reads it before torch may load
     import numpy
     import tokenizers
     import torch
     import transformers
-
-    from . import __version__
 
     return {
         "layerlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
