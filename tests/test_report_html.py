@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from layerlab.report import render_html, write_html
-from layerlab.report.plots import _span_matrix
+from layerlab.report.plots import span_matrix
 
 NAME = "gpt<b>&tiny"  # must come out escaped
 IMG = re.compile(r'<img class="plot[^"]*"[^>]*>')
@@ -213,7 +213,7 @@ def test_degenerate_reports_render():
 def test_span_matrix_reads_distances_across_n_blocks():
     # 3 blocks: states 0..3, d(i, j) = j - i + i / 10 in the upper triangle
     matrix = [[None if j < i else (j - i) + i / 10 for j in range(4)] for i in range(4)]
-    span = _span_matrix(matrix)
+    span = span_matrix(matrix)
     assert span.shape == (3, 3)
     np.testing.assert_allclose(span[0], [1, 2, 3])
     np.testing.assert_allclose(span[1, :2], [1.1, 2.1])

@@ -12,7 +12,7 @@ import yaml
 
 from layerlab.errors import LayerlabError
 from layerlab.report.sweep import render_sweep_html
-from layerlab.sweep import _label, load_sweep, sweep
+from layerlab.sweep import load_sweep, sweep, value_label
 
 # A few steps of the debug preset, each logged, telemetry at the last one; a small analysis.
 BASE = {"preset": "debug", "steps": 3, "eval_every": 3, "eval_batches": 1, "log_every": 1, "telemetry_every": 3,
@@ -216,22 +216,24 @@ def test_failed_run_is_recorded_and_the_others_finish(tmp_path):
 
 
 def test_run_names_and_grid_mappings(tmp_path):
-    assert [_label("lr", 1e-3), _label("bias", False), _label("placement", ["pre", "post"]),
-            _label("data", None), _label("data", "corpus/wiki.txt"), _label("norm", "rms norm:x")] == [
+    assert [value_label("lr", 1e-3), value_label("bias", False), value_label("placement", ["pre", "post"]),
+            value_label("data", None), value_label("data", "corpus/wiki.txt"), value_label("norm", "rms norm:x")] == [
         "lr0.001", "no-bias", "pre+post", "data-none", "wiki.txt", "rms_norm_x"]
     same_name = write_sweep(tmp_path / "same.yaml", grid={"data": ["a/t.txt", "b/t.txt"]})
     assert [r.name for r in load_sweep(same_name, out=tmp_path / "o").runs] == ["data-t.txt-1-s0", "data-t.txt-2-s0"]
     file = write_sweep(tmp_path / "opt.yaml", grid={"optimizer": ["adamw", {"optimizer": "lamb", "lr": 0.02}],
                                                     "layers": [1, 2]}, seeds=[3])
     plan = load_sweep(file, out=tmp_path / "out")
+    assert plan.name == "opt"  # the file's name, not the last grid field's
     assert [r.name for r in plan.runs] == ["adamw-layers1-s3", "adamw-layers2-s3", "lamb-layers1-s3",
                                            "lamb-layers2-s3"]
     lamb = plan.runs[2]
     assert lamb.overrides["lr"] == 0.02 and lamb.overrides["seed"] == 3 and lamb.overrides["steps"] == 3
     assert plan.runs[0].overrides.get("lr") is None and not (tmp_path / "out").exists()
-    lrs = write_sweep(tmp_path / "lrs.yaml", grid={"optimizer": ["adamw", {"optimizer": "lamb", "lr": 0.01},
-                                                                {"optimizer": "lamb", "lr": 0.03}]})
-    assert [r.name for r in load_sweep(lrs, out=tmp_path / "o").runs] == ["adamw-s0", "lamb-lr0.01-s0",
+    lambs = [{"optimizer": "lamb", "lr": 0.01}, {"optimizer": "lamb", "lr": 0.03}]
+    lrs = write_sweep(tmp_path / "lrs.yaml", name="lrs-named", grid={"optimizer": ["adamw", *lambs]})
+    named = load_sweep(lrs, out=tmp_path / "o")
+    assert named.name == "lrs-named" and [r.name for r in named.runs] == ["adamw-s0", "lamb-lr0.01-s0",
                                                                           "lamb-lr0.03-s0"]
 
 

@@ -343,7 +343,8 @@ def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str
     return out
 
 
-def _flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
+def flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
+    """The field: value mapping of a config document; its optional ``model:`` and ``train:`` sections merged in."""
     if doc is None:
         return {}
     if not isinstance(doc, dict):
@@ -372,7 +373,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """Fields from a YAML config file (flat, or with ``model:`` and ``train:`` sections)."""
     p = Path(path)
     doc = load_yaml(p)
-    return check_fields(_flatten_yaml(doc, str(p)), from_text=True, source=str(p))
+    return check_fields(flatten_yaml(doc, str(p)), from_text=True, source=str(p))
 
 
 def preset_names() -> list[str]:
@@ -385,7 +386,7 @@ def read_preset(name: str) -> dict[str, Any]:
     if name not in preset_names():
         raise choices_error("preset", name, preset_names())
     text = resources.files("layerlab.presets").joinpath(f"{name}.yaml").read_text()
-    return check_fields(_flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
+    return check_fields(flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
 
 
 @dataclass

@@ -22,26 +22,26 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .plots import (
-    _DPI,
-    _FAMILIES,
-    _HEATMAP_CAPTION,
-    _MAX_ACTIVATION,
-    _PALETTE,
-    _best_blocks,
-    _family_alt,
-    _family_figure,
-    _get,
-    _heatmap_figure,
-    _layers,
-    _num,
-    _png,
-    _runs,
-    _series,
-    _span_for,
-    _x,
+    DPI,
+    FAMILIES,
+    HEATMAP_CAPTION,
+    MAX_ACTIVATION,
+    PALETTE,
+    best_blocks,
+    block_indices,
+    family_alt,
+    family_figure,
+    heatmap_figure,
+    layer_series,
+    layer_value,
+    model_layers,
+    num,
+    png,
+    run_lengths,
+    span_for,
 )
 
-__all__ = ["render_html", "write_html"]
+__all__ = ["CSP", "CSS", "SCRIPT", "Page", "esc", "render_html", "swatch", "write_html"]
 
 
 # Column order of the per-layer table; keys not listed here follow in the order they first appear.
@@ -54,7 +54,8 @@ _TABLE_ORDER = (
 )
 
 
-_CSS = """
+# The page's inline style sheet (the sweep page adds its own rules after it).
+CSS = """
 :root { color-scheme: light; }
 body { margin: 0; background: #fff; color: #1d2330;
        font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
@@ -92,7 +93,8 @@ table.numbers tbody tr:nth-child(even) { background: #fafbfc; }
 """
 
 
-_SCRIPT = """
+# The page's only script: counts the plots that decoded into <body data-plots-loaded>.
+SCRIPT = """
 window.addEventListener("load", function () {
   var drawn = 0;
   document.querySelectorAll("img.plot").forEach(function (img) {
@@ -104,7 +106,7 @@ window.addEventListener("load", function () {
 
 
 # No network at all: inline CSS and script, images only from data: URIs.
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
 def render_html(report: dict) -> str:
@@ -117,8 +119,8 @@ def render_html(report: dict) -> str:
     models = [m if isinstance(m, dict) else {} for m in (report.get("models") or [])]
     provenance = report.get("provenance") or {}
     names = [_model_name(m, i) for i, m in enumerate(models)]
-    colors = [_PALETTE[i % len(_PALETTE)] for i in range(len(models))]
-    page = _Page()
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(models))]
+    page = Page()
 
     page.add("<h1>Layer analysis report</h1>")
     page.add(f'<p class="provenance">{_provenance_line(provenance, report.get("format"))}</p>')
@@ -127,7 +129,7 @@ def render_html(report: dict) -> str:
     else:
         page.add('<ul class="models">')
         for model, name, color in zip(models, names, colors):
-            page.add(f"<li>{_swatch(color)}<b>{_esc(name)}</b> — {_model_line(model)}</li>")
+            page.add(f"<li>{swatch(color)}<b>{esc(name)}</b> — {_model_line(model)}</li>")
         page.add("</ul>")
 
         page.add("<h2>Summary</h2>")
@@ -137,43 +139,43 @@ def render_html(report: dict) -> str:
         page.add("</div>")
 
         page.add("<h2>Metrics by depth</h2>")
-        for family in _FAMILIES:
-            drawn = _family_figure(family, models, names, colors)
+        for family in FAMILIES:
+            drawn = family_figure(family, models, names, colors)
             if drawn is not None:
-                page.figure(family.title, drawn[0], _family_alt(family, drawn[1]), family.caption)
+                page.figure(family.title, drawn[0], family_alt(family, drawn[1]), family.caption)
 
         page.add("<h2>Angular distance across n blocks</h2>")
         page.add('<div class="heatmaps">')
         drew_heatmap = False
         for model, name in zip(models, names):
-            fig = _heatmap_figure(model, name)
+            fig = heatmap_figure(model, name)
             if fig is not None:
                 alt = f"Angular distance heatmap d(x_l, x_l+n) of {name}"
                 page.figure(None, fig, alt, None, extra_class="heatmap")
                 drew_heatmap = True
         page.add("</div>")
-        page.add(f"<p class=\"muted\">{_esc(_HEATMAP_CAPTION) if drew_heatmap else 'No distance matrix.'}</p>")
+        page.add(f"<p class=\"muted\">{esc(HEATMAP_CAPTION) if drew_heatmap else 'No distance matrix.'}</p>")
 
-        drawn = _family_figure(_MAX_ACTIVATION, models, names, colors)
+        drawn = family_figure(MAX_ACTIVATION, models, names, colors)
         if drawn is not None:
-            page.add(f"<h2>{_esc(_MAX_ACTIVATION.title)}</h2>")
-            page.figure(None, drawn[0], _family_alt(_MAX_ACTIVATION, drawn[1]), _MAX_ACTIVATION.caption)
+            page.add(f"<h2>{esc(MAX_ACTIVATION.title)}</h2>")
+            page.figure(None, drawn[0], family_alt(MAX_ACTIVATION, drawn[1]), MAX_ACTIVATION.caption)
 
         page.add("<h2>Per-layer numbers</h2>")
         page.add("<details><summary>All per-layer metrics (3 significant digits)</summary>")
         for model, name, color in zip(models, names, colors):
-            page.add(f"<h3>{_swatch(color)}{_esc(name)}</h3>")
+            page.add(f"<h3>{swatch(color)}{esc(name)}</h3>")
             page.add(_numbers_table(model))
         page.add("</details>")
 
     title = "layerlab report" + (": " + ", ".join(names) if names else "")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n"
         f"<body data-plots=\"{page.plots}\">\n<main>\n" + "\n".join(page.parts) + "\n</main>\n"
-        f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+        f"<script>{SCRIPT}</script>\n</body>\n</html>\n"
     )
 
 
@@ -199,7 +201,7 @@ def write_html(report: dict, path: Path) -> None:
         raise
 
 
-class _Page:
+class Page:
     """The body's HTML fragments and the number of plots among them."""
 
     def __init__(self) -> None:
@@ -207,29 +209,33 @@ class _Page:
         self.plots = 0
 
     def add(self, fragment: str) -> None:
+        """Append one HTML fragment to the body."""
         self.parts.append(fragment)
 
     def figure(self, title: str | None, fig: Figure, alt: str, caption: str | None, extra_class: str = "") -> None:
+        """Append ``fig`` as an inline PNG in a <figure>, under an <h3> ``title`` and over its caption."""
         if title:
-            self.add(f"<h3>{_esc(title)}</h3>")
+            self.add(f"<h3>{esc(title)}</h3>")
         self.add("<figure>" + _img(fig, alt, extra_class)
-                 + (f"<figcaption>{_esc(caption)}</figcaption>" if caption else "") + "</figure>")
+                 + (f"<figcaption>{esc(caption)}</figcaption>" if caption else "") + "</figure>")
         self.plots += 1
 
 
-def _esc(text: Any) -> str:
+def esc(text: Any) -> str:
+    """``text`` as a string, HTML-escaped (quotes too, so it is safe in an attribute)."""
     return html.escape(str(text), quote=True)
 
 
-def _swatch(color: str) -> str:
+def swatch(color: str) -> str:
+    """A small square of ``color``, to put before a name."""
     return f'<span class="swatch" style="background:{color}"></span>'
 
 
 def _img(fig: Figure, alt: str, extra_class: str = "") -> str:
-    width, height = (round(v * _DPI) for v in fig.get_size_inches())
-    data = base64.b64encode(_png(fig)).decode("ascii")
+    width, height = (round(v * DPI) for v in fig.get_size_inches())
+    data = base64.b64encode(png(fig)).decode("ascii")
     cls = "plot" + (f" {extra_class}" if extra_class else "")
-    return (f'<img class="{cls}" width="{width}" height="{height}" alt="{_esc(alt)}" '
+    return (f'<img class="{cls}" width="{width}" height="{height}" alt="{esc(alt)}" '
             f'src="data:image/png;base64,{data}">')
 
 
@@ -240,41 +246,41 @@ def _model_name(model: dict, i: int) -> str:
 def _provenance_line(provenance: dict, fmt: Any) -> str:
     bits = []
     if provenance.get("data") is not None:
-        bits.append(f"data: {_esc(provenance['data'])}")
+        bits.append(f"data: {esc(provenance['data'])}")
     tokens = provenance.get("tokens")
     if tokens is not None:
-        tok = f"{tokens:,} tokens" if isinstance(tokens, int) else f"{_esc(tokens)} tokens"
+        tok = f"{tokens:,} tokens" if isinstance(tokens, int) else f"{esc(tokens)} tokens"
         if provenance.get("seq_len") is not None:
-            tok += f" (sequences of {_esc(provenance['seq_len'])})"
+            tok += f" (sequences of {esc(provenance['seq_len'])})"
         bits.append(tok)
     if provenance.get("created"):
-        bits.append(f"created {_esc(provenance['created'])}")
+        bits.append(f"created {esc(provenance['created'])}")
     versions = provenance.get("versions") or {}
     if isinstance(versions, dict):
-        bits.extend(f"{_esc(k)} {_esc(v)}" for k, v in versions.items())
+        bits.extend(f"{esc(k)} {esc(v)}" for k, v in versions.items())
     if fmt:
-        bits.append(f"format {_esc(fmt)}")
+        bits.append(f"format {esc(fmt)}")
     return " · ".join(bits) if bits else "no provenance recorded"
 
 
 def _model_line(model: dict) -> str:
     bits = []
     if model.get("arch"):
-        bits.append(f"arch {_esc(model['arch'])}")
+        bits.append(f"arch {esc(model['arch'])}")
     num_layers = model.get("num_layers", len(model.get("layers") or []))
-    bits.append(f"{_esc(num_layers)} layers")
+    bits.append(f"{esc(num_layers)} layers")
     if model.get("hidden_size") is not None:
-        bits.append(f"width {_esc(model['hidden_size'])}")
+        bits.append(f"width {esc(model['hidden_size'])}")
     if model.get("causal") is not None:
         bits.append("causal LM" if model["causal"] else "encoder")
     placements = model.get("placements")
     if isinstance(placements, list) and placements:
-        bits.append("placement " + ", ".join(f"{_esc(p)}×{n}" for p, n in _runs(placements)))
-    loss = _num(model.get("loss"))
+        bits.append("placement " + ", ".join(f"{esc(p)}×{n}" for p, n in run_lengths(placements)))
+    loss = num(model.get("loss"))
     if not math.isnan(loss):
         bits.append(f"full loss {loss:.3f} nats/token")
     if model.get("path"):
-        bits.append(f'<span class="muted">{_esc(model["path"])}</span>')
+        bits.append(f'<span class="muted">{esc(model["path"])}</span>')
     return " · ".join(bits)
 
 
@@ -288,7 +294,7 @@ def _fmt(value: Any) -> str:
         return str(value)
     if isinstance(value, float):
         return "NaN" if math.isnan(value) else f"{value:.3g}"
-    return _esc(value)
+    return esc(value)
 
 
 def _importance(model: dict) -> tuple[str, np.ndarray] | None:
@@ -298,7 +304,7 @@ def _importance(model: dict) -> tuple[str, np.ndarray] | None:
     effect = ("removal_effect", "removal effect")
     order = [delta, effect] if model.get("causal", True) else [effect, delta]
     for key, label in [*order, ("block_influence", "block influence")]:
-        values = _series(model, key)
+        values = layer_series(model, key)
         if np.isfinite(values).any():
             return label, values
     return None
@@ -310,7 +316,7 @@ def _blocks(start: int, n: int) -> str:
 
 def _summary_card(model: dict, name: str, color: str) -> str:
     rows: list[tuple[str, str]] = []
-    loss = _num(model.get("loss"))
+    loss = num(model.get("loss"))
     if not math.isnan(loss):
         rows.append(("Full loss", f"{loss:.3f} nats/token"))
     ranked = _importance(model)
@@ -321,14 +327,14 @@ def _summary_card(model: dict, name: str, color: str) -> str:
         finite = np.flatnonzero(np.isfinite(values))
         order = finite[np.argsort(-values[finite], kind="stable")]
         k = max(1, min(3, len(order) // 2))
-        x = _x(model)
+        x = block_indices(model)
 
         def listing(idx: Iterable[int]) -> str:
             return ", ".join(f"<b>{x[i]}</b> <span class=\"muted\">({values[i]:.3g})</span>" for i in idx)
 
         rows.append((f"Most important blocks <span class=\"muted\">by {label}</span>", listing(order[:k])))
         rows.append((f"Least important blocks <span class=\"muted\">by {label}</span>", listing(order[::-1][:k])))
-    best = _best_blocks(model, _span_for(model)[0])
+    best = best_blocks(model, span_for(model)[0])
     which = "last-token" if model.get("causal", True) else "all-token"
     for n in (1, 2, 3):
         if n in best:
@@ -339,23 +345,23 @@ def _summary_card(model: dict, name: str, color: str) -> str:
         rows.append(("Block to prune", "n/a"))
     rows.append(("Max activation", _max_activation_text(model.get("max_activation"))))
     body = "".join(f"<tr><th>{h}</th><td>{v}</td></tr>" for h, v in rows)
-    return (f'<div class="card" style="border-left-color:{color}"><h3>{_swatch(color)}{_esc(name)}</h3>'
+    return (f'<div class="card" style="border-left-color:{color}"><h3>{swatch(color)}{esc(name)}</h3>'
             f'<table class="summary">{body}</table></div>')
 
 
 def _max_activation_text(ma: Any) -> str:
-    if not isinstance(ma, dict) or math.isnan(_num(ma.get("value"))):
+    if not isinstance(ma, dict) or math.isnan(num(ma.get("value"))):
         return "n/a"
     where = []
     if ma.get("layer") is not None:
-        where.append(f"block {_esc(ma['layer'])}")
+        where.append(f"block {esc(ma['layer'])}")
     if ma.get("point") is not None:
-        where.append(_esc(ma["point"]))
-    return f"<b>{_num(ma['value']):.4g}</b>" + (f" at {', '.join(where)}" if where else "")
+        where.append(esc(ma["point"]))
+    return f"<b>{num(ma['value']):.4g}</b>" + (f" at {', '.join(where)}" if where else "")
 
 
 def _numbers_table(model: dict) -> str:
-    layers = _layers(model)
+    layers = model_layers(model)
     if not layers:
         return '<p class="muted">No per-layer values.</p>'
     keys: list[str] = []
@@ -364,14 +370,14 @@ def _numbers_table(model: dict) -> str:
             names = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]
             keys.extend(k for k in names if k not in keys)
     keys = [k for k in _TABLE_ORDER if k in keys] + [k for k in keys if k not in _TABLE_ORDER]
-    keys = [k for k in keys if any(_get(layer, k) is not None for layer in layers)]
-    head = "".join(f"<th>{_esc(k).replace('_', '_<wbr>').replace('.', '.<wbr>')}</th>" for k in keys)
+    keys = [k for k in keys if any(layer_value(layer, k) is not None for layer in layers)]
+    head = "".join(f"<th>{esc(k).replace('_', '_<wbr>').replace('.', '.<wbr>')}</th>" for k in keys)
     rows = []
     for layer in layers:
         cells = []
         for k in keys:
-            value = _get(layer, k)
-            cells.append(f"<td>{_fmt(value) if not isinstance(value, (dict, list)) else _esc(value)}</td>")
+            value = layer_value(layer, k)
+            cells.append(f"<td>{_fmt(value) if not isinstance(value, (dict, list)) else esc(value)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table class="numbers"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>")

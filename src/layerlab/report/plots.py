@@ -19,14 +19,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-_DPI = 100
+DPI = 100  # pixels per inch of every figure and of the page's <img> sizes
 
 
-_WIDE = 11.0  # inches: 1100 px at 100 dpi, the width of the page's content column
+WIDE = 11.0  # inches: 1100 px at 100 dpi, the width of the page's content column
 
 
 # One colour per model, in the order the models appear (matplotlib's tab10).
-_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
             "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
@@ -58,7 +58,8 @@ class _Family:
     row_height: float = 2.9
 
 
-_FAMILIES: tuple[_Family, ...] = (
+# The metric families drawn by depth, in the page's order.
+FAMILIES: tuple[_Family, ...] = (
     _Family(
         "Layer similarity",
         "Angular distance between the residual stream entering and leaving each block (solid: all tokens, "
@@ -148,7 +149,8 @@ _FAMILIES: tuple[_Family, ...] = (
 )
 
 
-_MAX_ACTIVATION = _Family(
+# The max-activation family, drawn in its own section after the heatmaps.
+MAX_ACTIVATION = _Family(
     "Max activations",
     "Largest absolute activation at each block's hook points (the residual stream leaving the block, the "
     "attention output and the MLP output), log scale, with the embedding output (“emb”) and the final norm "
@@ -164,7 +166,8 @@ _MAX_ACTIVATION = _Family(
 )
 
 
-_HEATMAP_CAPTION = (
+# The caption under the angular-distance heatmaps.
+HEATMAP_CAPTION = (
     "Angular distance d(x_l, x_l+n) between the stream entering block l and the stream leaving block l+n−1, "
     "that is across n consecutive blocks (last token for causal LMs, all tokens for encoders); dark cells are "
     "spans whose removal changes the representation least, and the white dots mark the best block to start "
@@ -172,11 +175,11 @@ _HEATMAP_CAPTION = (
 )
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     """The figure as a PNG, reduced to a 256-colour palette when Pillow is there (plots lose nothing visible and
     the file shrinks three- to four-fold)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow comes with matplotlib
@@ -191,7 +194,7 @@ def _png(fig: Figure) -> bytes:
     return out.getvalue()
 
 
-def _runs(items: list) -> list[tuple[Any, int]]:
+def run_lengths(items: list) -> list[tuple[Any, int]]:
     """Run-length encoding: ["pre", "pre", "post"] -> [("pre", 2), ("post", 1)]."""
     out: list[tuple[Any, int]] = []
     for item in items:
@@ -202,7 +205,7 @@ def _runs(items: list) -> list[tuple[Any, int]]:
     return out
 
 
-def _num(value: Any) -> float:
+def num(value: Any) -> float:
     """A finite float, or NaN for None, NaN, infinities and anything that is not a number."""
     if value is None or isinstance(value, bool):
         return math.nan
@@ -213,7 +216,8 @@ def _num(value: Any) -> float:
     return x if math.isfinite(x) else math.nan
 
 
-def _get(layer: dict, key: str) -> Any:
+def layer_value(layer: dict, key: str) -> Any:
+    """The value of a per-layer key ("a.b" reads layer["a"]["b"]), or None where it is missing."""
     value: Any = layer
     for part in key.split("."):
         if not isinstance(value, dict):
@@ -222,15 +226,17 @@ def _get(layer: dict, key: str) -> Any:
     return value
 
 
-def _layers(model: dict) -> list[dict]:
+def model_layers(model: dict) -> list[dict]:
+    """The model's per-layer records, an empty dict in place of anything that is not a mapping."""
     return [layer if isinstance(layer, dict) else {} for layer in (model.get("layers") or [])]
 
 
-def _series(model: dict, key: str) -> np.ndarray:
-    return np.array([_num(_get(layer, key)) for layer in _layers(model)], dtype=float)
+def layer_series(model: dict, key: str) -> np.ndarray:
+    """One per-layer key of every layer as floats, NaN where missing or not finite."""
+    return np.array([num(layer_value(layer, key)) for layer in model_layers(model)], dtype=float)
 
 
-def _best_blocks(model: dict, span: np.ndarray | None) -> dict[int, tuple[int, float]]:
+def best_blocks(model: dict, span: np.ndarray | None) -> dict[int, tuple[int, float]]:
     """n -> (start, distance) from ``best_block_to_prune``, else the argmin of the span matrix."""
     best: dict[int, tuple[int, float]] = {}
     given = model.get("best_block_to_prune")
@@ -240,7 +246,7 @@ def _best_blocks(model: dict, span: np.ndarray | None) -> dict[int, tuple[int, f
                 n_int, start = int(n), int(entry["start"])
             except (TypeError, ValueError, KeyError):
                 continue
-            best[n_int] = (start, _num(entry.get("distance")))
+            best[n_int] = (start, num(entry.get("distance")))
     if not best and span is not None:
         for n in range(1, span.shape[1] + 1):
             column = span[:, n - 1]
@@ -250,32 +256,34 @@ def _best_blocks(model: dict, span: np.ndarray | None) -> dict[int, tuple[int, f
     return dict(sorted(best.items()))
 
 
-def _mpl_text(text: str) -> str:
+def mpl_text(text: str) -> str:
     """User text for matplotlib: no mathtext from stray dollar signs."""
     return text.replace("$", r"\$")
 
 
-def _x(model: dict) -> list[int]:
+def block_indices(model: dict) -> list[int]:
     """Block indices: the layers' ``index`` where it is an int, else the position."""
     out = []
-    for i, layer in enumerate(_layers(model)):
+    for i, layer in enumerate(model_layers(model)):
         index = layer.get("index")
         out.append(index if isinstance(index, int) and not isinstance(index, bool) else i)
     return out
 
 
-def _family_alt(family: _Family, panels: list[_Panel]) -> str:
+def family_alt(family: _Family, panels: list[_Panel]) -> str:
+    """The alt text of a family's figure: its title and the titles of the panels drawn."""
     metrics = "; ".join(p.title.replace("$", "").replace("\\", "") for p in panels)
     return f"{family.title} against block index: {metrics}"
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+def new_figure(width: float, height: float) -> Figure:
+    """A constrained-layout Figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot)."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _family_figure(
+def family_figure(
     family: _Family, models: list[dict], names: list[str], colors: list[str]
 ) -> tuple[Figure, list[_Panel]] | None:
     """One figure for a metric family, a panel per metric group with the models overlaid in their colours, and
@@ -285,7 +293,7 @@ def _family_figure(
         lines = []
         for m, model in enumerate(models):
             for series in panel.series:
-                y = _series(model, series.key)
+                y = layer_series(model, series.key)
                 if panel.log:
                     y[y <= 0] = np.nan
                 if np.isfinite(y).any():
@@ -298,8 +306,8 @@ def _family_figure(
     ncols = min(family.ncols, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     several = len(models) > 1
-    width = _WIDE if ncols > 1 or family.ncols == 1 else 6.5
-    fig = _new_figure(width, family.row_height * nrows + (0.35 if several else 0.0))
+    width = WIDE if ncols > 1 or family.ncols == 1 else 6.5
+    fig = new_figure(width, family.row_height * nrows + (0.35 if several else 0.0))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.remove()
@@ -307,7 +315,7 @@ def _family_figure(
         _draw_panel(ax, panel, lines, models, colors)
     if several:
         handles = [Line2D([], [], color=c, lw=2.5) for c in colors]
-        fig.legend(handles, [_mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
+        fig.legend(handles, [mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
                    frameon=False, fontsize=9)
     return fig, [panel for panel, _ in panels]
 
@@ -316,7 +324,7 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
     drawn_models = sorted({m for m, _, _ in lines})
     styles: dict[str, _Series] = {}
     for m, series, y in lines:
-        x = _x(models[m])
+        x = block_indices(models[m])
         ax.plot(x, y, series.style, color=colors[m], lw=1.6, marker="o", ms=3)
         styles.setdefault(series.key, series)
     extra: list[tuple[Line2D, str]] = []
@@ -325,19 +333,19 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
     for m in drawn_models:
         model = models[m]
         if panel.embedding_key:
-            emb = _num((model.get("embedding") or {}).get(panel.embedding_key))
+            emb = num((model.get("embedding") or {}).get(panel.embedding_key))
             if not math.isnan(emb) and (emb > 0 or not panel.log):
                 ax.plot([-1], [emb], "s", color=colors[m], ms=6)
                 has_emb = True
         if panel.final_key:
-            fin = _num(model.get(panel.final_key))
+            fin = num(model.get(panel.final_key))
             if not math.isnan(fin) and (fin > 0 or not panel.log):
-                x_final = len(_layers(model))
+                x_final = len(model_layers(model))
                 ax.plot([x_final], [fin], "D", color=colors[m], ms=6)
                 has_final = True
                 finals.add(x_final)
         if panel.loss_line:
-            loss = _num(model.get("loss"))
+            loss = num(model.get("loss"))
             if not math.isnan(loss):
                 ax.axhline(loss, color=colors[m], ls="--", lw=1.1, alpha=0.8)
                 if not extra or extra[-1][1] != "full model loss":
@@ -350,7 +358,7 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
         ax.axhline(panel.hline, color="0.55", lw=0.8, zorder=0)
     if panel.log:
         ax.set_yscale("log")
-        _readable_log_ticks(ax)
+        readable_log_ticks(ax)
 
     handles = [Line2D([], [], color="0.25", ls=s.style, lw=1.6) for s in styles.values()]
     labels = [s.label for s in styles.values()]
@@ -361,11 +369,11 @@ def _draw_panel(ax: Axes, panel: _Panel, lines: list, models: list[dict], colors
     ax.set_ylabel(panel.ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.3, lw=0.6)
-    depth = max(len(_layers(models[m])) for m in drawn_models)
-    _block_ticks(ax, depth, has_emb, finals)
+    depth = max(len(model_layers(models[m])) for m in drawn_models)
+    block_ticks(ax, depth, has_emb, finals)
 
 
-def _readable_log_ticks(ax: Axes) -> None:
+def readable_log_ticks(ax: Axes) -> None:
     """Plain numbers on a log axis: 1, 2, 5 per decade over a short range (where the default would label only
     one decade, or none), decades otherwise; minor ticks unlabelled."""
     lo, hi = ax.get_ylim()
@@ -375,7 +383,7 @@ def _readable_log_ticks(ax: Axes) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _block_ticks(ax: Axes, depth: int, with_embedding: bool, finals: set[int]) -> None:
+def block_ticks(ax: Axes, depth: int, with_embedding: bool, finals: set[int]) -> None:
     """Integer block ticks (at most ~16), "emb" at -1, and "norm" at the final norm when all models agree."""
     step = max(1, math.ceil(depth / 16))
     ticks = list(range(0, max(depth, 1), step))
@@ -391,8 +399,8 @@ def _block_ticks(ax: Axes, depth: int, with_embedding: bool, finals: set[int]) -
     ax.set_xticks(ticks, labels)
 
 
-def _span_for(model: dict) -> tuple[np.ndarray | None, str]:
-    """The span matrix (see :func:`_span_matrix`) from the last-token matrix for causal models, the all-token
+def span_for(model: dict) -> tuple[np.ndarray | None, str]:
+    """The span matrix (see :func:`span_matrix`) from the last-token matrix for causal models, the all-token
     matrix for encoders (each falling back to the other), and which one it is."""
     keys = ["angular_distance_matrix_last_token", "angular_distance_matrix"]
     if not model.get("causal", True):
@@ -400,13 +408,13 @@ def _span_for(model: dict) -> tuple[np.ndarray | None, str]:
     for key in keys:
         matrix = model.get(key)
         if isinstance(matrix, list) and len(matrix) > 1:
-            span = _span_matrix(matrix)
+            span = span_matrix(matrix)
             if np.isfinite(span).any():
                 return span, "last token" if key.endswith("last_token") else "all tokens"
     return None, ""
 
 
-def _span_matrix(matrix: list) -> np.ndarray:
+def span_matrix(matrix: list) -> np.ndarray:
     """``D[l, n - 1] = d(x_l, x_{l+n})`` for l = 0..L-1 and n = 1..L-l from the (L+1) x (L+1) state-distance
     matrix (upper triangle; the lower one is read where the upper is missing). Cells with l + n > L are NaN."""
     states = len(matrix)
@@ -414,7 +422,7 @@ def _span_matrix(matrix: list) -> np.ndarray:
 
     def cell(i: int, j: int) -> float:
         row = matrix[i] if i < states and isinstance(matrix[i], list) else []
-        return _num(row[j]) if j < len(row) else math.nan
+        return num(row[j]) if j < len(row) else math.nan
 
     span = np.full((num_layers, num_layers), np.nan)
     for start in range(num_layers):
@@ -424,18 +432,19 @@ def _span_matrix(matrix: list) -> np.ndarray:
     return span
 
 
-def _heatmap_figure(model: dict, name: str) -> Figure | None:
-    span, which = _span_for(model)
+def heatmap_figure(model: dict, name: str) -> Figure | None:
+    """The angular-distance heatmap d(x_l, x_l+n) of one model with its best blocks to prune; None without a matrix."""
+    span, which = span_for(model)
     if span is None:
         return None
     num_layers = span.shape[0]
-    fig = _new_figure(5.4, 4.5)
+    fig = new_figure(5.4, 4.5)
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(np.ma.masked_invalid(span), cmap=cmap, aspect="auto", interpolation="nearest",
                       extent=(0.5, num_layers + 0.5, num_layers - 0.5, -0.5))
     fig.colorbar(image, ax=ax, label=f"angular distance ({which})", shrink=0.9)
-    best = [(n, start) for n, (start, _) in _best_blocks(model, span).items() if 1 <= n <= num_layers]
+    best = [(n, start) for n, (start, _) in best_blocks(model, span).items() if 1 <= n <= num_layers]
     if best:
         ax.scatter([n for n, _ in best], [s for _, s in best], s=22, c="white", edgecolors="black", linewidths=0.7,
                    zorder=3)
@@ -445,5 +454,5 @@ def _heatmap_figure(model: dict, name: str) -> Figure | None:
     ax.set_xlabel("n (number of consecutive blocks)", fontsize=9)
     ax.set_ylabel("l (first block)", fontsize=9)
     ax.tick_params(labelsize=8)
-    ax.set_title(_mpl_text(name) + r": $d(x_l, x_{l+n})$, " + which, fontsize=10)
+    ax.set_title(mpl_text(name) + r": $d(x_l, x_{l+n})$, " + which, fontsize=10)
     return fig

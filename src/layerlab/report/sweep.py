@@ -22,8 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from ..io import atomic_write_bytes
-from .html import _CSP, _CSS, _SCRIPT, _esc, _Page, _swatch
-from .plots import _PALETTE, _WIDE, _block_ticks, _mpl_text, _new_figure, _num, _readable_log_ticks
+from .html import CSP, CSS, SCRIPT, Page, esc, swatch
+from .plots import PALETTE, WIDE, block_ticks, mpl_text, new_figure, num, readable_log_ticks
 
 __all__ = ["render_sweep_html", "write_sweep_html"]
 
@@ -53,17 +53,17 @@ _LAYER_CAPTION = (
 
 
 def _style(i: int) -> tuple[str, str]:
-    return _PALETTE[i % len(_PALETTE)], _STYLES[(i // len(_PALETTE)) % len(_STYLES)]
+    return PALETTE[i % len(PALETTE)], _STYLES[(i // len(PALETTE)) % len(_STYLES)]
 
 
 def _legend(fig: Figure, names: list[str]) -> None:
     handles = [Line2D([], [], color=_style(i)[0], ls=_style(i)[1], lw=2.2) for i in range(len(names))]
-    fig.legend(handles, [_mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
+    fig.legend(handles, [mpl_text(n) for n in names], loc="outside upper center", ncols=min(len(names), 5),
                frameon=False, fontsize=9)
 
 
 def _values(xs: list[Any]) -> np.ndarray:
-    return np.array([_num(v) for v in xs], dtype=float)
+    return np.array([num(v) for v in xs], dtype=float)
 
 
 def _curves(run: dict[str, Any], key: str, value: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +89,7 @@ def _loss_figure(summary: dict[str, Any], index: dict[str, int]) -> Figure | Non
     if not any(np.isfinite(_curves(r, key, value)[1]).any() for r in runs for key, value, _ in panels):
         return None
     names = list(index)
-    fig = _new_figure(_WIDE, 3.6 + (0.3 if len(names) > 1 else 0) * math.ceil(len(names) / 5))
+    fig = new_figure(WIDE, 3.6 + (0.3 if len(names) > 1 else 0) * math.ceil(len(names) / 5))
     axes = fig.subplots(1, 2, squeeze=False).ravel()
     for ax, (key, value, title) in zip(axes, panels):
         points = []
@@ -118,24 +118,24 @@ def _loss_figure(summary: dict[str, Any], index: dict[str, int]) -> Figure | Non
 
 
 def _final_figure(configs: list[dict[str, Any]], runs: list[dict[str, Any]]) -> Figure | None:
-    if not any(not math.isnan(_num((c.get("val_loss") or {}).get("mean"))) for c in configs):
+    if not any(not math.isnan(num((c.get("val_loss") or {}).get("mean"))) for c in configs):
         return None
     n = len(configs)
-    fig = _new_figure(7.5, 0.9 + 0.38 * n)
+    fig = new_figure(7.5, 0.9 + 0.38 * n)
     ax = fig.add_subplot()
     for i, c in enumerate(configs):
         color, _ = _style(i)
         y = n - 1 - i
-        seeds = [_num(r.get("val_loss")) for r in runs if r.get("config") == c.get("name")
+        seeds = [num(r.get("val_loss")) for r in runs if r.get("config") == c.get("name")
                  and r.get("status") == "finished"]
         seeds = [v for v in seeds if not math.isnan(v)]
         ax.plot(seeds, [y] * len(seeds), "o", color=color, ms=5, alpha=0.8, mec="white", mew=0.5)
         stats = c.get("val_loss") or {}
-        mean, std = _num(stats.get("mean")), _num(stats.get("std"))
+        mean, std = num(stats.get("mean")), num(stats.get("std"))
         if not math.isnan(mean):
             ax.errorbar([mean], [y], xerr=[[0 if math.isnan(std) else std]] * 2, fmt="|", color="black", ms=14,
                         mew=1.8, capsize=3, lw=1.2)
-    ax.set_yticks(range(n), [_mpl_text(str(c.get("name"))) for c in reversed(configs)])
+    ax.set_yticks(range(n), [mpl_text(str(c.get("name"))) for c in reversed(configs)])
     ax.set_ylim(-0.7, n - 0.3)
     ax.set_xlabel("final validation loss (nats/token)", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -163,7 +163,7 @@ def _layers_figure(configs: list[dict[str, Any]]) -> Figure | None:
     if not panels:
         return None
     names = [str(c.get("name")) for c in configs]
-    fig = _new_figure(_WIDE, 3.3 + 0.3 * math.ceil(len(names) / 5))
+    fig = new_figure(WIDE, 3.3 + 0.3 * math.ceil(len(names) / 5))
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     for ax, (title, ylabel, log, hline, lines) in zip(axes, panels):
         depth = 0
@@ -178,19 +178,19 @@ def _layers_figure(configs: list[dict[str, Any]]) -> Figure | None:
             ax.axhline(hline, color="0.55", lw=0.8, zorder=0)
         if log:
             ax.set_yscale("log")
-            _readable_log_ticks(ax)
+            readable_log_ticks(ax)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("block", fontsize=9)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(True, alpha=0.3, lw=0.6)
-        _block_ticks(ax, depth, False, set())
+        block_ticks(ax, depth, False, set())
     _legend(fig, names)
     return fig
 
 
 def _f(x: Any, digits: int = 4) -> str:
-    v = _num(x)
+    v = num(x)
     return "–" if math.isnan(v) else f"{v:.{digits}f}"
 
 
@@ -207,12 +207,12 @@ def _configs_table(summary: dict[str, Any], configs: list[dict[str, Any]]) -> st
     for i, c in enumerate(configs):
         vl = c.get("val_loss") or {}
         params = c.get("params")
-        secs = _num(c.get("seconds_per_run"))
-        links = " ".join(f'<a href="{_esc(r["report"])}">s{_esc(r.get("seed"))}</a>' for r in runs
+        secs = num(c.get("seconds_per_run"))
+        links = " ".join(f'<a href="{esc(r["report"])}">s{esc(r.get("seed"))}</a>' for r in runs
                          if r.get("config") == c.get("name") and r.get("report"))
-        cells = [f"{_swatch(_style(i)[0])}<b>{_esc(c.get('name'))}</b>",
-                 *(_esc(_value_text((c.get("fields") or {}).get(f))) for f in fields),
-                 f"{_esc(c.get('finished'))}/{len(c.get('seeds') or [])}",
+        cells = [f"{swatch(_style(i)[0])}<b>{esc(c.get('name'))}</b>",
+                 *(esc(_value_text((c.get("fields") or {}).get(f))) for f in fields),
+                 f"{esc(c.get('finished'))}/{len(c.get('seeds') or [])}",
                  f"{_f(vl.get('mean'))} ± {_f(vl.get('std'))}", f"{_f(vl.get('min'))} – {_f(vl.get('max'))}",
                  _f((c.get("val_bpb") or {}).get("mean")),
                  f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else "–",
@@ -220,7 +220,7 @@ def _configs_table(summary: dict[str, Any], configs: list[dict[str, Any]]) -> st
         numeric = range(len(fields) + 1, len(cells) - 1)
         rows.append("<tr>" + "".join(f'<td class="n">{v}</td>' if k in numeric else f"<td>{v}</td>"
                                      for k, v in enumerate(cells)) + "</tr>")
-    header = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    header = "".join(f"<th>{esc(h)}</th>" for h in head)
     return f'<div class="scroll"><table class="configs"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}' \
            "</tbody></table></div>"
 
@@ -228,18 +228,18 @@ def _configs_table(summary: dict[str, Any], configs: list[dict[str, Any]]) -> st
 def _provenance(summary: dict[str, Any]) -> str:
     bits = []
     if summary.get("file"):
-        bits.append(f"sweep file {_esc(summary['file'])}")
+        bits.append(f"sweep file {esc(summary['file'])}")
     runs = summary.get("runs") or []
     bits.append(f"{len(runs)} runs, {sum(r.get('status') == 'finished' for r in runs)} finished, "
                 f"{len(summary.get('failed') or [])} failed")
     base = summary.get("base") or {}
     if base:
-        bits.append("base " + ", ".join(f"{_esc(k)}={_esc(_value_text(v))}" for k, v in base.items()))
+        bits.append("base " + ", ".join(f"{esc(k)}={esc(_value_text(v))}" for k, v in base.items()))
     if summary.get("seeds"):
-        bits.append("seeds " + ", ".join(_esc(s) for s in summary["seeds"]))
+        bits.append("seeds " + ", ".join(esc(s) for s in summary["seeds"]))
     if summary.get("created"):
-        bits.append(f"created {_esc(summary['created'])}")
-    bits.extend(f"{_esc(k)} {_esc(v)}" for k, v in (summary.get("versions") or {}).items())
+        bits.append(f"created {esc(summary['created'])}")
+    bits.extend(f"{esc(k)} {esc(v)}" for k, v in (summary.get("versions") or {}).items())
     return " · ".join(bits)
 
 
@@ -249,8 +249,8 @@ def render_sweep_html(summary: dict[str, Any]) -> str:
     runs = [r for r in summary.get("runs") or [] if isinstance(r, dict)]
     index = {str(c.get("name")): i for i, c in enumerate(configs)}
     name = str(summary.get("name") or "sweep")
-    page = _Page()
-    page.add(f"<h1>Sweep: {_esc(name)}</h1>")
+    page = Page()
+    page.add(f"<h1>Sweep: {esc(name)}</h1>")
     page.add(f'<p class="provenance">{_provenance(summary)}</p>')
     page.add("<h2>Configs</h2>")
     page.add(_configs_table(summary, configs) if configs else "<p>This sweep holds no runs.</p>")
@@ -258,7 +258,7 @@ def render_sweep_html(summary: dict[str, Any]) -> str:
     if failed:
         page.add(f"<h3>Failed runs ({len(failed)})</h3><ul class=\"failed\">")
         for r in failed:
-            page.add(f"<li><b>{_esc(r.get('name'))}</b> ({_esc(r.get('stage'))}): <code>{_esc(r.get('error'))}</code>"
+            page.add(f"<li><b>{esc(r.get('name'))}</b> ({esc(r.get('stage'))}): <code>{esc(r.get('error'))}</code>"
                      "</li>")
         page.add("</ul>")
 
@@ -291,11 +291,11 @@ def render_sweep_html(summary: dict[str, Any]) -> str:
 
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{_CSP}\">\n"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>layerlab sweep: {_esc(name)}</title>\n<style>{_CSS}{_EXTRA_CSS}</style>\n</head>\n"
+        f"<title>layerlab sweep: {esc(name)}</title>\n<style>{CSS}{_EXTRA_CSS}</style>\n</head>\n"
         f"<body data-plots=\"{page.plots}\">\n<main>\n" + "\n".join(page.parts) + "\n</main>\n"
-        f"<script>{_SCRIPT}</script>\n</body>\n</html>\n"
+        f"<script>{SCRIPT}</script>\n</body>\n</html>\n"
     )
 
 
