@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 import layerlab
+from layerlab import analyze
 from layerlab.adapters import load_model, view
-from layerlab.analysis import analyze
 from layerlab.cli import app
 from layerlab.errors import LayerlabError
 from layerlab.train import train

@@ -60,11 +60,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'layerlab' has no attribute {name!r}")
 
 
-def analyze(*models, **kwargs):
-    """Measure every layer of one or more models; see :func:`layerlab.analysis.analyze`."""
-    from .analysis import analyze as _analyze
+def analyze(*models, out=None, overwrite: bool = False, **kwargs):
+    """Measure every layer of one or more models (:func:`layerlab.analysis.analyze`, which takes the other
+    keyword arguments) and, with ``out``, write report.json and report.html there. An existing, non-empty
+    ``out`` is refused before anything is measured, unless ``overwrite``, as every command refuses its --out."""
+    from .analysis import analyze as measure
+    from .io import check_output
+    from .report import write_report
 
-    return _analyze(*models, **kwargs)
+    if out is not None and not overwrite:
+        check_output(out, also=", or pass --overwrite to replace its report")
+    report = measure(*models, **kwargs)
+    if out is not None:
+        write_report(report, out)
+    return report
 
 
 def _register_with_transformers() -> None:

@@ -199,10 +199,10 @@ def analyze(
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
     _inputs(*models)
-    from .analysis import analyze as run_analyze
+    from . import analyze as run_analyze
+    from .analysis.analyze import model_label
 
     _quiet_hf()
-    from .analysis.analyze import model_label
 
     out = out or Path("reports") / "-vs-".join(model_label(m) for m in models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,

@@ -20,7 +20,7 @@ from ..adapters import load_model, view
 from ..data import batches, default_split, describe_slice, split_ids, window_length
 from ..errors import LayerlabError
 from ..evaluate import masked_loss_sum
-from ..io import cache_dir, check_output, versions
+from ..io import cache_dir, versions
 from .report import Report
 from .stats import StreamStats, TokenSample, sample_measures
 
@@ -164,20 +164,18 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     }
 
 
-def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS, out: str | Path | None = None,
+def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS,
             spectra: bool = True, seq_len: int | None = None, batch_size: int = 8,
-            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True, overwrite: bool = False) -> Report:
+            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True) -> Report:
     """Measure every layer of one or more models (paths or loaded (model, tokenizer) pairs).
 
-    Several models are overlaid in one report. With ``out``, writes report.json and report.html there;
-    an existing, non-empty ``out`` is refused unless ``overwrite``, as every command refuses its --out.
+    Several models are overlaid in one report. Writing it is the report layer's
+    (:func:`layerlab.report.write_report`; :func:`layerlab.analyze` does both).
     """
     if not models:
         raise LayerlabError("give at least one model to analyze")
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
-    if out is not None and not overwrite:
-        check_output(out, also=", or pass --overwrite to replace its report")
     entries = []
     names: set[str] = set()
     for m in models:
@@ -198,6 +196,4 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
         "provenance": {"data": str(data) if data else "embedded (validation split)", "tokens": tokens,
                        "versions": versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     })
-    if out is not None:
-        report.save(out)
     return report

@@ -1,4 +1,5 @@
-"""The report object returned by :func:`layerlab.analyze` and written as report.json / report.html."""
+"""The report record returned by :func:`layerlab.analyze`: written as report.json here, as report.html by
+:func:`layerlab.report.write_report`."""
 
 from __future__ import annotations
 
@@ -56,12 +57,7 @@ class Report:
                 rows.append(row)
         return pd.DataFrame(rows)
 
-    def save(self, out: str | Path) -> Path:
-        """Write report.json and report.html into ``out`` (created if needed), each atomically."""
-        from ..report import write_html
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "report.json", (self.to_json() + "\n").encode())
-        write_html(self.data, out / "report.html")
-        return out
+    def save_json(self, path: str | Path) -> Path:
+        """Write report.json to ``path``, atomically (``layerlab.report.write_report`` adds report.html)."""
+        atomic_write_bytes(path, (self.to_json() + "\n").encode())
+        return Path(path)

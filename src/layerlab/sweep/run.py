@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayerlabError, choices_error
-from ..io import atomic_write_bytes, atomic_write_json
+from ..io import atomic_write_json
 from .collect import collect, final_val_loss, previous_records
 from .plan import ANALYSIS_DIR, ANALYSIS_OPTIONS, PlannedRun, Sweep, analysis_cached, load_sweep
 from .write import markdown_table, write_outputs, write_progress
@@ -101,9 +101,11 @@ def _analyze(run_dir: Path, opts: dict[str, Any]) -> float:
         report = analyze(run_dir, tokens=opts["tokens"], removal_tokens=opts["removal_tokens"],
                          spectra=opts["spectra"], seq_len=opts["seq_len"], progress=False)
     if opts["html"]:
-        report.save(run_dir / ANALYSIS_DIR)
+        from ..report import write_report  # imported here, as analyze above
+
+        write_report(report, run_dir / ANALYSIS_DIR)
     else:
-        atomic_write_bytes(run_dir / ANALYSIS_DIR / "report.json", (report.to_json() + "\n").encode())
+        report.save_json(run_dir / ANALYSIS_DIR / "report.json")
     atomic_write_json(run_dir / ANALYSIS_DIR / ANALYSIS_OPTIONS, opts)
     return time.perf_counter() - t0
 
