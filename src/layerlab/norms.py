@@ -4,8 +4,8 @@ Every norm is built as ``NORMS[name](dim, *, eps)`` and maps ``(..., dim) -> (..
 Token-wise norms accept any leading shape; batch-level norms (powernorm, batchnorm, prepbn)
 treat every leading position as one sample of the batch, i.e. BatchNorm "over tokens".
 
-Definitions follow ../shared/PAPERS.md §1; constants that the abstracts leave open come from
-the papers' public code, cited in each class.
+Each class cites the paper that defines it; constants the papers leave open come from their
+public code, cited where they are used.
 """
 
 from __future__ import annotations

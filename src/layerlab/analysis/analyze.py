@@ -1,4 +1,5 @@
-"""``analyze``: every per-layer measurement of ../shared/PAPERS.md §3 in one streaming pass.
+"""``analyze``: every per-layer measurement in one streaming pass (the papers behind each are cited in
+docs/report-format.md and beside each measure in ``stats.py`` and ``spectra.py``).
 
 Fixed sample sizes (documented in docs/report-format.md):
 - ``SAMPLE_TOKENS`` tokens feed effective rank, intrinsic dimension and anisotropy;
