@@ -12,9 +12,9 @@ from layerlab.config import TrainConfig, resolve
 from layerlab.errors import LayerlabError
 from layerlab.model import build_model
 from layerlab.train.optimizers import (
-    LAMB,
-    LARS,
     OPTIMIZERS,
+    LAMBOptimizer,
+    LARSOptimizer,
     alpha_to_lr_scale,
     block_alphas,
     build_optimizer,
@@ -75,7 +75,7 @@ def test_lamb_trust_ratio_is_weight_norm_over_update_norm():
     g = torch.Generator().manual_seed(1)
     w0, grad = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     w = torch.nn.Parameter(w0.clone())
-    opt = LAMB([{"params": [w], "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.999), eps=1e-6)
+    opt = LAMBOptimizer([{"params": [w], "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.999), eps=1e-6)
     w.grad = grad.clone()
     opt.step()
     update = grad / (grad.abs() + 1e-6) + 0.1 * w0  # first step: bias-corrected m = g, v = g^2
@@ -88,7 +88,7 @@ def test_lars_trust_ratio_is_weight_norm_over_momentum_norm():
     g = torch.Generator().manual_seed(2)
     w0, grad = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g)
     w = torch.nn.Parameter(w0.clone())
-    opt = LARS([{"params": [w], "weight_decay": 0.01}], lr=0.05, momentum=0.9)
+    opt = LARSOptimizer([{"params": [w], "weight_decay": 0.01}], lr=0.05, momentum=0.9)
     w.grad = grad.clone()
     opt.step()
     m = 0.1 * (grad + 0.01 * w0)
@@ -99,7 +99,7 @@ def test_lars_trust_ratio_is_weight_norm_over_momentum_norm():
 
 def test_trust_ratio_is_one_for_zero_weights():
     b = torch.nn.Parameter(torch.zeros(4))
-    opt = LAMB([b], lr=0.1)
+    opt = LAMBOptimizer([b], lr=0.1)
     b.grad = torch.ones(4)
     opt.step()
     assert float(opt.state[b]["trust_ratio"]) == 1.0

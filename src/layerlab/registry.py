@@ -83,8 +83,8 @@ NORMS = Registry("norm", {
 # Every optimizer is built as ``OPTIMIZERS[name](model, train_config)`` (layerlab.train.optimizers).
 OPTIMIZERS: Registry = Registry("optimizer", {
     "adamw": "layerlab.train.optimizers:Layerwise",
-    "lamb": "layerlab.train.optimizers:Lamb",
-    "lars": "layerlab.train.optimizers:Lars",
+    "lamb": "layerlab.train.optimizers:LAMB",
+    "lars": "layerlab.train.optimizers:LARS",
     "llr": "layerlab.train.optimizers:LLR",
     "noise": "layerlab.train.optimizers:NoiseAdaptive",
     "lisa": "layerlab.train.optimizers:LISA",

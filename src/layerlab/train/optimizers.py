@@ -106,7 +106,7 @@ def trust_ratio(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
     return torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMBOptimizer(torch.optim.Optimizer):
     """LAMB (You et al., 2020, Algorithm 2) with a per-tensor trust ratio, kept in ``state[p]["trust_ratio"]``.
 
     ``m, v`` are Adam's moments (bias-corrected), ``u = m / (sqrt(v) + eps) + weight_decay * w`` and
@@ -146,7 +146,7 @@ class LAMB(torch.optim.Optimizer):
         return loss
 
 
-class LARS(torch.optim.Optimizer):
+class LARSOptimizer(torch.optim.Optimizer):
     """LARS as written in You et al. (2020), Algorithm 1, with a per-tensor trust ratio in ``state``.
 
     ``m <- beta * m + (1 - beta) * (g + weight_decay * w)`` and ``w <- w - lr * (||w|| / ||m||) * m``.
@@ -254,21 +254,21 @@ class Layerwise:
         return out
 
 
-class Lamb(Layerwise):
+class LAMB(Layerwise):
     name = "lamb"
 
     def make_optimizer(self, groups):
-        return LAMB(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2))
+        return LAMBOptimizer(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2))
 
     def telemetry(self):
         return {**super().telemetry(), "trust_ratio_block": self._block_trust_ratios()}
 
 
-class Lars(Layerwise):
+class LARS(Layerwise):
     name = "lars"
 
     def make_optimizer(self, groups):
-        return LARS(groups, lr=self.tc.lr, momentum=self.tc.beta1)
+        return LARSOptimizer(groups, lr=self.tc.lr, momentum=self.tc.beta1)
 
     def telemetry(self):
         return {**super().telemetry(), "trust_ratio_block": self._block_trust_ratios()}
@@ -460,7 +460,7 @@ class LISA(Layerwise):
 
 
 # the names are declared in layerlab.registry, so that configs and the CLI know them before torch loads
-for _name, _cls in {"adamw": Layerwise, "lamb": Lamb, "lars": Lars, "llr": LLR, "noise": NoiseAdaptive,
+for _name, _cls in {"adamw": Layerwise, "lamb": LAMB, "lars": LARS, "llr": LLR, "noise": NoiseAdaptive,
                     "lisa": LISA}.items():
     OPTIMIZERS.register(_name, _cls)
 
