@@ -6,10 +6,10 @@ from conftest import perturb, save_model, tiny_cfg
 from transformers import AutoModelForCausalLM
 
 import layerlab
-from layerlab.config import PLACEMENT_NAMES
 from layerlab.errors import LayerlabError
 from layerlab.generate import sample
 from layerlab.model import CACHE_NAME, KNOWN_CACHE_NAMES, cache_convention, output_cache
+from layerlab.registry import PLACEMENTS
 
 
 def test_the_installed_transformers_passes_the_cache_in_a_known_way():
@@ -32,7 +32,7 @@ def _assert_same_decoding(model, x, new: int = 8):
 
 
 @pytest.mark.parametrize("positions", ["learned", "rope"])
-@pytest.mark.parametrize("placement", PLACEMENT_NAMES)
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
 def test_cached_generation_equals_uncached_in_scores(placement, positions):
     cfg = tiny_cfg(placement=placement, positions=positions, context=32, layers=4)
     model = perturb(layerlab.build_model(cfg), scale=0.3).eval()

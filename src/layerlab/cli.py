@@ -8,9 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import PLACEMENT_NAMES, preset_names
+from .config import preset_names
 from .errors import LayerlabError, choices_error
-from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
+from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PLACEMENTS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
 
 app = typer.Typer(
     help="Build, train, analyze and compress the layers of transformer language models.",
@@ -93,7 +93,7 @@ def train(
     config: Annotated[Path | None, typer.Option(help="YAML file with any config fields")] = None,
     norm: Annotated[str | None, typer.Option(help=_names(NORMS))] = None,
     placement: Annotated[str | None, typer.Option(
-        help=f"{_names(PLACEMENT_NAMES)}, or a comma-separated per-block schedule")] = None,
+        help=f"{_names(PLACEMENTS)}, or a comma-separated per-block schedule")] = None,
     mix_alpha: Annotated[float | None, typer.Option(help="share of Post-LN blocks for mix")] = None,
     layers: Annotated[int | None, typer.Option(help="number of blocks")] = None,
     width: Annotated[int | None, typer.Option(help="model width")] = None,

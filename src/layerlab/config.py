@@ -20,15 +20,15 @@ from typing import Any, Literal
 import yaml
 
 from .errors import LayerlabError, choices_error, close_match
-from .registry import NORMS, OPTIMIZERS
+from .registry import (
+    NORMS,
+    OPTIMIZERS,
+    PLACEMENT_ALIASES,
+    PLACEMENTS,
+    block_placement_names,
+    residual_placement_names,
+)
 
-PLACEMENT_NAMES = ("post", "pre", "peri", "mix", "lns", "sandwich")
-# A per-block schedule may name only the placements that describe one block.
-BLOCK_PLACEMENTS = ("post", "pre", "peri", "lns", "sandwich")
-PLACEMENT_ALIASES = {"subln": "sandwich"}
-# Placements whose sublayers add their output to the residual stream (x + F(...)), so a block may lack one:
-# without it, the block adds nothing for that sublayer. Post-LN (Norm(x + F(x))) still normalizes without F.
-RESIDUAL_SUBLAYER_PLACEMENTS = ("pre", "peri", "lns", "sandwich")
 # Names other tools (Hugging Face, nanoGPT) give some fields: only for "did you mean", never accepted as fields.
 FIELD_SYNONYMS = {
     "learning_rate": "lr", "n_layer": "layers", "n_layers": "layers", "num_layers": "layers",
@@ -83,13 +83,13 @@ class ModelConfig:
         NORMS.check(self.norm)
         if isinstance(self.placement, str):
             self.placement = PLACEMENT_ALIASES.get(self.placement, self.placement)
-            if self.placement not in PLACEMENT_NAMES:
-                raise choices_error("placement", self.placement, PLACEMENT_NAMES + tuple(PLACEMENT_ALIASES))
+            if self.placement not in PLACEMENTS:
+                raise choices_error("placement", self.placement, [*PLACEMENTS, *PLACEMENT_ALIASES])
         else:
             self.placement = [PLACEMENT_ALIASES.get(p, p) for p in self.placement]
             for p in self.placement:
-                if p not in BLOCK_PLACEMENTS:
-                    raise choices_error("placement in the per-block schedule", p, BLOCK_PLACEMENTS)
+                if p not in block_placement_names():
+                    raise choices_error("placement in the per-block schedule", p, block_placement_names())
             if len(self.placement) != self.layers:
                 raise LayerlabError(
                     f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
@@ -115,9 +115,9 @@ class ModelConfig:
             for i in blocks:
                 if not 0 <= i < self.layers:
                     raise LayerlabError(f"{name} names block {i}, but the model has blocks 0..{self.layers - 1}")
-                if placements[i] not in RESIDUAL_SUBLAYER_PLACEMENTS:
+                if not PLACEMENTS[placements[i]].residual_sublayers:
                     raise LayerlabError(f"{name}: block {i} is {placements[i]}; only "
-                                        f"{', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)} blocks can lack a sublayer")
+                                        f"{', '.join(residual_placement_names())} blocks can lack a sublayer")
         if len(self.drop_attn) >= self.layers:  # the KV cache, and so generation, needs one attention layer
             raise LayerlabError("drop_attn names every block; at least one block must keep its attention")
 
@@ -135,20 +135,15 @@ class ModelConfig:
         return 4 * self.width
 
     def block_placements(self) -> list[str]:
-        """The placement of each block, with mix and schedules resolved.
-
-        mix: Post-LN for the first floor(alpha*L) blocks, Pre-LN after (Li et al., 2024, Mix-LN).
-        """
+        """The placement of each block: a per-block list as given, a schedule (mix) resolved, else the same one."""
         if isinstance(self.placement, list):
             return list(self.placement)
-        if self.placement == "mix":
-            n_post = int(self.mix_alpha * self.layers)
-            return ["post"] * n_post + ["pre"] * (self.layers - n_post)
-        return [self.placement] * self.layers
+        schedule = PLACEMENTS[self.placement].schedule
+        return schedule(self.layers, self.mix_alpha) if schedule else [self.placement] * self.layers
 
     def has_final_norm(self) -> bool:
-        """Post-LN's last block already ends in a norm; every other design adds one before the head."""
-        return self.block_placements()[-1] != "post"
+        """Whether the model ends with a norm before the head: Post-LN's last block already ends in one."""
+        return PLACEMENTS[self.block_placements()[-1]].final_norm
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from .config import MODEL_FIELDS, ModelConfig
 from .errors import LayerlabError
 from .norms import build_norm, lns_scale
 from .packed import register_quantizer
+from .registry import PLACEMENTS
 
 KNOWN_CACHE_NAMES = ("past_key_values", "cache")
 
@@ -174,24 +175,9 @@ def _peri(b: Block, x, attn_kw):
     return x
 
 
-@dataclass(frozen=True)
-class Placement:
-    """How one block arranges its norms. ``forward(block, x, attn_kw)`` is the block's forward."""
-
-    forward: Callable
-    out_norms: bool = False  # peri: a norm on each sublayer's output
-    inner_norm: bool = False  # sandwich/Sub-LN: a norm inside each sublayer
-    depth_scale: bool = False  # LNS: norm outputs of block l scaled by 1/sqrt(l)
-    doc: str = ""
-
-
-PLACEMENTS: dict[str, Placement] = {
-    "pre": Placement(_pre, doc="Pre-LN: x + F(Norm(x)) (Xiong et al., 2020)"),
-    "post": Placement(_post, doc="Post-LN: Norm(x + F(x)) (Vaswani et al., 2017)"),
-    "peri": Placement(_peri, out_norms=True, doc="Peri-LN: x + Norm(F(Norm(x))) (Kim et al., 2025)"),
-    "lns": Placement(_pre, depth_scale=True, doc="LayerNorm Scaling (Sun et al., 2025, Curse of Depth)"),
-    "sandwich": Placement(_pre, inner_norm=True, doc="Sub-LN (Wang et al., 2022, Magneto)"),
-}
+# The forwards that placements name (layerlab.registry.PLACEMENTS says which placement uses which, and what
+# else each needs: output norms, inner norms, the LNS scale). A placement may also carry its own function.
+FORWARDS: dict[str, Callable] = {"pre": _pre, "post": _post, "peri": _peri}
 
 
 class Block(nn.Module):
@@ -213,7 +199,7 @@ class Block(nn.Module):
         if p.out_norms:
             self.ln1_out = norm() if has_attn else None
             self.ln2_out = norm() if has_mlp else None
-        self._forward = p.forward
+        self._forward = p.forward if callable(p.forward) else FORWARDS[p.forward]
 
     def forward(self, x, rope=None, cache=None, mask=None):
         return self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
@@ -251,7 +237,7 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         """
         cfg = self.config.to_model_config() if not hasattr(self, "cfg") else self.cfg
         std = cfg.init_std
-        scaled = cfg.init == "scaled" and "lns" not in cfg.block_placements()
+        scaled = cfg.init == "scaled" and not any(PLACEMENTS[p].depth_scale for p in cfg.block_placements())
         if isinstance(module, nn.Linear):
             s = std / math.sqrt(2 * cfg.layers) if scaled and getattr(module, "residual_out", False) else std
             nn.init.normal_(module.weight, mean=0.0, std=s)

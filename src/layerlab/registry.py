@@ -12,7 +12,8 @@ This module imports nothing heavy; keep it that way.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import LayerlabError, choices_error
@@ -90,6 +91,53 @@ OPTIMIZERS: Registry = Registry("optimizer", {
     "lisa": "layerlab.train.optimizers:LISA",
 })
 
+@dataclass(frozen=True)
+class Placement:
+    """Where one block puts its norms: everything the config, the model, the adapters, prune and the optimizers
+    ask of a placement. ``forward`` names the block's forward in ``layerlab.model`` (or is the function itself,
+    ``(block, x, attn_kw) -> x``); a placement with a ``schedule`` is not one block's but a per-block list."""
+
+    doc: str
+    forward: str | Callable = "pre"
+    out_norms: bool = False  # a norm on each sublayer's output (Peri-LN)
+    inner_norm: bool = False  # a norm inside each sublayer, before its output projection (Sub-LN)
+    depth_scale: bool = False  # the norm outputs of block l are scaled by 1/sqrt(l); no depth-scaled init (LNS)
+    residual_sublayers: bool = True  # x + F(...): each sublayer adds to the stream, so a block may lack one
+    final_norm: bool = True  # a model whose last block is this one ends with a norm before the head
+    schedule: Callable[[int, float], list[str]] | None = None  # (layers, mix_alpha) -> each block's placement
+
+
+def _mix_schedule(layers: int, alpha: float) -> list[str]:
+    """Post-LN for the first floor(alpha * L) blocks, Pre-LN after (Li et al., 2024, Mix-LN)."""
+    n_post = int(alpha * layers)
+    return ["post"] * n_post + ["pre"] * (layers - n_post)
+
+
+PLACEMENTS = Registry("placement", {
+    "post": Placement("Post-LN: Norm(x + F(x)) (Vaswani et al., 2017)", forward="post", residual_sublayers=False,
+                      final_norm=False),
+    "pre": Placement("Pre-LN: x + F(Norm(x)) (Xiong et al., 2020)"),
+    "peri": Placement("Peri-LN: x + Norm(F(Norm(x))) (Kim et al., 2025)", forward="peri", out_norms=True),
+    "mix": Placement("Mix-LN: Post-LN for the first floor(alpha L) blocks, Pre-LN after (Li et al., 2024)",
+                     schedule=_mix_schedule),
+    "lns": Placement("LayerNorm Scaling: Pre-LN with norm outputs of block l scaled by 1/sqrt(l) (Sun et al., "
+                     "2025, The Curse of Depth)", depth_scale=True),
+    "sandwich": Placement("Sub-LN: Pre-LN plus a norm before each sublayer's output projection (Wang et al., 2022, "
+                          "Magneto)", inner_norm=True),
+})
+PLACEMENT_ALIASES = {"subln": "sandwich"}
+
+
+def block_placement_names() -> list[str]:
+    """The placements that describe one block (every entry but the schedules), for per-block schedules."""
+    return [name for name, p in PLACEMENTS.items() if p.schedule is None]
+
+
+def residual_placement_names() -> list[str]:
+    """The one-block placements whose sublayers add to the residual stream, so that a block may lack one."""
+    return [name for name in block_placement_names() if PLACEMENTS[name].residual_sublayers]
+
+
 # The compressors' choices (layerlab.compress), checked by the CLI before the model loads.
 PRUNE_METRICS = Registry("metric", {  # each (model, tokenizer, n, data, tokens, unit=...) -> (blocks, scores)
     "angular": "layerlab.compress.prune:by_angular",
@@ -102,5 +150,6 @@ HEAL_MODES = ("lora", "full")
 QUANT_IMPORTANCE = ("lim", "zd", "loss")
 CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
 
-__all__ = ["CONVERT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE",
-           "SUBLAYERS", "Registry"]
+__all__ = ["CONVERT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS", "PLACEMENT_ALIASES", "PRUNE_METRICS",
+           "PRUNE_UNITS", "QUANT_IMPORTANCE", "SUBLAYERS", "Placement", "Registry", "block_placement_names",
+           "residual_placement_names"]

@@ -31,10 +31,9 @@ import transformers
 from torch import nn
 
 from .. import model as _registers_layerlab  # noqa: F401  (the Auto classes learn layerlab's model and quantizer)
-from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..errors import LayerlabError, choices_error
 from ..io import check_model_dir
-from ..registry import SUBLAYERS
+from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ class LayerView:
         for i, b in enumerate(blocks):
             parts = {name: m for name, path in arch.parts.items() if (m := _find(b, path)) is not None}
             attn_out, mlp_out = _find(b, arch.attn_out), _find(b, arch.mlp_out)
-            if arch_name == "layerlab" and b.placement == "peri":  # the output norms are what is added
+            if arch_name == "layerlab" and PLACEMENTS[b.placement].out_norms:  # the output norms are what is added
                 attn_out, mlp_out = b.ln1_out, b.ln2_out
             self.blocks.append(BlockView(i, b, parts, attn_out, mlp_out))
         self.embed = _get(root, arch.embed)
@@ -216,13 +215,14 @@ class LayerView:
         for b, placement in zip(self.blocks, self.placements(), strict=True):
             handles.append(b.module.register_forward_pre_hook(pre(t.resid_in, b.index), with_kwargs=True))
             # a block without an MLP (and so without ln2): the stream after attention is the block's output
-            mid_is_out = sublayers and placement != "post" and b.ln2 is None and b.mlp_out is None
+            residual = PLACEMENTS[placement].residual_sublayers
+            mid_is_out = sublayers and residual and b.ln2 is None and b.mlp_out is None
             handles.append(b.module.register_forward_hook(block_post(b.index, mid_is_out)))
             if sublayers:
                 for out, store in ((b.attn_out, t.attn), (b.mlp_out, t.mlp)):
                     if out is not None:
                         handles.append(out.register_forward_hook(post(store, b.index)))
-                if placement == "post" and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
+                if not residual and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
                     handles.append(b.ln1.register_forward_hook(post(t.mid, b.index)))
                 elif b.ln2 is not None:  # otherwise the second norm's input is the stream itself
                     handles.append(b.ln2.register_forward_pre_hook(pre(t.mid, b.index), with_kwargs=True))
@@ -282,9 +282,9 @@ class LayerView:
         placements = self.placements()
         handles = []
         for i in indices:
-            if placements[i] not in RESIDUAL_SUBLAYER_PLACEMENTS:
+            if not PLACEMENTS[placements[i]].residual_sublayers:
                 raise LayerlabError(f"block {i} is {placements[i]}: only a block that adds each sublayer to the "
-                                    f"residual stream ({', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)}) can skip one")
+                                    f"residual stream ({', '.join(residual_placement_names())}) can skip one")
             out = self.blocks[i].attn_out if unit == "attn" else self.blocks[i].mlp_out
             if out is not None:
                 handles.append(out.register_forward_hook(_zero_output))

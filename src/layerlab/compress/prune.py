@@ -46,12 +46,12 @@ import torch.nn.functional as F
 from ..adapters import SUBLAYERS, LayerView, load_model, view
 from ..analysis.analyze import analyze_model
 from ..analysis.stats import angular, last_token_index
-from ..config import RESIDUAL_SUBLAYER_PLACEMENTS
 from ..data import batches, window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
 from ..io import output_dir, write_manifest
 from ..packed import refuse_quantized
+from ..registry import PLACEMENTS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
 
@@ -183,11 +183,13 @@ def without_blocks(model, remove: list[int]):
     config = copy.deepcopy(model.config)
     if config.model_type == "layerlab":
         placements = model.cfg.block_placements()
-        if "lns" in placements:
-            raise LayerlabError("pruning an LNS model would change the 1/sqrt(l) scale of every block after "
-                                "the cut; not supported")
+        if any(PLACEMENTS[p].depth_scale for p in placements):
+            raise LayerlabError("pruning a depth-scaled (LNS) model would change the 1/sqrt(l) scale of every block "
+                                "after the cut; not supported")
         kept = [placements[i] for i in keep]
-        config.placement = kept[0] if len(set(kept)) == 1 and model.cfg.placement != "mix" else kept
+        # a schedule (mix) is written out as a per-block list: the cut changes where its switch falls
+        scheduled = isinstance(model.cfg.placement, str) and PLACEMENTS[model.cfg.placement].schedule is not None
+        config.placement = kept[0] if len(set(kept)) == 1 and not scheduled else kept
         config.layers = len(keep)
         for key in ("drop_attn", "drop_mlp"):  # blocks that lack a sublayer keep lacking it, renumbered
             setattr(config, key, [keep.index(i) for i in getattr(model.cfg, key) if i in keep])
@@ -220,10 +222,10 @@ def _load(model, state: dict) -> None:
 
 
 def _check_residual(v: LayerView, unit: str) -> None:
-    bad = sorted({p for p in v.placements() if p not in RESIDUAL_SUBLAYER_PLACEMENTS})
+    bad = sorted({p for p in v.placements() if not PLACEMENTS[p].residual_sublayers})
     if bad:
         raise LayerlabError(f"--unit {unit} needs blocks that add each sublayer to the residual stream "
-                            f"({', '.join(RESIDUAL_SUBLAYER_PLACEMENTS)}); this model has {', '.join(bad)} blocks")
+                            f"({', '.join(residual_placement_names())}); this model has {', '.join(bad)} blocks")
 
 
 @torch.no_grad()
