@@ -36,3 +36,30 @@ def test_unknown_names_suggest_the_closest_and_runtime_entries_count():
     assert reg.get_checked("square") is Square and sorted(reg) == ["round", "square"]
     with pytest.raises(LayerlabError, match="declared as layerlab.norms:LayerNorm"):
         reg.register("round", Square)  # a declared name is the declared object's
+
+
+def test_a_norm_registered_at_runtime_builds_and_is_offered(monkeypatch):
+    """One registry entry, in this file only: the config accepts it, the model is built with it, the CLI lists it."""
+    import torch
+    from conftest import tiny_cfg
+
+    import layerlab
+
+    class HalfRMS(torch.nn.Module):  # the shape every norm has: (dim, *, eps)
+        def __init__(self, dim: int, *, eps: float = 1e-5):
+            super().__init__()
+            self.eps = eps
+
+        def forward(self, x):
+            return 0.5 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    monkeypatch.setitem(NORMS._entries, "halfrms", HalfRMS)
+    model = layerlab.build_model(tiny_cfg(norm="halfrms"))
+    assert isinstance(model.blocks[0].ln1, HalfRMS) and isinstance(model.ln_f, HalfRMS)
+    code = ("import torch\nfrom layerlab.registry import NORMS\n"
+            "NORMS.register('halfrms', torch.nn.Identity)\n"
+            "import typer\nfrom layerlab.cli import app\n"
+            "train = typer.main.get_command(app).commands['train']\n"
+            "print(next(p.help for p in train.params if p.name == 'norm'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "| none | halfrms" in out
