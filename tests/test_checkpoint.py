@@ -1,19 +1,16 @@
-"""Checkpoints: a finished run is left alone, optimizer files from before the registry resume exactly, and an
-optimizer state that does not fit is a one-line error before anything is written."""
+"""Checkpoints: a finished run is left alone, and an optimizer state that does not fit (one from before the
+optimizer registry included) is a one-line error before anything is written."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from layerlab.config import TrainConfig
 from layerlab.errors import LayerlabError
 from layerlab.io import sha256_file
 from layerlab.train import loop as loop_mod
 from layerlab.train import train
-from layerlab.train.optimizers import param_groups
 
 FAST = {"steps": 8, "eval_every": 4, "save_every": 4, "log_every": 1, "telemetry_every": 4}
 QUIET = {"progress": False, "echo": lambda *a, **k: None}
@@ -25,23 +22,6 @@ def _rewrite_optimizer(run_dir, state) -> None:
     trainer = json.loads((run_dir / "trainer_state.json").read_text())
     trainer["hashes"]["optimizer.pt"] = sha256_file(run_dir / "optimizer.pt")
     (run_dir / "trainer_state.json").write_text(json.dumps(trainer))
-
-
-def _to_legacy(run_dir) -> None:
-    """Write the run's optimizer state as layerlab saved it before the optimizer registry: a plain AdamW over two
-    groups, the parameters of two or more dimensions and then the others, in ``model.parameters()`` order."""
-    saved = torch.load(run_dir / "optimizer.pt", weights_only=True)["optimizer"]
-    model = AutoModelForCausalLM.from_pretrained(run_dir)
-    tc = TrainConfig(**{k: v for k, v in json.loads((run_dir / "layerlab.json").read_text())["args"]["train"].items()})
-    new_order = [p for g in param_groups(model, tc) for p in g["params"]]
-    params = list(model.parameters())
-    old_groups = [[p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]]
-    old = torch.optim.AdamW([{"params": old_groups[0], "weight_decay": tc.weight_decay},
-                             {"params": old_groups[1], "weight_decay": 0.0}], lr=tc.lr, betas=(tc.beta1, tc.beta2))
-    legacy = old.state_dict()
-    new_index = {id(p): i for i, p in enumerate(new_order)}
-    legacy["state"] = {i: saved["state"][new_index[id(p)]] for i, p in enumerate(old_groups[0] + old_groups[1])}
-    _rewrite_optimizer(run_dir, legacy)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +47,6 @@ def test_finished_run_with_an_old_optimizer_file_is_left_alone(tmp_path):
     """Re-invoking a finished run reports it, before (and without) reading its optimizer state."""
     out = tmp_path / "done"
     train(preset="debug", overrides={**FAST, "steps": 2, "eval_every": 2}, out=out, **QUIET)
-    _to_legacy(out)
     (out / "optimizer.pt").write_bytes(b"not even a torch file")  # it must not be read at all
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     said = []
@@ -78,19 +57,15 @@ def test_finished_run_with_an_old_optimizer_file_is_left_alone(tmp_path):
     assert json.loads((out / "layerlab.json").read_text())["status"] == "finished"
 
 
-def test_optimizer_file_from_before_the_registry_resumes_exactly(cut, tmp_path):
-    new, old = tmp_path / "new", tmp_path / "old"
-    shutil.copytree(cut, new)
+def test_optimizer_file_from_before_the_registry_is_a_one_line_error(cut, tmp_path):
+    """Such files (a plain AdamW state) are no longer upgraded: resuming one says so, and writes nothing."""
+    old = tmp_path / "old"
     shutil.copytree(cut, old)
-    _to_legacy(old)
-    a = train(resume=new, **QUIET)
-    b = train(resume=old, **QUIET)
-    assert a.step == b.step == 8 and a.val_loss == b.val_loss
-    losses = [[json.loads(line).get("loss") for line in (d / "metrics.jsonl").read_text().splitlines()]
-              for d in (new, old)]
-    assert losses[0] == losses[1]
-    assert (new / "model.safetensors").read_bytes() == (old / "model.safetensors").read_bytes()
-    assert set(torch.load(old / "optimizer.pt", weights_only=True)) == {"optimizer", "rule"}  # saved anew
+    _rewrite_optimizer(old, torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).state_dict())
+    before = {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()}
+    with pytest.raises(LayerlabError, match="saved by a layerlab from before the optimizer registry"):
+        train(resume=old, **QUIET)
+    assert {p.name: p.read_bytes() for p in old.iterdir() if p.is_file()} == before
 
 
 def _drop_a_group(state):

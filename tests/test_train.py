@@ -248,7 +248,7 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
 
 
 def test_default_run_dir_names_the_model_fields_that_differ():
-    from layerlab.train.loop import default_run_dir
+    from layerlab.train.plan import default_run_dir
 
     def name(preset=None, **over):
         return default_run_dir(resolve(preset, overrides=over))
@@ -265,7 +265,7 @@ def test_default_run_dir_names_the_model_fields_that_differ():
                 {"drop_attn": [1]}, {"drop_mlp": [1]}]
     assert len({name(**v) for v in variants}) == len(variants)
     # every model field is in the name, or named when it differs (vocab_size follows the tokenizer)
-    from layerlab.train.loop import _NAME_PARTS
+    from layerlab.train.plan import _NAME_PARTS
 
     assert set(MODEL_FIELDS) == {"vocab_size", "placement", "norm", "layers", "width"} | set(_NAME_PARTS)
 

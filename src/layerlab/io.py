@@ -132,21 +132,3 @@ def check_model_dir(path: str | Path) -> Path:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise LayerlabError(f"{path} is not a model directory (no config.json)")
     return path
-
-
-def load_causal_lm(path: str | Path, device: str | None = None):
-    """Load a causal LM directory (layerlab or Hugging Face) for inference, safely.
-
-    Weights come from safetensors, or from a PyTorch file with ``weights_only=True``.
-    """
-    path = check_model_dir(path)
-    import transformers
-
-    from . import model as _registers_layerlab  # noqa: F401  (Auto class registration)
-
-    try:
-        m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayerlabError(f"cannot load model from {path}: {first}") from None
-    return m.to(device).eval() if device else m.eval()

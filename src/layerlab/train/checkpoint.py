@@ -63,7 +63,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | No
     """Write model, optimizer and step atomically into ``run_dir``.
 
     ``model`` is anything with ``save_pretrained``; ``optimizer`` anything with ``state_dict()``, or that state
-    dict itself (as gathered from FSDP's shards).
+    dict itself (as :meth:`~layerlab.train.distributed.Parallel.full_state` returns it).
     """
     from transformers.utils import logging as hf_logging
 
@@ -128,29 +128,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _upgrade_legacy(state: dict, optimizer) -> dict:
-    """The optimizer state of a run saved before the optimizer registry, in today's format.
-
-    Those runs saved a plain ``torch.optim.AdamW`` state over two groups: the parameters with two or more
-    dimensions (decayed), then the others, each in ``model.parameters()`` order. Today's AdamW groups them per
-    block and kind; the same parameters get the same state, so such a run resumes exactly.
-    """
-    if getattr(optimizer, "name", None) != "adamw":
-        raise LayerlabError("it was saved by a layerlab older than the optimizer registry, for plain AdamW")
-    params = [p for p in optimizer.model.parameters() if p.requires_grad]
-    old_order = [p for p in params if p.dim() >= 2] + [p for p in params if p.dim() < 2]
-    new_index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-    saved = state["state"]
-    n_saved = sum(len(g["params"]) for g in state["param_groups"])
-    if len(state["param_groups"]) != 2 or n_saved != len(old_order) or len(new_index) != len(old_order):
-        raise LayerlabError(f"it was saved by a layerlab older than the optimizer registry, for {n_saved} "
-                            f"parameters in {len(state['param_groups'])} groups; the model has {len(old_order)}")
-    old_ids = [i for g in state["param_groups"] for i in g["params"]]
-    current = optimizer.state_dict()["optimizer"]
-    moved = {new_index[id(p)]: saved[i] for i, p in zip(old_ids, old_order) if i in saved}
-    return {"optimizer": {"state": moved, "param_groups": current["param_groups"]}, "rule": {}}
-
-
 def _check_shapes(state: dict, optimizer) -> None:
     """Tensors of a parameter's state must have its shape: torch checks the group sizes only."""
     names = {id(p): n for n, p in optimizer.model.named_parameters()}
@@ -163,12 +140,12 @@ def _check_shapes(state: dict, optimizer) -> None:
                                     f"{tuple(value.shape)}, the parameter {tuple(p.shape)}")
 
 
-def load_optimizer_state(run_dir: Path, optimizer, prepare=None) -> None:
+def load_optimizer_state(run_dir: Path, optimizer, load=None) -> None:
     """Load ``optimizer.pt`` into ``optimizer`` (a :class:`~layerlab.train.optimizers.Layerwise`).
 
-    A state saved before the optimizer registry is upgraded (:func:`_upgrade_legacy`); ``prepare(optimizer,
-    state)`` may then adapt the state (FSDP cuts it to this rank's shards). A state that does not fit the
-    optimizer is a one-line error naming the cause.
+    Its tensors' shapes are checked; ``load(optimizer, state)`` then loads it in place of
+    ``optimizer.load_state_dict(state)`` (several processes load it through torch's helpers, FSDP cutting it to
+    this rank's shards). A state that does not fit the optimizer is a one-line error naming the cause.
     """
     path = run_dir / OPTIMIZER
     try:
@@ -179,24 +156,19 @@ def load_optimizer_state(run_dir: Path, optimizer, prepare=None) -> None:
     try:
         if not isinstance(state, dict):
             raise LayerlabError(f"it holds a {type(state).__name__}, not an optimizer state")
-        if set(state) == {"state", "param_groups"}:
-            state = _upgrade_legacy(state, optimizer)
-        elif set(state) != {"optimizer", "rule"}:
+        if set(state) == {"state", "param_groups"}:  # a plain torch state: saved before the optimizer registry
+            raise LayerlabError("it was saved by a layerlab from before the optimizer registry (0.1.0 of 2026-11), "
+                                "whose checkpoints do not resume")
+        if set(state) != {"optimizer", "rule"}:
             raise LayerlabError(f"unknown format (keys {', '.join(sorted(map(str, state)))})")
         _check_shapes(state, optimizer)
-        if prepare is not None:
-            state = prepare(optimizer, state)
-        optimizer.load_state_dict(state)
+        if load is None:
+            optimizer.load_state_dict(state)
+        else:
+            load(optimizer, state)
     except (LayerlabError, ValueError, KeyError, IndexError, TypeError, RuntimeError) as e:
         raise LayerlabError(f"cannot resume {run_dir}: {OPTIMIZER} does not fit the {name} optimizer of this run "
                             f"({_first_line(e)})") from None
-
-
-def load_checkpoint(run_dir: Path, model, optimizer) -> int:
-    """Load weights and optimizer state saved by :func:`save_checkpoint`; return the step."""
-    step = load_weights(run_dir, model)
-    load_optimizer_state(run_dir, optimizer)
-    return step
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -17,7 +17,9 @@ A run's result does not depend on the number of processes N, up to float roundin
   LAMB/LARS trust ratios) or draw from seeded generators (LISA), so every rank makes the same choice.
 * Rank 0 alone writes: ``metrics.jsonl``, checkpoints, ``layerlab.json``, the progress bar.
 * Checkpoints hold full weights and the unsharded optimizer state, in the one-process format, so a run saved by
-  N processes (DDP or FSDP) resumes under any M, 1 included.
+  N processes (DDP or FSDP) resumes under any M, 1 included. torch's state-dict helpers
+  (``torch.distributed.checkpoint.state_dict``) gather them and cut them back to each rank's shards; the
+  optimizer state they key by parameter name is kept numbered as ``Optimizer.state_dict`` numbers it.
 
 Not independent of N: dropout masks (each rank draws them for its own rows) and norms with batch statistics
 (batchnorm, powernorm, prepbn normalize over each rank's rows, as BatchNorm does under DDP without SyncBatchNorm).
@@ -312,41 +314,77 @@ class Parallel:
         return [math.sqrt(d) / max(math.sqrt(w), 1e-12)
                 for d, w in zip(self._block_sq(deltas), self._block_sq(before), strict=True)]
 
-    # checkpoints
+    # Checkpoints hold the one-process format whatever the number of processes. Several processes go through
+    # torch's state-dict helpers (torch.distributed.checkpoint.state_dict, imported only then: half a second).
     def full_state(self, optimizer) -> tuple[Any, Any]:
-        """What rank 0 saves: an object with ``save_pretrained`` and the optimizer (or its state dict), both in
-        the one-process format; (None, None) on other ranks. Under FSDP every rank must call it (it gathers)."""
-        if self.kind != "fsdp":
-            return (self.model, optimizer) if self.d.main else (None, None)
+        """What rank 0 saves: an object with ``save_pretrained`` and the optimizer's state dict, both in the
+        one-process format; (None, None) on other ranks. Under FSDP every rank must call it (it gathers)."""
+        if not self.d.active:
+            return self.model, optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = optimizer.state_dict()
-        per_param = state["optimizer"]["state"]
-        for i in sorted(per_param):  # the same order on every rank: full_tensor() is a collective
-            per_param[i] = {k: self._gather(v) for k, v in sorted(per_param[i].items())}
-        return (_Gathered(self.model, weights), state) if self.d.main else (None, None)
+        weights = self.model
+        if self.kind == "fsdp":
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only
+            weights = _Gathered(self.model, get_model_state_dict(self.model, options=full))
+        state = self._full_optimizer_state(optimizer)
+        return (weights, {"optimizer": state, "rule": optimizer.rule_state()}) if self.d.main else (None, None)
 
-    @staticmethod
-    def _gather(v: Any) -> Any:
-        from torch.distributed.tensor import DTensor
+    def _full_optimizer_state(self, optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return v.full_tensor().cpu() if isinstance(v, DTensor) else v
+        inner = optimizer.optimizer
+        if not inner.state:
+            # Before the first step there is nothing to gather, and the helper would first create the state by
+            # a step with zero gradients (``_init_optim_state``): a run resumed from it would count that step.
+            return inner.state_dict()
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only (others: {})
+        return _by_index(get_optimizer_state_dict(self.model, inner, options=full))
 
-    def shard_optimizer_state(self, optimizer, state: dict[str, Any]) -> dict[str, Any]:
-        """A one-process optimizer state, with each full tensor cut to this rank's shard of its parameter."""
-        if self.kind != "fsdp":
-            return state
-        from torch.distributed.tensor import DTensor, distribute_tensor
+    def load_optimizer_state(self, optimizer, state: dict[str, Any]) -> None:
+        """Load a one-process optimizer state (checked by :func:`~layerlab.train.checkpoint.load_optimizer_state`);
+        under DDP or FSDP through torch's helper, which cuts each full tensor to this rank's shard."""
+        if not self.d.active:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        per_param = state["optimizer"]["state"]
-        for i, entry in per_param.items():
-            p = params[int(i)]
-            if isinstance(p, DTensor):
-                per_param[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                                if torch.is_tensor(v) and v.shape == p.shape else v for k, v in entry.items()}
+        inner = optimizer.optimizer
+        names = {p: n for n, p in self.model.named_parameters()}  # tied weights once, as the helper names them
+        named = _by_name(state["optimizer"], [[names[p] for p in g["params"]] for g in inner.param_groups])
+        # strict=False: a parameter may have no state yet (a block LISA has not drawn, a checkpoint of step 0)
+        set_optimizer_state_dict(self.model, inner, named,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        # The helper first creates every parameter's state by a step with zero gradients and keeps it where the
+        # checkpoint has none: dropped, so that such a parameter's first real step counts as its first.
+        for p, name in names.items():
+            if name not in named["state"]:
+                inner.state.pop(p, None)
+        optimizer.load_rule_state(state["rule"])
+
+
+def _by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names (torch's helpers) in ``Optimizer.state_dict``'s layout,
+    which ``optimizer.pt`` keeps: parameters numbered in the order of the groups. Empty (other ranks) stays so."""
+    if not state:
         return state
+    index = {name: i for i, name in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return {"state": {index[n]: entry for n, entry in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def _by_name(state: dict[str, Any], names: list[list[str]]) -> dict[str, Any]:
+    """The inverse of :func:`_by_index` for an optimizer whose groups hold the parameters ``names``: the saved
+    numbers map onto them in order, as ``Optimizer.load_state_dict`` maps them, after the same checks."""
+    groups = state["param_groups"]
+    if len(groups) != len(names):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    if any(len(g["params"]) != len(n) for g, n in zip(groups, names, strict=True)):
+        raise ValueError("loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                         "group")
+    name_of = dict(zip((i for g in groups for i in g["params"]), (n for ns in names for n in ns), strict=True))
+    return {"state": {name_of[i]: entry for i, entry in state["state"].items()},
+            "param_groups": [{**g, "params": list(n)} for g, n in zip(groups, names, strict=True)]}
 
 
 # ---------------------------------------------------------------------------------------------------- --nproc
