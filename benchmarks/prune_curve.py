@@ -50,8 +50,7 @@ def main() -> None:
             for n in range(1, args.max_remove + 1):
                 out = Path(tmp) / f"{metric}-{n}"
                 rec = prune(args.model, remove=n, metric=metric, out=out, tokens=args.tokens,
-                            measure_tokens=args.tokens, unit=args.unit, heal_steps=args.heal_steps,
-                            echo=lambda *a: None)
+                            measure_tokens=args.tokens, unit=args.unit, heal_steps=args.heal_steps)
                 blocks = sorted(r["block"] for r in rec["removed"]) if args.unit != "block" else rec["removed_blocks"]
                 rows.append({"metric": metric, "unit": args.unit, "removed": n, "blocks": blocks,
                              "before": rec["before"]["perplexity"], "pruned": rec["pruned"]["perplexity"],

@@ -53,7 +53,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     widths = tuple(int(w) for w in args.widths.split(","))
-    quiet = {"echo": lambda *a: None, "tokens": args.tokens, "widths": widths, "group": args.group}
+    quiet = {"tokens": args.tokens, "widths": widths, "group": args.group}
     records = []
     print("| avg bits | ordering | widths per block | MB | loss | ppl | Δloss |")
     print("|---:|---|---|---:|---:|---:|---:|")

@@ -17,14 +17,14 @@ from transformers import (
 )
 
 import layerlab
-from layerlab.compress import TARGETS, convert
+from layerlab.compress import TARGETS, convert, convert_lines
 from layerlab.compress.convert import _fixable, fold_norms, removal_schedule, to_rmsnorm
 from layerlab.data import embedded_documents
 from layerlab.errors import LayerlabError
 from layerlab.norms import NORMS, NoNorm
 
 V = 320  # > 257 byte-tokenizer ids
-QUIET = {"echo": lambda *a: None, "tokens": 256}
+QUIET = {"tokens": 256}
 TOL = {"atol": 1e-4, "rtol": 0.0}  # the bar: logits within 1e-4 in fp32
 
 DESIGNS = {
@@ -114,8 +114,8 @@ def test_hugging_face_gpt2_converts_exactly_to_a_layerlab_model(tmp_path, norm):
     gpt2 = _gpt2()
     src = save_model(gpt2, tmp_path / "gpt2")
     before = digest(src)
-    lines = []
-    rec = convert(src, to=norm, out=tmp_path / "c", tokens=256, echo=lines.append)
+    rec = convert(src, to=norm, out=tmp_path / "c", tokens=256)
+    lines = convert_lines(rec)
     assert digest(src) == before
     conv = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
     assert conv.config.model_type == "layerlab" and conv.cfg.norm == norm and conv.cfg.head_bias
@@ -202,8 +202,8 @@ def test_removal_schedule_follows_the_paper_order():
 
 def test_no_norm_fine_tunes_folds_and_records_the_loss_delta(trained, tmp_path):
     before = digest(trained)
-    lines = []
-    rec = convert(trained, to="no-norm", steps=12, control=True, out=tmp_path / "nn", tokens=256, echo=lines.append)
+    rec = convert(trained, to="no-norm", steps=12, control=True, out=tmp_path / "nn", tokens=256)
+    lines = convert_lines(rec)
     assert digest(trained) == before
     assert rec["fold_max_abs_logit_diff"] < 1e-4
     assert rec["after"]["loss"] == pytest.approx(rec["fixed"]["loss"], abs=1e-4), "folding changes nothing"
@@ -218,7 +218,7 @@ def test_no_norm_fine_tunes_folds_and_records_the_loss_delta(trained, tmp_path):
     assert not [m for m in model.modules() if "Norm" in type(m).__name__ and type(m) is not NoNorm]
     assert any("loss delta" in line for line in lines)
     # seeded: the same call gives the same model
-    again = convert(trained, to="no-norm", steps=12, out=tmp_path / "nn2", tokens=256, echo=lambda *a: 0)
+    again = convert(trained, to="no-norm", steps=12, out=tmp_path / "nn2", tokens=256)
     assert again["after"]["loss"] == rec["after"]["loss"] and again["scales"] == rec["scales"]
 
 

@@ -16,7 +16,7 @@ from layerlab.errors import LayerlabError
 from layerlab.evaluate import masked_loss_sum
 from layerlab.model import CACHE_NAME, output_cache
 
-QUIET = {"echo": lambda *a: None, "tokens": 512, "measure_tokens": 512}
+QUIET = {"tokens": 512, "measure_tokens": 512}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from layerlab.packed import (
     unpack_bits,
 )
 
-QUIET = {"echo": lambda *a: None, "tokens": 256, "calibration_tokens": 256}
+QUIET = {"tokens": 256, "calibration_tokens": 256}
 
 
 # ---------------------------------------------------------------------------- packing
@@ -239,9 +239,9 @@ def test_a_quantized_model_is_not_pruned_or_converted(small, tmp_path):
 
     quantize(small, bits=4, out=tmp_path / "q", baselines=False, group=32, **QUIET)
     with pytest.raises(LayerlabError, match="already quantized; prune the full-precision model"):
-        prune(tmp_path / "q", remove=1, out=tmp_path / "p", echo=lambda *a: None)
+        prune(tmp_path / "q", remove=1, out=tmp_path / "p")
     with pytest.raises(LayerlabError, match="already quantized; convert"):
-        convert(tmp_path / "q", to="rmsnorm", out=tmp_path / "c", echo=lambda *a: None)
+        convert(tmp_path / "q", to="rmsnorm", out=tmp_path / "c")
     from layerlab.evaluate import evaluate  # but analysis and evaluation read it like any model
 
     assert evaluate(tmp_path / "q", tokens=256)["loss"] > 0

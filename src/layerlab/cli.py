@@ -36,6 +36,13 @@ def _choice(kind: str, value: str, valid) -> None:
         raise choices_error(kind, value, list(valid))
 
 
+def _print(lines: list[str], out: Path) -> None:
+    """A command's record, laid out by its library, and where it wrote."""
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"wrote {out}")
+
+
 def _inputs(*models: Path, out: Path | None = None) -> None:
     """Check model directories and --out before the command imports torch: a mistyped path is answered at once."""
     from .io import check_model_dir, check_output
@@ -258,11 +265,12 @@ def prune(
     _choice("heal mode", heal, HEAL_MODES)
     _inputs(model, out=out)
     from .compress import prune as run_prune
+    from .compress import prune_lines
 
     _quiet_hf()
-    run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
-              measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress, echo=typer.echo)
-    typer.echo(f"wrote {out}")
+    record = run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
+                       measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress)
+    _print(prune_lines(record), out)
 
 
 QUANTIZE_EXAMPLE = """
@@ -297,16 +305,17 @@ def quantize(
     _choice("importance", importance, QUANT_IMPORTANCE)
     _inputs(model, out=out)
     from .compress import quantize as run_quantize
+    from .compress import quantize_lines
 
     try:
         width_list = tuple(int(w) for w in widths.split(","))
     except ValueError:
         raise LayerlabError(f"--widths must be comma-separated integers, got {widths!r}") from None
     _quiet_hf()
-    run_quantize(model, bits=bits, out=out, importance=importance, widths=width_list, group=group, data=data,
-                 tokens=tokens, calibration_tokens=calibration_tokens, seed=seed, baselines=baselines,
-                 progress=progress, echo=typer.echo)
-    typer.echo(f"wrote {out}")
+    record = run_quantize(model, bits=bits, out=out, importance=importance, widths=width_list, group=group,
+                          data=data, tokens=tokens, calibration_tokens=calibration_tokens, seed=seed,
+                          baselines=baselines, progress=progress)
+    _print(quantize_lines(record), out)
 
 
 CONVERT_EXAMPLE = """
@@ -341,11 +350,12 @@ def convert(
     _choice("conversion target", to, CONVERT_TARGETS)
     _inputs(model, out=out)
     from .compress import convert as run_convert
+    from .compress import convert_lines
 
     _quiet_hf()
-    run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed, control=control,
-                progress=progress, echo=typer.echo)
-    typer.echo(f"wrote {out}")
+    record = run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed,
+                         control=control, progress=progress)
+    _print(convert_lines(record), out)
 
 
 SWEEP_EXAMPLE = """

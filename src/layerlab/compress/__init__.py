@@ -1,7 +1,9 @@
-"""Layer-wise compression guided by the layer measurements."""
+"""Layer-wise compression guided by the layer measurements; each command returns a record and a ``*_lines``
+function lays it out for the CLI (the shared pipeline is in :mod:`layerlab.compress.common`)."""
 
-from .convert import TARGETS, convert
-from .prune import METRICS, prune, without_blocks
-from .quantize import IMPORTANCE, allocate, quantize
+from .convert import TARGETS, convert, convert_lines
+from .prune import METRICS, prune, prune_lines, without_blocks
+from .quantize import IMPORTANCE, allocate, quantize, quantize_lines
 
-__all__ = ["IMPORTANCE", "METRICS", "TARGETS", "allocate", "convert", "prune", "quantize", "without_blocks"]
+__all__ = ["IMPORTANCE", "METRICS", "TARGETS", "allocate", "convert", "convert_lines", "prune", "prune_lines",
+           "quantize", "quantize_lines", "without_blocks"]

@@ -39,23 +39,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..adapters import load_model, view
+from ..adapters import view
 from ..data import batches, measure_ids, window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
-from ..io import output_dir, write_manifest
 from ..model import LayerlabForCausalLM, build_model
 from ..norms import LayerNorm
-from ..packed import refuse_quantized
 from ..registry import CONVERT_TARGETS as TARGETS
-from .heal import _train_ids, lm_step
-from .prune import _size, copy_tokenizer
+from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .heal import lm_step, train_ids
 
 DEFAULT_STEPS = 200  # GPT-2 small takes 300 steps of 2^19 tokens in Baroni et al.; a tiny model needs far fewer tokens
 DEFAULT_LR = 3e-4  # constant after a linear warmup; Baroni et al. use 6e-4 (GPT-2 small) down to 1e-4 (XL)
@@ -271,7 +268,7 @@ def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
-    ids = _train_ids(tokenizer, data, limit=4_000_000)
+    ids = train_ids(tokenizer, data, limit=4_000_000)
     if len(ids) < seq_len + 2:
         raise LayerlabError(f"data too short to fine-tune on: {len(ids)} training tokens, need more than {seq_len + 1}")
     norms = _fixable(model)
@@ -354,12 +351,12 @@ def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int 
 
 def _stage(model, tok, data, tokens) -> dict:
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"params": n_params, "bytes": _size(model), **lm_loss(model, tok, data, tokens)}
+    return {"params": n_params, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
             tokens: int | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = 0,
-            control: bool = False, progress: bool = False, echo: Callable = print) -> dict:
+            control: bool = False, progress: bool = False) -> dict:
     """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
 
     ``rmsnorm``/``crmsnorm`` are exact: the record holds the largest logit difference against the
@@ -369,7 +366,8 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     ``loss_delta`` = after - before, the paper's figure. Part of that delta is the fine-tune itself
     (an under-trained model improves with more steps): with ``control``, a copy is also fine-tuned the
     same way with its norms live, and the record adds ``loss_delta_vs_control`` = after - control, as
-    the paper also reports. Returns the record also written to ``out/layerlab.json``.
+    the paper also reports. Returns the record also written to ``out/layerlab.json``;
+    :func:`convert_lines` lays it out.
     """
     if to not in TARGETS:
         raise choices_error("conversion target", to, TARGETS)
@@ -377,21 +375,19 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
-    model, tok, _ = load_model(model_dir)
-    refuse_quantized(model, model_dir, "convert")
-    source = view(model).arch_name
+    model, tok, v = open_input(model_dir, "convert")
     pre_ln = as_pre_ln(model, to)
     args = {"model": str(model_dir), "to": to, "data": str(data) if data else "embedded", "tokens": tokens}
     if to == "no-norm":
         args.update(steps=steps, lr=lr, seed=seed, control=control)
     decisions = []
-    if source == "gpt2":
+    if v.arch_name == "gpt2":
         decisions.append("GPT-2 has no RMSNorm or identity-norm option: written as a layerlab model (exact mapping)")
     if pre_ln.cfg.tie_embeddings:
         decisions.append("head untied from the input embedding (the two now differ)")
-    with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
+    with staged_output(model_dir, out, "convert", args) as stage:  # --out checked before the slow work starts
         stages = {"before": _stage(model, tok, data, tokens)}
-        record: dict = {"to": to, "source": source}
+        record: dict = {"to": to, "source": v.arch_name}
         if to in ("rmsnorm", "crmsnorm"):
             new = to_rmsnorm(pre_ln, to)
             record["max_abs_logit_diff"] = max_logit_diff(model, new, tok, data)
@@ -405,7 +401,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
             stages["fixed"] = _stage(fixed, tok, data, tokens)
             new = fold_norms(fixed)
             record["fold_max_abs_logit_diff"] = max_logit_diff(fixed, new, tok, data)
-            record.update(info)
+            record.update(info, steps=steps)
             decisions.append("norms fixed one by one (every ln2, every ln1, then ln_f), each to the moving average "
                              "of its measured std, then folded into the linear layers that read them")
         if new.cfg.head_bias and not pre_ln.cfg.head_bias:
@@ -417,20 +413,24 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
             record["loss_delta"] = stages["after"]["loss"] - stages["before"]["loss"]
             if control:
                 record["loss_delta_vs_control"] = stages["after"]["loss"] - stages["control"]["loss"]
-        record.update(decisions=decisions, **stages)
-        new.save_pretrained(tmp)
-        copy_tokenizer(model_dir, tmp)
-        write_manifest(tmp, "convert", args, **record)
-    label = {"rmsnorm": "Pre-RMSNorm", "crmsnorm": "Pre-CRMSNorm", "no-norm": "no normalization"}[to]
-    echo(f"converted Pre-LN ({source}) to {label}")
-    if "max_abs_logit_diff" in record:
-        echo(f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}")
-    else:
-        vs = f" ({record['loss_delta_vs_control']:+.4f} against the control)" if control else ""
-        echo(f"fine-tuned {steps} steps; fold max |logit difference|: {record['fold_max_abs_logit_diff']:.2e}; "
-             f"loss delta {record['loss_delta']:+.4f}{vs}")
-    echo(f"loss (nats/token) and perplexity on the {stages['before']['slice']}")
-    echo(f"{'':8s}{'params':>12s}{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
-    for name, r in stages.items():
-        echo(f"{name:8s}{r['params']:12,d}{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
+        record.update(decisions=decisions, stages=list(stages), **stages)
+        stage.save_model(new)
+        stage.record = record
     return record
+
+
+def convert_lines(record: dict) -> list[str]:
+    """What ``layerlab convert`` prints: what became what, how exact, and the table on its named slice."""
+    label = {"rmsnorm": "Pre-RMSNorm", "crmsnorm": "Pre-CRMSNorm", "no-norm": "no normalization"}[record["to"]]
+    lines = [f"converted Pre-LN ({record['source']}) to {label}"]
+    if "max_abs_logit_diff" in record:
+        lines.append(f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}")
+    else:
+        vs = f" ({record['loss_delta_vs_control']:+.4f} against the control)" if "loss_delta_vs_control" in record \
+            else ""
+        lines.append(f"fine-tuned {record['steps']} steps; fold max |logit difference|: "
+                     f"{record['fold_max_abs_logit_diff']:.2e}; loss delta {record['loss_delta']:+.4f}{vs}")
+    columns = [("params", 12, lambda r: f"{r['params']:,d}"), ("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"),
+               *loss_columns()]
+    return [*lines, f"loss (nats/token) and perplexity on the {record['before']['slice']}",
+            *table({name: record[name] for name in record["stages"]}, columns)]

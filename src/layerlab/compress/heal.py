@@ -21,7 +21,7 @@ from ..registry import HEAL_MODES
 LORA_RANK = 8  # a small rank suffices to heal a few removed layers (Gromov et al., 2024 use QLoRA ranks 2-64)
 
 
-def _train_ids(tokenizer, data: str | Path | None, limit: int) -> torch.Tensor:
+def train_ids(tokenizer, data: str | Path | None, limit: int) -> torch.Tensor:
     """Token ids of the training part (the first 90%) of ``data``, at most ``limit`` of them."""
     ids: list[int] = []
     for doc in head_documents(data, 1 - VAL_FRACTION):
@@ -53,7 +53,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
         raise LayerlabError("healing trains a causal LM; this model is an encoder")
     seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
-    ids = _train_ids(tokenizer, data, limit=4_000_000)
+    ids = train_ids(tokenizer, data, limit=4_000_000)
     if len(ids) < seq_len + 2:
         raise LayerlabError(f"data too short to heal on: {len(ids)} training tokens, need more than {seq_len + 1}")
     torch.manual_seed(seed)  # LoRA's A matrices start random: the same seed gives the same healed model

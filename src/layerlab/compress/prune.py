@@ -35,7 +35,6 @@ exactly, keeps the directory loadable by plain transformers, and does not shrink
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -43,17 +42,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..adapters import SUBLAYERS, LayerView, load_model, view
+from ..adapters import SUBLAYERS, LayerView, view
 from ..analysis.analyze import analyze_model
 from ..analysis.stats import angular, last_token_index
 from ..data import batches, window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
-from ..io import output_dir, write_manifest
-from ..packed import refuse_quantized
-from ..registry import PLACEMENTS, residual_placement_names
+from ..registry import HEAL_MODES, PLACEMENTS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
+from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .heal import heal as run_heal
+from .heal import train_ids
 
 MEASURE_TOKENS = 8192  # tokens the choosing metric reads
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
@@ -70,11 +70,9 @@ def _held_batches(model, tok, data, tokens: int) -> list[tuple[torch.Tensor, tor
     """Windows of the training part of ``data`` (its first 90%) on the model's device: the greedy
     ``loss`` metric chooses on these, so its choice is not fitted to the validation text that the
     before/after perplexities are measured on."""
-    from .heal import _train_ids
-
     seq_len = window_length(model.config)
     device = next(model.parameters()).device
-    ids = _train_ids(tok, data, limit=2 * tokens).tolist()
+    ids = train_ids(tok, data, limit=2 * tokens).tolist()
     return [(i.to(device), m.to(device)) for i, m in batches(tok, ids, tokens, seq_len, 8)]
 
 
@@ -285,31 +283,17 @@ def _keeping_zeroed(model) -> Iterator[None]:
         yield
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "tokenizer.model")
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> None:
-    """Copy the tokenizer files byte for byte, so the output tokenizes exactly as the input."""
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, dst / name)
-
-
-def _size(model) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def _stage(model, tok, data, tokens: int | None) -> dict:
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) for u in SUBLAYERS}
-    return {"layers": view(model).num_layers, **counts, "bytes": _size(model), **lm_loss(model, tok, data, tokens)}
+    return {"layers": view(model).num_layers, **counts, "bytes": param_bytes(model),
+            **lm_loss(model, tok, data, tokens)}
 
 
 def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: str = "block", out: str | Path,
           data: str | Path | None = None, tokens: int | None = None, measure_tokens: int = MEASURE_TOKENS,
-          heal_steps: int = 0, heal: str = "lora", progress: bool = False, echo=print) -> dict:
+          heal_steps: int = 0, heal: str = "lora", progress: bool = False) -> dict:
     """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
-    optionally heal, and write the model to ``out``.
+    optionally heal, and write the model to ``out``; :func:`prune_lines` lays out the result.
 
     Returns the record also written to ``out/layerlab.json``: ``unit``, ``removed`` (a list of
     ``{"block", "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size,
@@ -319,31 +303,12 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     Face model were zeroed rather than removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the
     weights; healing keeps them zero.
     """
-    from .heal import HEAL_MODES
-    from .heal import heal as run_heal
-
-    if unit not in UNITS:
-        raise choices_error("unit", unit, UNITS)
-    if metric not in METRICS:
-        raise choices_error("metric", metric, list(METRICS))
-    if heal not in HEAL_MODES:
-        raise choices_error("heal mode", heal, HEAL_MODES)
-    if heal_steps < 0:
-        raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
-    model, tok, v = load_model(model_dir)
-    refuse_quantized(model, model_dir, "prune")
-    if not v.causal:
-        raise LayerlabError("prune writes causal LMs; this model is an encoder")
-    if unit == "block" and not 1 <= remove < v.num_layers:
-        raise LayerlabError(f"--remove must be between 1 and {v.num_layers - 1} for a {v.num_layers}-layer model, "
-                            f"got {remove}")
-    if unit != "block":
-        _check_residual(v, unit)
-        have = sum(present_sublayers(model, unit))
-        if not 1 <= remove < have:
-            raise LayerlabError(f"--remove must be between 1 and {have - 1} for a model with {have} "
-                                f"{UNIT_NAMES[unit]} sublayers (one must stay), got {remove}")
-    with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
+    _check_choices(unit, metric, heal, heal_steps)
+    model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs")
+    _check_remove(model, v, unit, remove)
+    args = {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit, "heal_steps": heal_steps,
+            "heal": heal, "data": str(data) if data else "embedded", "tokens": tokens, "measure_tokens": measure_tokens}
+    with staged_output(model_dir, out, "prune", args) as stage:  # --out checked before the slow work starts
         before = _stage(model, tok, data, tokens)
         chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
         if unit == "block":
@@ -357,36 +322,54 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
             if any(bool(smaller.get_parameter(name).any()) for name in zeroed):  # _keeping_zeroed failed
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
             stages["healed"] = _stage(smaller, tok, data, tokens)
-        smaller.save_pretrained(tmp)
-        copy_tokenizer(model_dir, tmp)
+        stage.save_model(smaller)
         record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen]}
         if unit == "block":
             record["removed_blocks"] = chosen
         else:
             record["surgery"] = "zeroed" if zeroed else "removed"
-        notes = []
         if zeroed:
             record["zeroed"] = zeroed
-            notes.append(f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
-                         f"projection ({v.arch.out_proj[unit]}, weight and bias) is zeroed: plain transformers "
-                         "loads the model, and its size on disk does not shrink")
-            record["note"] = notes[0]
-        record.update(metric=metric, scores=scores, **stages, after=stages["healed" if heal_steps else "pruned"])
-        write_manifest(tmp, "prune", {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit,
-                                      "heal_steps": heal_steps, "heal": heal,
-                                      "data": str(data) if data else "embedded", "tokens": tokens,
-                                      "measure_tokens": measure_tokens}, **record)
-    if unit == "block":
-        echo(f"removed blocks {chosen} by {metric}")
-    else:
-        echo(f"removed the {UNIT_NAMES[unit]} sublayer of blocks {chosen} by {metric}")
-    count = [] if unit == "block" else [f"{unit}_sublayers"]
-    echo(f"loss (nats/token) and perplexity on the {before['slice']}")
-    echo(f"{'':8s}{'layers':>8s}" + "".join(f"{unit:>8s}" for _ in count) + f"{'MB':>10s}{'loss':>10s}{'ppl':>10s}")
-    for name in stages:
-        r = stages[name]
-        echo(f"{name:8s}{r['layers']:8d}" + "".join(f"{r[c]:8d}" for c in count)
-             + f"{r['bytes'] / 1e6:10.2f}{r['loss']:10.4f}{r['perplexity']:10.2f}")
-    for note in notes:
-        echo(f"note: {note}")
+            record["note"] = (f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
+                              f"projection ({v.arch.out_proj[unit]}, weight and bias) is zeroed: plain transformers "
+                              "loads the model, and its size on disk does not shrink")
+        record.update(metric=metric, scores=scores, stages=list(stages), **stages,
+                      after=stages["healed" if heal_steps else "pruned"])
+        stage.record = record
     return record
+
+
+def _check_choices(unit: str, metric: str, heal: str, heal_steps: int) -> None:
+    if unit not in UNITS:
+        raise choices_error("unit", unit, UNITS)
+    if metric not in METRICS:
+        raise choices_error("metric", metric, list(METRICS))
+    if heal not in HEAL_MODES:
+        raise choices_error("heal mode", heal, HEAL_MODES)
+    if heal_steps < 0:
+        raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
+
+
+def _check_remove(model, v: LayerView, unit: str, remove: int) -> None:
+    if unit == "block" and not 1 <= remove < v.num_layers:
+        raise LayerlabError(f"--remove must be between 1 and {v.num_layers - 1} for a {v.num_layers}-layer model, "
+                            f"got {remove}")
+    if unit != "block":
+        _check_residual(v, unit)
+        have = sum(present_sublayers(model, unit))
+        if not 1 <= remove < have:
+            raise LayerlabError(f"--remove must be between 1 and {have - 1} for a model with {have} "
+                                f"{UNIT_NAMES[unit]} sublayers (one must stay), got {remove}")
+
+
+def prune_lines(record: dict) -> list[str]:
+    """What ``layerlab prune`` prints: the choice, the before/after table on its named slice, any note."""
+    unit, chosen, metric = record["unit"], [r["block"] for r in record["removed"]], record["metric"]
+    what = f"blocks {chosen}" if unit == "block" else f"the {UNIT_NAMES[unit]} sublayer of blocks {chosen}"
+    columns = [("layers", 8, lambda r: f"{r['layers']:d}")]
+    if unit != "block":
+        columns.append((unit, 8, lambda r: f"{r[unit + '_sublayers']:d}"))
+    columns += [("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"), *loss_columns()]
+    lines = [f"removed {what} by {metric}", f"loss (nats/token) and perplexity on the {record['before']['slice']}",
+             *table({name: record[name] for name in record["stages"]}, columns)]
+    return lines + ([f"note: {record['note']}"] if "note" in record else [])

@@ -28,18 +28,18 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ..adapters import load_model, view
+from ..adapters import view
 from ..data import window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
-from ..io import output_dir, write_manifest
-from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, refuse_quantized, set_module
+from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, set_module
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
+from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .heal import train_ids
 
 DEFAULT_WIDTHS = (2, 3, 4, 8)
 DEFAULT_GROUP = 64
@@ -108,10 +108,8 @@ class Quantizer:
 
 # ---------------------------------------------------------------------------- importance
 def _calibration(model, tokenizer, data, tokens: int, seq_len: int | None = None, batch_size: int = 8):
-    from .heal import _train_ids
-
     seq_len = window_length(model.config, seq_len=seq_len)
-    ids = _train_ids(tokenizer, data, limit=max(tokens, seq_len))
+    ids = train_ids(tokenizer, data, limit=max(tokens, seq_len))
     if len(ids) < 2:
         raise LayerlabError("data too short: fewer than 2 training tokens to calibrate on")
     rows = [ids[s:s + seq_len] for s in range(0, len(ids) - 1, seq_len)]
@@ -257,52 +255,23 @@ def average_bits(sizes: list[int], alloc: list[int]) -> float:
 def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance: str = "lim",
              widths: tuple[int, ...] = DEFAULT_WIDTHS, group: int = DEFAULT_GROUP, data: str | Path | None = None,
              tokens: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS, seed: int = 0,
-             baselines: bool = True, progress: bool = False, echo: Callable = print) -> dict:
-    """Quantize every block to one of ``widths`` so the average is ``bits``, ordered by ``importance``;
-    write the packed model to ``out`` with a before/after table (also in ``out/layerlab.json``)."""
-    widths = tuple(sorted(set(int(w) for w in widths)))
-    if importance not in IMPORTANCE:
-        raise choices_error("importance", importance, IMPORTANCE)
-    if not widths or any(not 1 <= w <= 8 for w in widths):
-        raise LayerlabError(f"--widths must be integers from 1 to 8, got {list(widths)}")
-    if not widths[0] <= bits <= widths[-1]:
-        raise LayerlabError(f"--bits must be between {widths[0]} and {widths[-1]} (the candidate widths "
-                            f"{', '.join(map(str, widths))}), got {bits}")
-    if group < 8 or group % 8:
-        raise LayerlabError(f"--group must be a positive multiple of 8, got {group}")
-    model, tok, v = load_model(model_dir)
-    refuse_quantized(model, model_dir, "quantize")
-    if not v.causal:
-        raise LayerlabError("quantize reports language-model perplexity; this model is an encoder")
-    with output_dir(out, protect=(model_dir,)) as tmp:  # checked before the slow work starts
+             baselines: bool = True, progress: bool = False) -> dict:
+    """Quantize every block to one of ``widths`` so the average is ``bits``, ordered by ``importance``; write
+    the packed model to ``out``. Returns the record (also in ``out/layerlab.json``) with every allocation's
+    size and loss; :func:`quantize_lines` lays out its table."""
+    widths = _check(bits, importance, widths, group)
+    model, tok, v = open_input(model_dir, "quantize", causal="reports language-model perplexity")
+    args = {"model": str(model_dir), "bits": bits, "importance": importance, "widths": list(widths), "group": group,
+            "seed": seed, "data": str(data) if data else "embedded", "tokens": tokens,
+            "calibration_tokens": calibration_tokens}
+    with staged_output(model_dir, out, "quantize", args) as stage:  # --out checked before the slow work starts
         q = Quantizer(model, group)
         sizes = q.sizes()
         held = _calibration(model, tok, data, calibration_tokens)
-        scores: dict = {}
-        if importance == "loss":
-            deltas = loss_deltas(q, held, widths, progress)
-            scores["loss_delta"] = [{str(b): d for b, d in row.items()} for row in deltas]
-            cost = deltas
-        else:
-            scores[importance] = lim_scores(model, held) if importance == "lim" else zd_scores(q)
-            # higher LIM is more important; for ZD smaller is (LWQ)
-            imp = scores["lim"] if importance == "lim" else [1 - z for z in scores["zd"]]
-            cost = ranked_cost(imp, bits, widths)
+        scores, cost = _importance(q, model, held, importance, bits, widths, progress)
         chosen = allocate(sizes, bits, widths, cost)
-
-        runs: dict[str, list[int]] = {}
-        lo, hi = bracket(bits, widths)
-        if baselines:
-            runs[f"uniform {lo}"] = [lo] * len(sizes)
-            if hi != lo:
-                runs[f"uniform {hi}"] = [hi] * len(sizes)
-                rng = random.Random(seed)
-                runs["random order"] = allocate(sizes, bits, widths,
-                                                ranked_cost([rng.random() for _ in sizes], bits, widths))
-        runs[importance] = chosen
-
-        before = {"avg_bits": None, "bytes": _full_bytes(model),
-                  **lm_loss(model, tok, data, tokens)}
+        runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
+        before = {"avg_bits": None, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
         rows = {"original": before}
         for name, alloc in runs.items():
             qm = q.quantized_copy(alloc)
@@ -319,33 +288,64 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
                                "bias": p.bias is not None, "group": p.group}
         final.config.quantization_config = quant_config_class()(modules=specs, group=group,
                                                                 avg_bits=average_bits(sizes, chosen))
-        final.save_pretrained(tmp)
-        from .prune import copy_tokenizer
+        stage.save_model(final)
+        rows[importance]["disk_bytes"] = _disk(stage.dir)
+        stage.record = {"importance": importance, "scores": scores, "allocation": chosen, "widths": list(widths),
+                        "group": group, "weights_per_block": sizes, "runs": rows, "before": before,
+                        "after": rows[importance], "input_disk_bytes": _disk(model_dir)}
+    return stage.record
 
-        copy_tokenizer(model_dir, tmp)
-        disk = _disk(tmp)
-        rows[importance]["disk_bytes"] = disk
-        record = {"importance": importance, "scores": scores, "allocation": chosen, "widths": list(widths),
-                  "group": group, "weights_per_block": sizes, "runs": rows, "before": before,
-                  "after": rows[importance]}
-        write_manifest(tmp, "quantize", {"model": str(model_dir), "bits": bits, "importance": importance,
-                                         "widths": list(widths), "group": group, "seed": seed,
-                                         "data": str(data) if data else "embedded", "tokens": tokens,
-                                         "calibration_tokens": calibration_tokens}, **record)
-    echo(f"widths per block by {importance}: {chosen}")
-    echo(f"loss (nats/token) and perplexity on the {before['slice']}")
-    echo(f"{'':16s}{'avg bits':>9s}{'MB':>9s}{'loss':>9s}{'ppl':>9s}{'Δloss':>9s}")
-    for name, r in rows.items():
-        avg = f"{r['avg_bits']:9.3f}" if r["avg_bits"] is not None else f"{'fp':>9s}"
-        echo(f"{name:16s}{avg}{r['bytes'] / 1e6:9.3f}{r['loss']:9.4f}{r['perplexity']:9.2f}"
-             f"{r['loss'] - before['loss']:+9.4f}")
-    echo(f"on disk: {disk / 1e6:.3f} MB of weights (the input: {_disk(model_dir) / 1e6:.3f} MB)")
-    return record
+
+def _check(bits: float, importance: str, widths: tuple[int, ...], group: int) -> tuple[int, ...]:
+    """The candidate widths, sorted; or a one-line error for any argument out of its range."""
+    widths = tuple(sorted(set(int(w) for w in widths)))
+    if importance not in IMPORTANCE:
+        raise choices_error("importance", importance, IMPORTANCE)
+    if not widths or any(not 1 <= w <= 8 for w in widths):
+        raise LayerlabError(f"--widths must be integers from 1 to 8, got {list(widths)}")
+    if not widths[0] <= bits <= widths[-1]:
+        raise LayerlabError(f"--bits must be between {widths[0]} and {widths[-1]} (the candidate widths "
+                            f"{', '.join(map(str, widths))}), got {bits}")
+    if group < 8 or group % 8:
+        raise LayerlabError(f"--group must be a positive multiple of 8, got {group}")
+    return widths
+
+
+def _importance(q: Quantizer, model, held, importance: str, bits: float, widths: tuple[int, ...],
+                progress: bool) -> tuple[dict, list]:
+    """The ordering's scores, and the per-block, per-width cost the allocator minimises."""
+    if importance == "loss":
+        deltas = loss_deltas(q, held, widths, progress)
+        return {"loss_delta": [{str(b): d for b, d in row.items()} for row in deltas]}, deltas
+    scores = {importance: lim_scores(model, held) if importance == "lim" else zd_scores(q)}
+    # higher LIM is more important; for ZD smaller is (LWQ)
+    imp = scores["lim"] if importance == "lim" else [1 - z for z in scores["zd"]]
+    return scores, ranked_cost(imp, bits, widths)
+
+
+def _baselines(sizes: list[int], bits: float, widths: tuple[int, ...], seed: int) -> dict[str, list[int]]:
+    """Uniform floor and ceiling, and a seeded random ordering at the same average."""
+    lo, hi = bracket(bits, widths)
+    runs = {f"uniform {lo}": [lo] * len(sizes)}
+    if hi != lo:
+        runs[f"uniform {hi}"] = [hi] * len(sizes)
+        rng = random.Random(seed)
+        runs["random order"] = allocate(sizes, bits, widths, ranked_cost([rng.random() for _ in sizes], bits, widths))
+    return runs
+
+
+def quantize_lines(record: dict) -> list[str]:
+    """What ``layerlab quantize`` prints: the widths chosen, the table on its named slice, the size on disk."""
+    base = record["before"]["loss"]
+    columns = [("avg bits", 9, lambda r: f"{r['avg_bits']:.3f}" if r["avg_bits"] is not None else "fp"),
+               ("MB", 9, lambda r: f"{r['bytes'] / 1e6:.3f}"), *loss_columns(9),
+               ("Δloss", 9, lambda r: f"{r['loss'] - base:+.4f}")]
+    return [f"widths per block by {record['importance']}: {record['allocation']}",
+            f"loss (nats/token) and perplexity on the {record['before']['slice']}",
+            *table(record["runs"], columns, name_width=16),
+            f"on disk: {record['after']['disk_bytes'] / 1e6:.3f} MB of weights "
+            f"(the input: {record['input_disk_bytes'] / 1e6:.3f} MB)"]
 
 
 def _disk(model_dir: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-
-
-def _full_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,87 @@
+"""What every compressor shares: open the input and refuse what it cannot take, stage the output in a
+temporary directory that becomes ``--out`` only when everything is written, record what was done in
+``layerlab.json``, and lay out the before/after table. A compressor is then its own measurement and surgery,
+and returns its record; the CLI prints the lines :func:`table` lays out (library code never prints).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..adapters import Loaded, load_model
+from ..errors import LayerlabError
+from ..io import output_dir, write_manifest
+from ..packed import refuse_quantized
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "added_tokens.json", "tokenizer.model")
+
+
+def open_input(model_dir: str | Path, command: str, *, causal: str | None = None) -> Loaded:
+    """The input model, tokenizer and view; a quantized model is refused, and with ``causal`` (what the
+    command does that needs one) so is an encoder."""
+    loaded = load_model(model_dir)
+    refuse_quantized(loaded.model, model_dir, command)
+    if causal and not loaded.view.causal:
+        raise LayerlabError(f"{command} {causal}; this model is an encoder")
+    return loaded
+
+
+def param_bytes(model) -> int:
+    """Bytes of the parameters in memory, tied ones counted once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    """Copy the tokenizer files byte for byte, so the output tokenizes exactly as the input."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
+
+
+@dataclass
+class Staging:
+    """The output being written: ``dir`` becomes ``--out`` when the block completes; ``record`` goes into its
+    ``layerlab.json`` beside ``args``."""
+
+    dir: Path
+    model_dir: Path
+    args: dict[str, Any]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def save_model(self, model) -> None:
+        """The model in Hugging Face format, with the input's tokenizer files."""
+        model.save_pretrained(self.dir)
+        copy_tokenizer(self.model_dir, self.dir)
+
+
+@contextmanager
+def staged_output(model_dir: str | Path, out: str | Path, command: str, args: dict[str, Any]) -> Iterator[Staging]:
+    """Stage ``command``'s output for ``out`` (refused if it exists or lies inside the input), and write its
+    manifest last: an interrupted or failed command leaves nothing behind, and the input is never touched."""
+    with output_dir(out, protect=(model_dir,)) as tmp:
+        staging = Staging(tmp, Path(model_dir), args)
+        yield staging
+        write_manifest(tmp, command, args, **staging.record)
+
+
+Column = tuple[str, int, Callable[[dict], str]]  # header, width, the cell of a row
+
+
+def table(rows: dict[str, dict[str, Any]], columns: list[Column], name_width: int = 8) -> list[str]:
+    """A before/after table: one line per stage in ``rows``, one column per ``(header, width, cell)``, where
+    ``cell(row)`` formats the row's value, right-aligned to ``width`` characters."""
+    lines = [f"{'':{name_width}s}" + "".join(f"{header:>{width}s}" for header, width, _ in columns)]
+    for name, row in rows.items():
+        lines.append(f"{name:{name_width}s}" + "".join(f"{cell(row):>{width}s}" for _, width, cell in columns))
+    return lines
+
+
+def loss_columns(width: int = 10) -> list[Column]:
+    """The loss and perplexity columns every compressor's table ends with."""
+    return [("loss", width, lambda r: f"{r['loss']:.4f}"), ("ppl", width, lambda r: f"{r['perplexity']:.2f}")]
