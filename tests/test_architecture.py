@@ -18,6 +18,7 @@ LAYERS = [
     {"config", "presets"},
     {"norms", "packed", "model"},
     {"adapters"},
+    {"tokenizer"},
     {"data"},
     {"evaluate", "generate"},
     {"analysis"},

@@ -100,7 +100,7 @@ def test_byte_tokenizer_hf_parity(tmp_path):
 def test_byte_table_matches_bytelevel_alphabet():
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from layerlab.data import _bytes_to_unicode
+    from layerlab.tokenizer import _bytes_to_unicode
 
     table = _bytes_to_unicode()
     assert sorted(table) == list(range(256))
