@@ -62,6 +62,18 @@ def save_model(model, path):
     return path
 
 
+def cli_help_after(setup: str, command: str, option: str) -> str:
+    """The --help text of ``command --option`` in a fresh process that first runs ``setup`` (registering an
+    extension, say) and only then imports the CLI: what a user's plug-in module would see."""
+    import subprocess
+    import sys
+
+    code = (f"{setup}\nimport typer\nfrom layerlab.cli import app\n"
+            f"command = typer.main.get_command(app).commands[{command!r}]\n"
+            f"print(next(p.help for p in command.params if p.name == {option!r}))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+
+
 def digest(directory) -> dict[str, str]:
     """sha256 of every file in ``directory``: compared before and after, it shows an input untouched."""
     import hashlib
