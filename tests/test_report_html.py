@@ -264,3 +264,18 @@ def test_chromium_draws_the_page(tmp_path, page):
     assert browser.count_near(rgb, "#1f77b4") > 2000 and browser.count_near(rgb, "#ff7f0e") > 2000
     colours = np.unique((rgb // 32).reshape(-1, 3), axis=0)
     assert len(colours) >= 20
+
+
+def test_table_columns_follow_the_metric_registry():
+    from layerlab.analysis.metrics import METRICS
+
+    report = make_report(num_layers=3, models=1)
+    for layer in report["models"][0]["layers"]:
+        layer["from_another_version"] = 1.5  # a key the registry does not know: shown, after the known ones
+        layer.pop("angular_distance")
+        layer["angular_distance"] = 0.2  # moved to the end of the entry: the registry still puts it first
+    table = render_html(report).split('<table class="numbers">')[1].split("</thead>")[0]
+    heads = [h.replace("<wbr>", "") for h in re.findall(r"<th>(.*?)</th>", table)]
+    known = [h for h in heads if h.split(".")[0] in METRICS]
+    assert heads[:3] == ["index", "placement", "angular_distance"] and heads[-1] == "from_another_version"
+    assert [h.split(".")[0] for h in known] == sorted((h.split(".")[0] for h in known), key=list(METRICS).index)

@@ -124,6 +124,14 @@ def output_dir(out: str | Path, *, protect: tuple[str | Path, ...] = ()) -> Iter
         raise
 
 
+def progress_bar(enabled: bool = True):
+    """The progress bar of a long measurement: description, bar, done/total, time so far (off: silent)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
 def check_model_dir(path: str | Path) -> Path:
     """A directory that looks like a Hugging Face model, or a one-line error saying why not."""
     path = Path(path)

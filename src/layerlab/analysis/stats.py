@@ -3,21 +3,25 @@
 Shapes: B batch, T positions, C width, L blocks, S = L + 1 residual states (x_0 enters block 0,
 x_L leaves the last block), N non-padding tokens of a batch.
 
-Everything in :class:`StreamStats` is a running sum updated batch by batch, so memory does not
-grow with the number of tokens. The measures that need a token sample (effective rank, prompt
-entropy, curvature, intrinsic dimension, anisotropy) keep the first ``sample_tokens`` tokens in
-:class:`TokenSample` and are computed once at the end.
+Everything in :class:`StreamStats` and :class:`RemovalSums` is a running sum updated batch by
+batch, so memory does not grow with the number of tokens. The measures that need a token sample
+(effective rank, prompt entropy, curvature, intrinsic dimension, anisotropy) keep the first
+``sample_tokens`` tokens in :class:`TokenSample` and are computed once at the end. Which metric
+reads what is declared in the metric registry (``metrics.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..evaluate import masked_loss_sum
 
 
 def angular(cos: torch.Tensor) -> torch.Tensor:
@@ -32,10 +36,26 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), pos, -1).amax(dim=1)
 
 
-class StreamStats:
-    """Running sums of every streaming measure, for one model."""
+@dataclass(frozen=True)
+class StreamBatch:
+    """One traced batch as a metric's own running sum (``Metric.sums``) sees it."""
 
-    def __init__(self, num_layers: int):
+    states: torch.Tensor  # (S, B, T, C) float32: x_0..x_L
+    tokens: torch.Tensor  # (S, N, C): the non-padding tokens of each state
+    mask: torch.Tensor  # (B, T) bool: the real tokens
+    attn: list  # L attention outputs (B, T, C), None where a block has none
+    mlp: list  # L MLP outputs (B, T, C)
+    mids: list  # L streams entering the MLP (B, T, C)
+
+
+class StreamStats:
+    """Running sums of every streaming measure, for one model.
+
+    ``sums`` adds running sums of the registered metrics: each maps a :class:`StreamBatch` to an (S,) or (L,)
+    sum over the batch's tokens, and :meth:`results` gives its mean over all tokens under the same name.
+    """
+
+    def __init__(self, num_layers: int, sums: Mapping[str, Callable[[StreamBatch], torch.Tensor]] | None = None):
         L = num_layers
         S = L + 1
         self.L = L
@@ -55,6 +75,8 @@ class StreamStats:
         self.lens_ce_sum, self.lens_kl_sum = z(L), z(L)
         self.lens_tokens = 0
         self.loss_sum = 0.0
+        self.sums = dict(sums or {})
+        self.extra: dict[str, torch.Tensor] = {}  # the running sums of ``sums``, by name
 
     @torch.no_grad()
     def update(self, states: list[torch.Tensor], attn: list, mlp: list, mids: list, mask: torch.Tensor) -> None:
@@ -89,6 +111,11 @@ class StreamStats:
         self.sum_x += Xn.sum(dim=(1, 2)).double().cpu()
         self.sum_x2 += Xn.pow(2).sum(dim=(1, 2)).double().cpu()
         self.max_resid = torch.maximum(self.max_resid, Xn.abs().amax(dim=(1, 2)).double().cpu())
+        if self.sums:
+            batch = StreamBatch(X, Xn, m, attn, mlp, mids)
+            for name, fn in self.sums.items():
+                total = fn(batch).double().cpu()
+                self.extra[name] = self.extra[name] + total if name in self.extra else total
         self.elems += N * C
         self.tokens += N
         self.sequences += int(m.shape[0])
@@ -135,7 +162,54 @@ class StreamStats:
             "lens_kl": (self.lens_kl_sum / lens_n).tolist() if self.lens_tokens else None,
             "loss": self.loss_sum / lens_n if self.lens_tokens else None,
             "tokens": self.tokens, "sequences": self.sequences,
+            **{name: (total / n).tolist() for name, total in self.extra.items()},
         }
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) mean of ``hidden`` (B, T, C) over the real tokens of each row."""
+    m = mask.unsqueeze(-1).float()
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+class RemovalSums:
+    """Per block, how much the output changes when that block is skipped, over the first ``limit`` tokens:
+    the loss increase (nats/token) for causal LMs, 1 - cos of the mean-pooled output for encoders.
+
+    One extra forward per block and batch, each replaying the traced prefix before the skipped block.
+    """
+
+    def __init__(self, num_layers: int, limit: int, causal: bool):
+        self.sums = torch.zeros(num_layers, dtype=torch.float64)
+        self.limit, self.causal = limit, causal
+        self.seen = 0  # tokens measured so far
+        self.norm = 0  # what the sums are divided by: predicted tokens (causal) or sequences (encoders)
+        self.full = 0.0  # the unskipped model's loss sum (causal)
+
+    @torch.no_grad()
+    def update(self, view, trace, out, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fold one batch in, while fewer than ``limit`` tokens were measured; ``out`` is the traced forward's."""
+        if self.seen >= self.limit:
+            return
+        if self.causal:
+            full, n = masked_loss_sum(out.logits, input_ids, mask)
+            self.full += full
+        else:
+            base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
+        for i in range(len(self.sums)):
+            with view.skip(i, replay=trace):
+                o = view.forward(input_ids, mask)
+            if self.causal:
+                self.sums[i] += masked_loss_sum(o.logits, input_ids, mask)[0]
+            else:
+                self.sums[i] += float((1 - F.cosine_similarity(_pooled(o.last_hidden_state, mask), base)).sum())
+        self.seen += int(mask.sum())
+        self.norm += n
+
+    def results(self) -> list[float]:
+        """The mean change per block."""
+        shift = self.full if self.causal else 0.0
+        return ((self.sums - shift) / max(self.norm, 1)).tolist()
 
 
 class TokenSample:
@@ -238,24 +312,3 @@ def intrinsic_dimension(Z: torch.Tensor) -> float:
         return float(skdim.id.TwoNN().fit(X).dimension_)
     except (ValueError, FloatingPointError):
         return float("nan")
-
-
-def sample_measures(sample: TokenSample, intrinsic: bool = True) -> dict[str, list[float]]:
-    """The token-sample measures for every state."""
-    out: dict[str, list[float]] = {k: [] for k in ("effective_rank", "prompt_entropy", "curvature",
-                                                  "intrinsic_dimension", "anisotropy")}
-    with one_thread():
-        for i in range(len(sample.rows)):
-            _measure_state(sample, i, out, intrinsic)
-    return out
-
-
-def _measure_state(sample: TokenSample, i: int, out: dict[str, list[float]], intrinsic: bool) -> None:
-    """Append the sample measures of state ``i`` to ``out``."""
-    Z = sample.matrix(i)
-    out["effective_rank"].append(effective_rank(Z) if Z.numel() else float("nan"))
-    out["anisotropy"].append(anisotropy(Z))
-    out["intrinsic_dimension"].append(intrinsic_dimension(Z) if intrinsic and Z.numel() else float("nan"))
-    seqs = sample.seqs[i]
-    out["prompt_entropy"].append(float(np.nanmean([prompt_entropy(s) for s in seqs])) if seqs else float("nan"))
-    out["curvature"].append(float(np.nanmean([curvature(s) for s in seqs])) if seqs else float("nan"))

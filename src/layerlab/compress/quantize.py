@@ -36,6 +36,7 @@ from ..adapters import view
 from ..data import window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
+from ..io import progress_bar
 from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, set_module
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from .common import loss_columns, open_input, param_bytes, staged_output, table
@@ -166,11 +167,10 @@ def zd_scores(q: Quantizer) -> list[float]:
 @torch.no_grad()
 def loss_deltas(q: Quantizer, held, widths: tuple[int, ...], progress: bool = False) -> list[dict[int, float]]:
     """Loss increase of quantizing each block alone at each width (the others in full precision)."""
-    from ..analysis.analyze import _progress
 
     base = _loss(q.model, held)
     deltas = []
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("loss per block and width", total=len(q.blocks) * len(widths))
         for i, b in enumerate(q.blocks):
             row = {}

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..analysis.metrics import LAYER_FIELDS, METRICS
 from .plots import (
     DPI,
-    FAMILIES,
     HEATMAP_CAPTION,
-    MAX_ACTIVATION,
     PALETTE,
     best_blocks,
     block_indices,
+    families,
     family_alt,
     family_figure,
     heatmap_figure,
@@ -42,16 +42,6 @@ from .plots import (
 )
 
 __all__ = ["CSP", "CSS", "SCRIPT", "Page", "esc", "render_html", "swatch", "write_html"]
-
-
-# Column order of the per-layer table; keys not listed here follow in the order they first appear.
-_TABLE_ORDER = (
-    "index", "placement", "angular_distance", "angular_distance_last_token", "block_influence",
-    "relative_contribution", "attn_relative_contribution", "attn_cosine", "mlp_relative_contribution",
-    "mlp_cosine", "hidden_rms", "variance_growth", "max_abs_activation", "max_abs.resid", "max_abs.attn",
-    "max_abs.mlp", "effective_rank", "prompt_entropy", "curvature", "intrinsic_dimension", "anisotropy",
-    "logit_lens_loss", "logit_lens_kl", "removal_loss_delta", "removal_effect", "esd_alpha", "stable_rank",
-)
 
 
 # The page's inline style sheet (the sweep page adds its own rules after it).
@@ -138,9 +128,10 @@ def render_html(report: dict) -> str:
             page.add(_summary_card(model, name, color))
         page.add("</div>")
 
+        figures = families()
         page.add("<h2>Metrics by depth</h2>")
-        for family in FAMILIES:
-            drawn = family_figure(family, models, names, colors)
+        for family in figures:
+            drawn = None if family.own_section else family_figure(family, models, names, colors)
             if drawn is not None:
                 page.figure(family.title, drawn[0], family_alt(family, drawn[1]), family.caption)
 
@@ -156,10 +147,11 @@ def render_html(report: dict) -> str:
         page.add("</div>")
         page.add(f"<p class=\"muted\">{esc(HEATMAP_CAPTION) if drew_heatmap else 'No distance matrix.'}</p>")
 
-        drawn = family_figure(MAX_ACTIVATION, models, names, colors)
-        if drawn is not None:
-            page.add(f"<h2>{esc(MAX_ACTIVATION.title)}</h2>")
-            page.figure(None, drawn[0], family_alt(MAX_ACTIVATION, drawn[1]), MAX_ACTIVATION.caption)
+        for family in figures:  # the families with a section of their own (max activations)
+            drawn = family_figure(family, models, names, colors) if family.own_section else None
+            if drawn is not None:
+                page.add(f"<h2>{esc(family.title)}</h2>")
+                page.figure(None, drawn[0], family_alt(family, drawn[1]), family.caption)
 
         page.add("<h2>Per-layer numbers</h2>")
         page.add("<details><summary>All per-layer metrics (3 significant digits)</summary>")
@@ -369,7 +361,7 @@ def _numbers_table(model: dict) -> str:
         for key, value in layer.items():
             names = [f"{key}.{sub}" for sub in value] if isinstance(value, dict) else [key]
             keys.extend(k for k in names if k not in keys)
-    keys = [k for k in _TABLE_ORDER if k in keys] + [k for k in keys if k not in _TABLE_ORDER]
+    keys = _table_columns(keys)
     keys = [k for k in keys if any(layer_value(layer, k) is not None for layer in layers)]
     head = "".join(f"<th>{esc(k).replace('_', '_<wbr>').replace('.', '.<wbr>')}</th>" for k in keys)
     rows = []
@@ -381,3 +373,13 @@ def _numbers_table(model: dict) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table class="numbers"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _table_columns(keys: list[str]) -> list[str]:
+    """The per-layer table's columns among ``keys`` (a dict-valued key "a" comes as "a.b", ...): the layer
+    fields, then the registered metrics that have a column, in registry order (a dict's entries in their own
+    order), then keys the registry does not know (from another version's report) in the order they came."""
+    order = {key: i for i, key in enumerate((*LAYER_FIELDS, *METRICS))}
+    hidden = {key for key, metric in METRICS.items() if not metric.table}
+    shown = [k for k in keys if k.split(".")[0] not in hidden]
+    return sorted(shown, key=lambda k: order.get(k.split(".")[0], len(order)))  # stable: ties keep their order

@@ -1,5 +1,8 @@
 """Figures of the analysis report: one matplotlib Figure per metric family, the heatmap, PNG encoding.
 
+Which metric is drawn in which figure, panel and line style is declared by the metric itself in the metric
+registry (:mod:`layerlab.analysis.metrics`); :func:`families` builds the figures from it.
+
 Every plot is drawn on its own :class:`matplotlib.figure.Figure` with the Agg canvas (pyplot and its
 global figure registry are never used). Split from ``html.py``, which assembles the page.
 """
@@ -18,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from ..analysis.metrics import FAMILIES, METRICS, Plot, series_key
 
 DPI = 100  # pixels per inch of every figure and of the page's <img> sizes
 
@@ -56,114 +61,31 @@ class _Family:
     panels: tuple[_Panel, ...]
     ncols: int = 3
     row_height: float = 2.9
+    own_section: bool = False  # drawn under its own heading after the heatmaps
 
 
-# The metric families drawn by depth, in the page's order.
-FAMILIES: tuple[_Family, ...] = (
-    _Family(
-        "Layer similarity",
-        "Angular distance between the residual stream entering and leaving each block (solid: all tokens, "
-        "dashed: last token) and the ShortGPT block influence 1 − cos; low values mark blocks that change "
-        "the stream little and are candidates for pruning (Gromov et al., 2024; Men et al., 2024).",
-        (
-            _Panel(r"Angular distance $d(x_l, x_{l+1})$", "arccos(cos) / π",
-                   (_Series("angular_distance", "all tokens"),
-                    _Series("angular_distance_last_token", "last token", "--"))),
-            _Panel("Block influence (ShortGPT)", r"$1 - \cos(x_l, x_{l+1})$", (_Series("block_influence", "block"),)),
-        ),
-    ),
-    _Family(
-        "Contribution",
-        "Size of each block's update relative to the stream it reads, ‖update‖ / ‖input‖, for the whole block "
-        "and for its attention and MLP sublayers, and the cosine between each sublayer's output and its input "
-        "(negative: the sublayer erases part of the stream) (Csordás et al., 2025).",
-        (
-            _Panel("Relative contribution", "‖update‖ / ‖input‖",
-                   (_Series("relative_contribution", "block"),
-                    _Series("attn_relative_contribution", "attention", "--"),
-                    _Series("mlp_relative_contribution", "MLP", ":"))),
-            _Panel("Cosine of the update with its input", "cosine",
-                   (_Series("attn_cosine", "attention", "--"), _Series("mlp_cosine", "MLP", ":")), hline=0.0),
-        ),
-    ),
-    _Family(
-        "Hidden-state growth",
-        "RMS of the residual stream leaving each block (log scale; the square at “emb” is the embedding "
-        "output) and the ratio of its variance to that of the stream entering the block (above 1: the block "
-        "grows the stream).",
-        (
-            _Panel("RMS of the stream leaving the block", "RMS (log scale)",
-                   (_Series("hidden_rms", "leaving the block"),), log=True, embedding_key="hidden_rms"),
-            _Panel("Variance growth", r"Var$(x_{l+1})$ / Var$(x_l)$", (_Series("variance_growth", "block"),),
-                   hline=1.0),
-        ),
-    ),
-    _Family(
-        "Representation quality",
-        "Geometry of the token representations leaving each block: effective rank (Roy & Vetterli, 2007), "
-        "prompt entropy and curvature (Skean et al., 2025), TwoNN intrinsic dimension, and anisotropy "
-        "(mean cosine between distinct tokens; high values mean the tokens crowd into a narrow cone).",
-        (
-            _Panel("Effective rank", "exp(entropy of σ)", (_Series("effective_rank", "effective rank"),)),
-            _Panel("Prompt entropy", "normalized entropy", (_Series("prompt_entropy", "prompt entropy"),)),
-            _Panel("Curvature", "mean angle (rad)", (_Series("curvature", "curvature"),)),
-            _Panel("Intrinsic dimension (TwoNN)", "dimension", (_Series("intrinsic_dimension", "TwoNN"),)),
-            _Panel("Anisotropy", "mean cosine", (_Series("anisotropy", "anisotropy"),)),
-        ),
-        row_height=2.6,
-    ),
-    _Family(
-        "Logit lens",
-        "Cross-entropy of the next-token prediction read straight from each block's output through the final "
-        "norm and the unembedding, and its KL divergence from the model's own final prediction; the dashed "
-        "line is the full model's loss.",
-        (
-            _Panel("Logit-lens loss", "cross-entropy (nats/token)", (_Series("logit_lens_loss", "logit lens"),),
-                   loss_line=True),
-            _Panel("KL to the final prediction", "KL (nats)", (_Series("logit_lens_kl", "KL"),)),
-        ),
-    ),
-    _Family(
-        "Layer removal",
-        "How much the model's output changes when that single block is skipped: the loss increase in "
-        "nats/token for causal LMs, 1 − cos of the mean-pooled output for encoders; high values mark the "
-        "blocks the model cannot do without.",
-        (
-            _Panel("Loss increase when the block is skipped", "Δ loss (nats/token)",
-                   (_Series("removal_loss_delta", "Δ loss"),), hline=0.0),
-            _Panel("Removal effect (encoders)", "1 − cos (pooled output)",
-                   (_Series("removal_effect", "removal effect"),), hline=0.0),
-        ),
-        ncols=2,
-    ),
-    _Family(
-        "Weight spectra",
-        "Heavy-tail exponent α of the eigenvalue spectrum of each block's weight matrices (HT-SR, Martin & "
-        "Mahoney; 2 ≤ α ≤ 6 is typical of well-trained layers, larger α means less structure learned) and "
-        "their stable rank ‖W‖²_F / ‖W‖²_2, both averaged over the block's matrices.",
-        (
-            _Panel("Heavy-tail exponent α", "α", (_Series("esd_alpha", "α"),)),
-            _Panel("Stable rank", "stable rank", (_Series("stable_rank", "stable rank"),)),
-        ),
-    ),
-)
+def families() -> list[_Family]:
+    """The figures of the page, in the order of the plot families of the metric registry
+    (:mod:`layerlab.analysis.metrics`), each with a panel per panel title its metrics name, in registry order;
+    a family no registered metric draws in is left out."""
+    grouped: dict[str, dict[str, list[tuple[str, Plot]]]] = {title: {} for title in FAMILIES}
+    for key, metric in METRICS.items():
+        for plot in metric.plots:
+            grouped[plot.family].setdefault(plot.panel, []).append((series_key(key, plot), plot))
+    out = []
+    for title, family in FAMILIES.items():
+        if grouped[title]:
+            panels = tuple(_panel(panel, plots) for panel, plots in grouped[title].items())
+            out.append(_Family(title, family.caption, panels, family.ncols, family.row_height, family.own_section))
+    return out
 
 
-# The max-activation family, drawn in its own section after the heatmaps.
-MAX_ACTIVATION = _Family(
-    "Max activations",
-    "Largest absolute activation at each block's hook points (the residual stream leaving the block, the "
-    "attention output and the MLP output), log scale, with the embedding output (“emb”) and the final norm "
-    "(diamond); massive activations show up as spikes orders of magnitude above their neighbours.",
-    (
-        _Panel("Max |activation| per block", "max |activation| (log scale)",
-               (_Series("max_abs.resid", "residual stream"), _Series("max_abs.attn", "attention output", "--"),
-                _Series("max_abs.mlp", "MLP output", ":")),
-               log=True, embedding_key="max_abs_activation", final_key="final_norm_max_abs"),
-    ),
-    ncols=1,
-    row_height=3.4,
-)
+def _panel(title: str, plots: list[tuple[str, Plot]]) -> _Panel:
+    """A panel of ``plots`` (series key, plot); its axis settings are those of the first plot."""
+    first = plots[0][1]
+    return _Panel(title, first.ylabel, tuple(_Series(key, p.label, p.style) for key, p in plots), log=first.log,
+                  hline=first.hline, embedding_key=first.embedding_key, final_key=first.final_key,
+                  loss_line=first.loss_line)
 
 
 # The caption under the angular-distance heatmaps.
