@@ -3,8 +3,9 @@
 import pytest
 
 from layerlab.cli import parse_extra
-from layerlab.config import ModelConfig, TrainConfig, check_fields, preset_names, read_preset, resolve
+from layerlab.config import ModelConfig, TrainConfig, check_fields
 from layerlab.errors import LayerlabError
+from layerlab.recipe import preset_names, read_preset, resolve
 
 
 def test_presets_exist_and_default_is_tiny():

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_cfg
 
-from layerlab.config import TrainConfig, resolve
+from layerlab.config import TrainConfig
 from layerlab.errors import LayerlabError
 from layerlab.model import build_model
+from layerlab.recipe import resolve
 from layerlab.train.optimizers import (
     OPTIMIZERS,
     LAMBOptimizer,
@@ -66,7 +67,7 @@ def test_every_optimizer_lowers_the_loss_and_logs_per_block(name):
     assert len(tel["lr_scale_block"]) == 3 and all(s >= 0 for s in tel["lr_scale_block"])
     if name in RULE_KEY:
         values = tel[RULE_KEY[name]]
-        assert len(values) == (tc.lisa_layers if name == "lisa" else 3)
+        assert len(values) == (tc.lisa.layers if name == "lisa" else 3)
         assert all(v is not None and math.isfinite(v) for v in values)
     assert opt.describe()["name"] == name
 

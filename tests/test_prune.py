@@ -305,7 +305,8 @@ def test_sublayer_refusals_and_bounds(known_sub, tmp_path):
 
 
 def test_config_drop_fields_are_checked_and_round_trip(tmp_path):
-    from layerlab.config import ModelConfig, check_fields, read_yaml
+    from layerlab.config import ModelConfig, check_fields
+    from layerlab.recipe import read_yaml
 
     assert ModelConfig(layers=4, drop_attn=[3, 1, 1]).drop_attn == [1, 3]
     assert check_fields({"drop-mlp": "0,2", "drop_attn": "1"}, from_text=True) == {"drop_mlp": [0, 2], "drop_attn": [1]}

@@ -1,6 +1,5 @@
 """Training end to end on the debug preset: outputs, exact resume, divergence, bad input."""
 
-import dataclasses
 import json
 import math
 import shutil
@@ -13,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerlab
-from layerlab.config import MODEL_FIELDS, TrainConfig, resolve
+from layerlab.config import MODEL_FIELDS, TrainConfig
 from layerlab.errors import LayerlabError
+from layerlab.recipe import resolve
 from layerlab.train import TrainingDiverged, train
 from layerlab.train import checkpoint as ckpt_mod
 from layerlab.train import loop as loop_mod
@@ -209,7 +209,7 @@ def test_extending_a_finished_run_keeps_its_lr_schedule(tmp_path, monkeypatch):
     tc = TrainConfig(**json.loads((a / "layerlab.json").read_text())["args"]["train"])
     assert tc.steps == 8
     lrs = {r["step"]: r["lr"] for r in _metrics(a) if "lr" in r}
-    four = dataclasses.replace(tc, steps=4)
+    four = tc.model_copy(update={"steps": 4})
     assert [lrs[s] for s in range(1, 5)] == [loop_mod.lr_at(s, four) for s in range(4)]
     assert [lrs[s] for s in range(5, 9)] == [tc.lr * tc.min_lr_ratio] * 4
     notes = [line for line in said if line.startswith("note: the LR schedule of")]

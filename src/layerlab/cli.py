@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import preset_names
 from .errors import LayerlabError, choices_error
+from .recipe import preset_names
 from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PLACEMENTS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
 
 app = typer.Typer(
@@ -116,7 +116,8 @@ def train(
     = None,
 ) -> None:
     """Train a GPT with any norm and placement; the run directory is a Hugging Face model."""
-    from .config import check_fields, resolve
+    from .config import check_fields
+    from .recipe import resolve
 
     overrides = {k: v for k, v in dict(norm=norm, placement=placement, mix_alpha=mix_alpha, layers=layers,
                                        width=width, data=data, tokenizer=tokenizer, steps=steps,

@@ -1,23 +1,31 @@
-"""Typed configs: the model (:class:`ModelConfig`) and the training run (:class:`TrainConfig`).
+"""Typed configs: the model (:class:`ModelConfig`) and the training run (:class:`TrainConfig`), as pydantic models.
 
-Both are plain dataclasses whose field names form one flat namespace, so a YAML file, a
-preset and ``--field value`` on the command line all set fields the same way. Values are
-checked against the annotations, and a wrong type or an unknown name gives a one-line
-:class:`~layerlab.errors.LayerlabError`.
+Their field names form one flat namespace, so a YAML file, a preset and ``--field value`` on the command line all set
+fields the same way. An optimizer's own settings nest under its name (``tc.llr.every``); in the flat namespace they
+are ``llr_every`` (also ``llr.every``, or ``llr: {every: 5}`` in YAML), the names earlier versions kept flat in
+:class:`TrainConfig`, which its constructor still takes. pydantic checks the types and the validators below the
+ranges and names; every error reaches the user as a one-line :class:`~layerlab.errors.LayerlabError`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import LayerlabError, choices_error, close_match
 from .registry import (
@@ -52,51 +60,119 @@ def unknown_name_error(what: str, name: object, valid: Iterable[str], source: st
     return LayerlabError(f"unknown {what} {name!r}{where}; {listing}: {', '.join(valid)}{hint}")
 
 
-@dataclass
-class ModelConfig:
+def _split_commas(value: Any) -> Any:
+    """``"pre,post"`` is a per-block list."""
+    return [v.strip() for v in value.split(",")] if isinstance(value, str) and "," in value else value
+
+
+def _as_list(value: Any) -> Any:
+    """``"1,2"`` and ``1`` (``--drop-attn 1``) are lists of blocks."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _not_bool(value: Any) -> Any:
+    """A number field takes no true/false: pydantic would read them as 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError("a bool is not a number")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Blocks = Annotated[list[Int], BeforeValidator(_as_list)]
+
+
+class _Config(BaseModel):
+    """The shared behaviour: unknown fields refused, assignments checked, errors as one-line LayerlabErrors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    _prefix: ClassVar[str] = ""  # the flat-namespace prefix of a nested settings group ("llr_")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise _one_line(e, self._prefix, data) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        before = self.__dict__.get(name)
+        try:
+            super().__setattr__(name, value)
+        except (ValidationError, LayerlabError) as e:
+            if name in self.__dict__:  # a model check that fails runs after pydantic has set the value: undo it
+                self.__dict__[name] = before
+            raise (_one_line(e, self._prefix, {name: value}) if isinstance(e, ValidationError) else e) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able values (nested settings as mappings): what ``layerlab.json`` saves."""
+        return self.model_dump()
+
+
+def _at_least_one(cls: type[_Config], values: _Config, names: Iterable[str]) -> None:
+    for name in names:
+        if getattr(values, name) < 1:
+            raise LayerlabError(f"{cls._prefix}{name} must be at least 1, got {getattr(values, name)}")
+
+
+class ModelConfig(_Config):
     """Architecture of a layerlab GPT. Saved in ``config.json`` of every model directory."""
 
-    vocab_size: int = 320
-    context: int = 256
-    layers: int = 4
-    width: int = 256
-    heads: int = 4
+    vocab_size: Int = 320
+    context: Int = 256
+    layers: Int = 4
+    width: Int = 256
+    heads: Int = 4
     mlp: Literal["gelu", "swiglu"] = "gelu"
-    mlp_hidden: int | None = None  # default: 4*width for gelu, 8/3*width rounded to 64 for swiglu
+    mlp_hidden: Int | None = None  # default: 4*width for gelu, 8/3*width rounded to 64 for swiglu
     positions: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: Float = 10000.0
     tie_embeddings: bool = True
     bias: bool = True
     head_bias: bool = False  # a bias on the unembedding: `convert` folds the final norm's bias into it
-    dropout: float = 0.0
+    dropout: Float = 0.0
     norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    placement: str | list[str] = "pre"
-    mix_alpha: float = 0.25
+    norm_eps: Float = 1e-5
+    placement: Annotated[str | list[str], BeforeValidator(_split_commas)] = "pre"
+    mix_alpha: Float = 0.25
     init: Literal["standard", "scaled"] = "scaled"
-    init_std: float = 0.02
+    init_std: Float = 0.02
     # blocks without their attention (ln1 + attn) or MLP (ln2 + mlp) sublayer; written by `prune --unit attn|mlp`
-    drop_attn: list[int] = field(default_factory=list)
-    drop_mlp: list[int] = field(default_factory=list)
+    drop_attn: Blocks = Field(default_factory=list)
+    drop_mlp: Blocks = Field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        NORMS.check(self.norm)
-        if isinstance(self.placement, str):
-            self.placement = PLACEMENT_ALIASES.get(self.placement, self.placement)
-            if self.placement not in PLACEMENTS:
-                raise choices_error("placement", self.placement, [*PLACEMENTS, *PLACEMENT_ALIASES])
-        else:
-            self.placement = [PLACEMENT_ALIASES.get(p, p) for p in self.placement]
-            for p in self.placement:
-                if p not in block_placement_names():
-                    raise choices_error("placement in the per-block schedule", p, block_placement_names())
-            if len(self.placement) != self.layers:
-                raise LayerlabError(
-                    f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
-                )
-        for name in ("context", "layers", "width", "heads", "vocab_size"):
-            if getattr(self, name) < 1:
-                raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, norm: str) -> str:
+        return NORMS.check(norm)
+
+    @field_validator("placement")
+    @classmethod
+    def _known_placement(cls, placement: str | list[str]) -> str | list[str]:
+        if isinstance(placement, str):
+            placement = PLACEMENT_ALIASES.get(placement, placement)
+            if placement not in PLACEMENTS:
+                raise choices_error("placement", placement, [*PLACEMENTS, *PLACEMENT_ALIASES])
+            return placement
+        placement = [PLACEMENT_ALIASES.get(p, p) for p in placement]
+        for p in placement:
+            if p not in block_placement_names():
+                raise choices_error("placement in the per-block schedule", p, block_placement_names())
+        return placement
+
+    @field_validator("drop_attn", "drop_mlp")
+    @classmethod
+    def _sorted_blocks(cls, blocks: list[int]) -> list[int]:
+        return sorted(set(blocks))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if isinstance(self.placement, list) and len(self.placement) != self.layers:
+            raise LayerlabError(
+                f"placement schedule has {len(self.placement)} entries but the model has {self.layers} layers"
+            )
+        _at_least_one(type(self), self, ("context", "layers", "width", "heads", "vocab_size"))
         if self.width % self.heads:
             raise LayerlabError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.positions == "rope" and (self.width // self.heads) % 2:
@@ -105,14 +181,9 @@ class ModelConfig:
             raise LayerlabError(f"mix_alpha must be in [0, 1], got {self.mix_alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise LayerlabError(f"dropout must be in [0, 1), got {self.dropout}")
-        self._check_drops()
-
-    def _check_drops(self) -> None:
         placements = self.block_placements()
         for name in ("drop_attn", "drop_mlp"):
-            blocks = sorted(set(getattr(self, name)))
-            setattr(self, name, blocks)
-            for i in blocks:
+            for i in getattr(self, name):
                 if not 0 <= i < self.layers:
                     raise LayerlabError(f"{name} names block {i}, but the model has blocks 0..{self.layers - 1}")
                 if not PLACEMENTS[placements[i]].residual_sublayers:
@@ -120,6 +191,7 @@ class ModelConfig:
                                         f"{', '.join(residual_placement_names())} blocks can lack a sublayer")
         if len(self.drop_attn) >= self.layers:  # the KV cache, and so generation, needs one attention layer
             raise LayerlabError("drop_attn names every block; at least one block must keep its attention")
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -145,32 +217,83 @@ class ModelConfig:
         """Whether the model ends with a norm before the head: Post-LN's last block already ends in one."""
         return PLACEMENTS[self.block_placements()[-1]].final_norm
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+def _check_range(cls: type[_Config], lo: str, hi: str, values: _Config) -> None:
+    if not 0 < getattr(values, lo) <= getattr(values, hi):
+        p = cls._prefix
+        raise LayerlabError(f"need 0 < {p}{lo} <= {p}{hi}, got {getattr(values, lo)} and {getattr(values, hi)}")
 
 
-@dataclass
-class TrainConfig:
+class LLRSettings(_Config):
+    """llr: every ``every`` steps, until ``until`` of the run, map each block's ESD alpha linearly into
+    [s_min, s_max] x lr, reached over ``ramp`` steps (He et al., LLR; range and ``until`` from its 130M config,
+    which recomputes every 40 steps with a 20-step ramp: halved here for short runs)."""
+
+    _prefix: ClassVar[str] = "llr_"
+    every: Int = 20
+    ramp: Int = 10
+    until: Float = 0.2
+    s_min: Float = 1.0
+    s_max: Float = 3.0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LLRSettings:
+        _at_least_one(type(self), self, ("every",))
+        if self.ramp < 0:
+            raise LayerlabError(f"llr_ramp must be non-negative, got {self.ramp}")
+        if not 0.0 <= self.until <= 1.0:
+            raise LayerlabError(f"llr_until must be in [0, 1], got {self.until}")
+        _check_range(type(self), "s_min", "s_max", self)
+        return self
+
+
+class NoiseSettings(_Config):
+    """noise: per-block LR multiplier from a gradient signal-to-noise estimate, clipped to [s_min, s_max]."""
+
+    _prefix: ClassVar[str] = "noise_"
+    s_min: Float = 0.5
+    s_max: Float = 2.0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> NoiseSettings:
+        _check_range(type(self), "s_min", "s_max", self)
+        return self
+
+
+class LISASettings(_Config):
+    """lisa: every ``every`` steps train the embeddings, the head and ``layers`` randomly chosen blocks (Pan et al.)."""
+
+    _prefix: ClassVar[str] = "lisa_"
+    every: Int = 20
+    layers: Int = 1
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LISASettings:
+        _at_least_one(type(self), self, ("every", "layers"))
+        return self
+
+
+class TrainConfig(_Config):
     """How a run trains. Saved in ``layerlab.json`` of every run directory."""
 
     data: str | None = None  # None: the embedded corpus
     tokenizer: str = "byte"
-    steps: int = 300
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 16
-    log_every: int = 10
-    telemetry_every: int = 50
-    save_every: int = 100
-    seed: int = 0
+    steps: Int = 300
+    batch_size: Int = 16
+    grad_accum: Int = 1
+    lr: Float = 2e-3
+    min_lr_ratio: Float = 0.1
+    warmup: Int = 30
+    weight_decay: Float = 0.1
+    beta1: Float = 0.9
+    beta2: Float = 0.95
+    grad_clip: Float = 1.0
+    eval_every: Int = 100
+    eval_batches: Int = 16
+    log_every: Int = 10
+    telemetry_every: Int = 50
+    save_every: Int = 100
+    seed: Int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
     compile: bool | None = None  # None: on for CUDA, off elsewhere
@@ -181,61 +304,89 @@ class TrainConfig:
     # Weight decay on norm scale vectors, by role (Wang et al., 2026, Negligible in Size, Significant in Effect):
     # input norms sit in front of a sublayer or linear (ln1, ln2, inner_norm), output norms on a sublayer's
     # output (Peri-LN's ln1_out, ln2_out) and before the head (ln_f). Biases and norm shifts never decay.
-    input_norm_decay: float = 0.0
-    output_norm_decay: float = 0.0
-    # llr: every llr_every steps, until llr_until of the run, map each block's ESD alpha linearly into
-    # [llr_s_min, llr_s_max] x lr, reached over llr_ramp steps (He et al., LLR; range and llr_until from its
-    # 130M config, which recomputes every 40 steps with a 20-step ramp: halved here for short runs)
-    llr_every: int = 20
-    llr_ramp: int = 10
-    llr_until: float = 0.2
-    llr_s_min: float = 1.0
-    llr_s_max: float = 3.0
-    # noise: per-block LR multiplier from a gradient signal-to-noise estimate, clipped to [noise_s_min, noise_s_max]
-    noise_s_min: float = 0.5
-    noise_s_max: float = 2.0
-    # lisa: every lisa_every steps train the embeddings, the head and lisa_layers randomly chosen blocks (Pan et al.)
-    lisa_every: int = 20
-    lisa_layers: int = 1
+    input_norm_decay: Float = 0.0
+    output_norm_decay: Float = 0.0
+    # each optimizer's own settings (flat names llr_every, noise_s_min, lisa_layers, ...)
+    llr: LLRSettings = Field(default_factory=LLRSettings)
+    noise: NoiseSettings = Field(default_factory=NoiseSettings)
+    lisa: LISASettings = Field(default_factory=LISASettings)
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every", "save_every",
-                     "llr_every", "lisa_every", "lisa_layers"):
-            if getattr(self, name) < 1:
-                raise LayerlabError(f"{name} must be at least 1, got {getattr(self, name)}")
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_names(cls, data: Any) -> Any:
+        """``llr_every=5`` (or ``"llr.every"``: older layerlab.json files, YAML, the CLI) sets ``llr.every``."""
+        if not isinstance(data, dict):
+            return data
+        out: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            group_field = NESTED.get(field_key(key)) if isinstance(key, str) else None
+            if group_field is None:
+                out[key] = value
+            else:
+                nested.setdefault(group_field[0], {})[group_field[1]] = value
+        for group, values in nested.items():
+            given = out.get(group)
+            if isinstance(given, BaseModel):
+                given = given.model_dump()
+            out[group] = {**(given if isinstance(given, dict) else {}), **values}
+        return out
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, optimizer: str) -> str:
+        return OPTIMIZERS.check(optimizer)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainConfig:
+        _at_least_one(type(self), self, ("steps", "batch_size", "grad_accum", "eval_batches", "log_every",
+                                         "save_every"))
         if self.lr <= 0:
             raise LayerlabError(f"lr must be positive, got {self.lr}")
-        OPTIMIZERS.check(self.optimizer)
-        for name in ("input_norm_decay", "output_norm_decay", "llr_ramp"):
+        for name in ("input_norm_decay", "output_norm_decay"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not 0.0 <= self.llr_until <= 1.0:
-            raise LayerlabError(f"llr_until must be in [0, 1], got {self.llr_until}")
-        for lo, hi in (("llr_s_min", "llr_s_max"), ("noise_s_min", "noise_s_max")):
-            if not 0 < getattr(self, lo) <= getattr(self, hi):
-                raise LayerlabError(f"need 0 < {lo} <= {hi}, got {getattr(self, lo)} and {getattr(self, hi)}")
+        return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def flat_dict(self) -> dict[str, Any]:
+        """The fields in the flat namespace: nested settings as ``llr_every`` and so on (what check_fields gives)."""
+        out = self.model_dump()
+        for group in GROUPS:
+            out.update({f"{group}_{k}": v for k, v in out.pop(group).items()})
+        return out
 
 
-MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
-TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+GROUPS: dict[str, type[_Config]] = {"llr": LLRSettings, "noise": NoiseSettings, "lisa": LISASettings}
+# flat name -> (group, field): "llr_every" -> ("llr", "every")
+NESTED = {f"{g}_{name}": (g, name) for g, cls in GROUPS.items() for name in cls.model_fields}
+
+MODEL_FIELDS = dict(ModelConfig.model_fields)
+# the flat namespace of TrainConfig: its own fields, and each optimizer's settings by flat name
+TRAIN_FIELDS = {**{k: f for k, f in TrainConfig.model_fields.items() if k not in GROUPS},
+                **{flat: GROUPS[g].model_fields[name] for flat, (g, name) in NESTED.items()}}
 ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
 # Fields that may change on --resume without breaking exact continuation checks.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "log_every", "telemetry_every", "save_every",
                      "device", "compile", "parallel"}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def field_key(name: object) -> str:
+    """A field's name in the flat namespace: ``--mix-alpha`` is ``mix_alpha``, ``llr.every`` is ``llr_every``."""
+    return str(name).replace("-", "_").replace(".", "_")
 
 
-_HINTS = {**_hints(ModelConfig), **_hints(TrainConfig)}
+@functools.cache
+def _adapter(key: str) -> TypeAdapter:
+    """The type of one flat-namespace field, with its validators: checks a value without the rest of a config."""
+    info = ALL_FIELDS[key]
+    tp = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(tp, config=ConfigDict(coerce_numbers_to_str=True))
 
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -245,62 +396,27 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, from_text: bool) -> Any:
-    """Return ``value`` as type ``tp``, or raise ValueError. Text from the CLI is parsed as YAML."""
-    if from_text and isinstance(value, str):
-        try:
-            value = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
-            pass
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ValueError
-    if origin in (typing.Union, types.UnionType):
-        args = list(typing.get_args(tp))
-        if from_text and isinstance(value, str) and "," in value:  # "pre,post" is a list where one is allowed
-            args.sort(key=lambda a: typing.get_origin(a) is not list)
-        for arg in args:
-            try:
-                return _coerce(value, arg, from_text)
-            except ValueError:
-                continue
-        raise ValueError
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ValueError
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) and from_text:
-            value = [v.strip() for v in value.split(",")]
-        if from_text and isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [value]  # "--drop-attn 1": one item
-        if not isinstance(value, list):
-            raise ValueError
-        return [_coerce(v, item, from_text) for v in value]  # "1,2" from the CLI is a list of ints
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ValueError
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_text and isinstance(value, str):  # YAML 1.1 reads "1e-3" as text
-            return float(value)
-        raise ValueError
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError
-    raise ValueError
+def _type_error(key: str, value: Any, source: str) -> LayerlabError:
+    tp = ALL_FIELDS[key].annotation
+    message = f"field {key!r} in {source} expects {_type_name(tp)}, got {value!r}"
+    if typing.get_origin(tp) is Literal and isinstance(value, str):
+        if (close := close_match(value, [str(a) for a in typing.get_args(tp)])) is not None:
+            message += f"; did you mean {close!r}?"
+    return LayerlabError(message)
+
+
+def _one_line(e: ValidationError, prefix: str, data: dict[str, Any], source: str = "config") -> LayerlabError:
+    """The first error of ``e`` in the messages of :func:`check_fields`."""
+    err = e.errors()[0]
+    loc = [str(part) for part in err["loc"]]
+    if loc and loc[0] in GROUPS and len(loc) > 1 and not prefix:
+        key, value = f"{loc[0]}_{loc[1]}", err["input"]
+    else:
+        key = f"{prefix}{loc[0]}" if loc else ""
+        value = data.get(loc[0], err["input"]) if loc else err["input"]
+    if err["type"] == "extra_forbidden" or key not in ALL_FIELDS:
+        return unknown_field_error(key or err["input"], source)
+    return _type_error(key, value, source)
 
 
 def unknown_field_error(name: object, source: str, also: Iterable[str] = ()) -> LayerlabError:
@@ -308,115 +424,47 @@ def unknown_field_error(name: object, source: str, also: Iterable[str] = ()) -> 
 
     ``also``: other names valid where the field was given (a sweep file's ``preset``), suggested like fields.
     """
-    key = str(name).replace("-", "_")
+    key = field_key(name)
     names = sorted({*ALL_FIELDS, *also})
     if (close := close_match(key, [*names, *FIELD_SYNONYMS])) is not None:
         return LayerlabError(f"unknown field {name!r} in {source}; did you mean {FIELD_SYNONYMS.get(close, close)!r}?")
     return LayerlabError(f"unknown field {name!r} in {source}; valid fields: {', '.join(names)}")
 
 
+def _flat_items(values: dict[str, Any], source: str) -> Iterable[tuple[object, str, Any]]:
+    """(name as given, flat key, value) of each field; a group's mapping (``llr: {every: 5}``) gives one per entry."""
+    for name, value in values.items():
+        key = field_key(name)
+        if key in GROUPS and key not in ALL_FIELDS:
+            if isinstance(value, BaseModel):
+                value = value.model_dump()
+            if not isinstance(value, dict):
+                raise LayerlabError(f"field {key!r} in {source} expects a mapping of "
+                                    f"{', '.join(GROUPS[key].model_fields)}, got {value!r}")
+            for sub, v in value.items():
+                yield f"{name}.{sub}", field_key(f"{key}.{sub}"), v
+        else:
+            yield name, key, value
+
+
 def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str = "config",
                  also: Iterable[str] = ()) -> dict[str, Any]:
-    """Validate names and types of a flat field dict; return it with values coerced.
+    """Validate names and types of a flat field dict; return it with values coerced, under flat names.
 
-    ``also`` names what the caller accepts besides fields (and has taken out): suggested for a misspelt name.
+    ``from_text``: string values are parsed as YAML first (``"1e-3"``, ``"false"``, ``"null"``). ``also`` names
+    what the caller accepts besides fields (and has taken out): suggested for a misspelt name.
     """
     out = {}
-    for name, value in values.items():
-        key = str(name).replace("-", "_")
+    for name, key, value in _flat_items(values, source):
         if key not in ALL_FIELDS:
             raise unknown_field_error(name, source, also)
-        tp = _HINTS[key]
+        if from_text and isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value != "" else ""
+            except yaml.YAMLError:
+                pass
         try:
-            out[key] = _coerce(value, tp, from_text)
-        except ValueError:
-            message = f"field {key!r} in {source} expects {_type_name(tp)}, got {value!r}"
-            if typing.get_origin(tp) is Literal and isinstance(value, str):
-                if (close := close_match(value, [str(a) for a in typing.get_args(tp)])) is not None:
-                    message += f"; did you mean {close!r}?"
-            raise LayerlabError(message) from None
+            out[key] = _adapter(key).validate_python(value)
+        except ValidationError:
+            raise _type_error(key, value, source) from None
     return out
-
-
-def flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
-    """The field: value mapping of a config document; its optional ``model:`` and ``train:`` sections merged in."""
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise LayerlabError(f"{source} must be a mapping of field: value")
-    flat: dict[str, Any] = {}
-    for key, value in doc.items():
-        if key in ("model", "train") and isinstance(value, dict):
-            flat.update(value)  # sections are optional: names are unique across both
-        else:
-            flat[key] = value
-    return flat
-
-
-def load_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The parsed YAML document at ``path``, or a one-line error naming ``what`` is wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise LayerlabError(f"{what} not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise LayerlabError(f"{what} {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Fields from a YAML config file (flat, or with ``model:`` and ``train:`` sections)."""
-    p = Path(path)
-    doc = load_yaml(p)
-    return check_fields(flatten_yaml(doc, str(p)), from_text=True, source=str(p))
-
-
-def preset_names() -> list[str]:
-    files = resources.files("layerlab.presets").iterdir()
-    return sorted(p.name.removesuffix(".yaml") for p in files if p.name.endswith(".yaml"))
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    """Fields of a shipped preset (``src/layerlab/presets/NAME.yaml``)."""
-    if name not in preset_names():
-        raise choices_error("preset", name, preset_names())
-    text = resources.files("layerlab.presets").joinpath(f"{name}.yaml").read_text()
-    return check_fields(flatten_yaml(yaml.safe_load(text), f"preset {name}"), source=f"preset {name}")
-
-
-@dataclass
-class RunSpec:
-    """A model and a training config, plus the preset they started from."""
-
-    model: ModelConfig
-    train: TrainConfig
-    preset: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, "model": self.model.to_dict(), "train": self.train.to_dict()}
-
-
-def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a flat field dict into (model fields, train fields)."""
-    model = {k: v for k, v in values.items() if k in MODEL_FIELDS}
-    train = {k: v for k, v in values.items() if k in TRAIN_FIELDS}
-    return model, train
-
-
-def resolve(preset: str | None = None, config_file: str | Path | None = None,
-            overrides: dict[str, Any] | None = None) -> RunSpec:
-    """Layer preset < config file < overrides into a validated :class:`RunSpec`.
-
-    With neither a preset nor a config file, preset ``tiny`` is the base.
-    """
-    values: dict[str, Any] = {}
-    if preset is None and config_file is None:
-        preset = "tiny"
-    if preset is not None:
-        values.update(read_preset(preset))
-    if config_file is not None:
-        values.update(read_yaml(config_file))
-    values.update(check_fields(overrides or {}, source="command line"))
-    model, train = split_fields(values)
-    return RunSpec(ModelConfig(**model), TrainConfig(**train), preset=preset)

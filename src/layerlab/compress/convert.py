@@ -37,7 +37,6 @@ folded norm), so the two matrices differ.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from pathlib import Path
 
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from ..adapters import view
+from ..config import ModelConfig
 from ..data import batches, measure_ids, window_length
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
@@ -138,7 +138,7 @@ def _bias(linear: nn.Linear) -> torch.Tensor:
 
 def _rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **changes) -> LayerlabForCausalLM:
     """A new layerlab model with config ``changes`` and exactly the weights in ``state``."""
-    cfg = dataclasses.replace(model.cfg, tie_embeddings=False, **changes)
+    cfg = ModelConfig(**{**model.cfg.to_dict(), "tie_embeddings": False, **changes})  # validated anew
     new = build_model(cfg)
     want = set(new.state_dict())
     extra = {k: v for k, v in state.items() if k not in want}

@@ -9,17 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (
-    ALL_FIELDS,
-    check_fields,
-    flatten_yaml,
-    load_yaml,
-    read_preset,
-    unknown_field_error,
-    unknown_name_error,
-)
+from ..config import ALL_FIELDS, check_fields, field_key, unknown_field_error, unknown_name_error
 from ..errors import LayerlabError
 from ..io import MANIFEST
+from ..recipe import flatten_yaml, load_yaml, read_preset
 
 SWEEP_KEYS = ("name", "out", "base", "grid", "seeds", "workers", "analyze", "ray")
 # html: also write each run's own report.html (a few seconds of plotting per run)
@@ -203,7 +196,7 @@ def _read_grid(doc: dict[str, Any], source: str) -> GridAxes:
         raise LayerlabError(f"{source}: give seeds with the top-level seeds: key, not in the grid")
     axes: GridAxes = {}
     for field_name, values in grid_doc.items():
-        key = str(field_name).replace("-", "_")
+        key = field_key(field_name)
         if key != "preset" and key not in ALL_FIELDS:
             raise unknown_field_error(field_name, f"{source} grid", also=("preset",))
         axes[key] = _axis_values(key, values, source)

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import load_model
-from ..config import RunSpec, TrainConfig
+from ..config import TrainConfig
 from ..data import TokenData
 from ..errors import LayerlabError
 from ..evaluate import lm_loss
 from ..io import MANIFEST, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import is_batch_norm, set_norm_schedule
+from ..recipe import RunSpec
 from . import distributed, telemetry
 from .checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint, truncate_metrics
 from .interrupt import CtrlC

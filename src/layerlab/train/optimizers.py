@@ -326,16 +326,16 @@ class LLR(Layerwise):
         self.alpha: list[float] = [math.nan] * self.num_blocks
 
     def _scales_at(self, step: int) -> list[float]:
-        ramp = self.tc.llr_ramp
+        ramp = self.tc.llr.ramp
         frac = 1.0 if ramp == 0 else min(1.0, (step - self.t0 + 1) / ramp)
         return [s + (t - s) * frac for s, t in zip(self.start, self.target)]
 
     def begin_step(self, step: int) -> None:
         tc = self.tc
-        if step % tc.llr_every == 0 and step <= tc.llr_until * tc.steps:
+        if step % tc.llr.every == 0 and step <= tc.llr.until * tc.steps:
             self.alpha = block_alphas(self.model)
             self.start = self._scales_at(step)
-            self.target = alpha_to_lr_scale(self.alpha, tc.llr_s_min, tc.llr_s_max) + [tc.llr_s_max]
+            self.target = alpha_to_lr_scale(self.alpha, tc.llr.s_min, tc.llr.s_max) + [tc.llr.s_max]
             self.t0 = step
         scales = self._scales_at(step)
         for g in self.param_groups:
@@ -407,7 +407,7 @@ class NoiseAdaptive(Layerwise):
         for g in self.param_groups:
             if g["block"] is not None:
                 r = self.signal[g["block"]]
-                g["lr_scale"] = min(max(r / mean, self.tc.noise_s_min), self.tc.noise_s_max) if mean > 0 else 1.0
+                g["lr_scale"] = min(max(r / mean, self.tc.noise.s_min), self.tc.noise.s_max) if mean > 0 else 1.0
 
     def telemetry(self):
         return {**super().telemetry(), "grad_noise_block": [1.0 - r for r in self.signal]}
@@ -434,18 +434,18 @@ class LISA(Layerwise):
 
     def __init__(self, model, tc):
         super().__init__(model, tc)
-        if tc.lisa_layers > self.num_blocks:
-            raise LayerlabError(f"lisa_layers is {tc.lisa_layers}, but the model has {self.num_blocks} blocks")
+        if tc.lisa.layers > self.num_blocks:
+            raise LayerlabError(f"lisa_layers is {tc.lisa.layers}, but the model has {self.num_blocks} blocks")
         self.period: int | None = None
         self.active = list(range(self.num_blocks))
 
     def sample(self, period: int) -> list[int]:
         """The blocks that train during sampling period ``period``."""
         gen = torch.Generator().manual_seed((self.tc.seed * 1_000_003 + 7_919 * period + 1) % (2**63))
-        return sorted(torch.randperm(self.num_blocks, generator=gen)[: self.tc.lisa_layers].tolist())
+        return sorted(torch.randperm(self.num_blocks, generator=gen)[: self.tc.lisa.layers].tolist())
 
     def begin_step(self, step: int) -> None:
-        period = step // self.tc.lisa_every
+        period = step // self.tc.lisa.every
         if period != self.period:
             self.period, self.active = period, self.sample(period)
             for i, block in enumerate(self.model.blocks):

@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import RESUMABLE_CHANGES, ModelConfig, RunSpec, TrainConfig, check_fields, resolve
+from ..config import RESUMABLE_CHANGES, ModelConfig, TrainConfig, check_fields
 from ..errors import LayerlabError
 from ..io import MANIFEST, read_json
+from ..recipe import RunSpec, resolve
 
 
 def _differences(a: dict, b: dict, ignore: set[str]) -> list[str]:
@@ -97,12 +98,12 @@ def _saved_spec(run_dir: Path) -> RunSpec:
         extra = {"schedule_steps": int(manifest.get("schedule_steps", args["train"]["steps"]))}
         return RunSpec(ModelConfig(**args["model"]), TrainConfig(**args["train"]), preset=args.get("preset"),
                        extra=extra)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, LayerlabError) as e:
         raise LayerlabError(f"{run_dir / MANIFEST} does not hold a readable run config ({e})") from None
 
 
 def _comparable(spec: RunSpec) -> dict[str, Any]:
-    return {**{k: v for k, v in spec.model.to_dict().items() if k != "vocab_size"}, **spec.train.to_dict()}
+    return {**{k: v for k, v in spec.model.to_dict().items() if k != "vocab_size"}, **spec.train.flat_dict()}
 
 
 def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str, Any] | None,
@@ -149,7 +150,7 @@ def plan_run(preset: str | None, config: str | Path | None, overrides: dict[str,
                 f"output directory {run_dir} holds a run of a different config ({'; '.join(diffs[:4])}); "
                 "choose another --out"
             )
-        for k in RESUMABLE_CHANGES & set(TrainConfig.__dataclass_fields__):
+        for k in RESUMABLE_CHANGES & set(TrainConfig.model_fields):
             setattr(saved.train, k, getattr(spec.train, k))
         return saved, run_dir, True
     return spec, run_dir, False

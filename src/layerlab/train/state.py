@@ -3,7 +3,6 @@ puts together: the device, the tokenizer and data, and the length of the LR sche
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -13,11 +12,12 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig, RunSpec, TrainConfig
+from ..config import ModelConfig, TrainConfig
 from ..data import VAL_FRACTION, TokenData, build_tokenizer, head_documents, load_tokenizer
 from ..errors import LayerlabError
 from ..io import cache_dir
 from ..model import LayerlabForCausalLM
+from ..recipe import RunSpec
 from . import distributed
 from .optimizers import Layerwise
 
@@ -118,4 +118,4 @@ def schedule_of(spec: RunSpec, state: dict | None, start: int) -> TrainConfig:
     schedule_steps = tc.steps
     if start > 0:  # before its first step a run may still be laid out anew
         schedule_steps = int(state.get("schedule_steps") or spec.extra.get("schedule_steps", tc.steps))
-    return tc if schedule_steps == tc.steps else dataclasses.replace(tc, steps=schedule_steps)
+    return tc if schedule_steps == tc.steps else tc.model_copy(update={"steps": schedule_steps})
