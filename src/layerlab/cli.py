@@ -8,6 +8,16 @@ from typing import Annotated, Any
 
 import typer
 
+from .defaults import (
+    ANALYZE_TOKENS,
+    CALIBRATION_TOKENS,
+    CONVERT_LR,
+    CONVERT_STEPS,
+    MEASURE_TOKENS,
+    QUANT_GROUP,
+    QUANT_WIDTHS,
+    REMOVAL_TOKENS,
+)
 from .errors import LayerlabError, choices_error
 from .recipe import preset_names
 from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PLACEMENTS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
@@ -197,35 +207,25 @@ def analyze(
     models: Annotated[list[Path], typer.Argument(help="one or more model directories (layerlab or Hugging Face)")],
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
     tokens: Annotated[int, typer.Option(help="tokens to stream through each model (the first of the "
-                                        "embedded validation split, or of --data)")] = 8192,
+                                        "embedded validation split, or of --data)")] = ANALYZE_TOKENS,
     out: Annotated[Path | None, typer.Option(help="where report.json and report.html go (must not exist)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace the report in an existing --out")] = False,
     spectra: Annotated[bool, typer.Option(help="weight spectra (ESD alpha, stable rank)")] = True,
     seq_len: Annotated[int | None, typer.Option(help="window length (default min(256, context); 128 encoders)")] = None,
-    removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = 2048,
+    removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = REMOVAL_TOKENS,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
     _inputs(*models)
     from . import analyze as run_analyze
-    from .analysis.analyze import model_label
+    from .analysis.analyze import default_report_dir
 
     _quiet_hf()
 
-    out = out or Path("reports") / "-vs-".join(model_label(m) for m in models)
+    out = out or default_report_dir(models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
                          removal_tokens=removal_tokens, progress=progress, overwrite=overwrite)
-    for m in report.models:
-        best = m["best_block_to_prune"].get("1")
-        key = "removal_loss_delta" if m["causal"] else "removal_effect"
-        ranked = sorted(m["layers"], key=lambda lay: lay[key] if lay[key] is not None else float("inf"))
-        line = f"{m['name']}: {m['num_layers']} layers"
-        if m["loss"] is not None:
-            line += f", loss {m['loss']:.4f} nats/token on the {m['data_slice']}"
-        if ranked:
-            line += f"; least important block {ranked[0]['index']}, most important {ranked[-1]['index']} (by {key})"
-        if best:
-            line += f"; best single block to prune: {best['start']}"
+    for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}")
 
@@ -254,7 +254,7 @@ def prune(
     data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
-    measure_tokens: Annotated[int, typer.Option(help="tokens the choosing metric reads")] = 8192,
+    measure_tokens: Annotated[int, typer.Option(help="tokens the choosing metric reads")] = MEASURE_TOKENS,
     heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
     heal: Annotated[str, typer.Option(help=f"{_names(HEAL_MODES)} (lora is merged back)")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
@@ -291,13 +291,14 @@ def quantize(
     bits: Annotated[float, typer.Option(help="average bits per block weight, fractional allowed (e.g. 3.5)")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     importance: Annotated[str, typer.Option(help=_names(QUANT_IMPORTANCE))] = "lim",
-    widths: Annotated[str, typer.Option(help="candidate widths, comma-separated")] = "2,3,4,8",
-    group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = 64,
+    widths: Annotated[str, typer.Option(help="candidate widths, comma-separated")] = ",".join(map(str, QUANT_WIDTHS)),
+    group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = QUANT_GROUP,
     data: Annotated[str | None, typer.Option(help="text: calibrate on its first 90%, evaluate on the rest "
                                              "(default: embedded)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
-    calibration_tokens: Annotated[int, typer.Option(help="tokens for the importance measurements")] = 4096,
+    calibration_tokens: Annotated[int, typer.Option(help="tokens for the importance measurements")] \
+    = CALIBRATION_TOKENS,
     baselines: Annotated[bool, typer.Option(help="also evaluate uniform floor/ceil and a random ordering")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
@@ -340,8 +341,8 @@ def convert(
                                              "(default: embedded)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
-    steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = 200,
-    lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = 3e-4,
+    steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = CONVERT_STEPS,
+    lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = CONVERT_LR,
     seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune")] = 0,
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,

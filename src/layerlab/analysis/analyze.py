@@ -20,22 +20,25 @@ import torch
 
 from ..adapters import load_model, view
 from ..data import batches, default_split, describe_slice, split_ids, window_length
+from ..defaults import ANALYZE_TOKENS, REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from ..errors import LayerlabError
 from ..io import cache_dir, progress_bar, versions
 from .metrics import layer_results, measure_layer, stream_sums
 from .report import Report
 from .stats import RemovalSums, StreamStats, TokenSample, one_thread
 
-DEFAULT_TOKENS = 8192
-SAMPLE_TOKENS = 1024
-SAMPLE_SEQUENCES = 8
-REMOVAL_TOKENS = 2048
+DEFAULT_TOKENS = ANALYZE_TOKENS
 
 
 def model_label(path: Path) -> str:
     """A short name for plots: the directory's name, or its parent's when the directory is generically named."""
     p = path.resolve()
     return p.parent.name if p.name.lower() in {"model", "models", "checkpoint", "final"} else p.name
+
+
+def default_report_dir(models) -> Path:
+    """Where ``layerlab analyze`` writes without ``--out``: ``reports/<label>``, labels joined by ``-vs-``."""
+    return Path("reports") / "-vs-".join(model_label(Path(m)) for m in models)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..defaults import REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from ..errors import LayerlabError
 from ..io import atomic_write_bytes
-from .analyze import REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from .metrics import FAMILIES, KINDS, LAYER_FIELDS, METRICS, Metric
 
 # Example value and description of the per-layer keys that are not metrics.

@@ -40,6 +40,24 @@ class Report:
     def __getitem__(self, key: str) -> Any:
         return self.models[0][key]
 
+    def summary_lines(self) -> list[str]:
+        """One line per model, what ``layerlab analyze`` prints: its loss on its named slice, its least and most
+        important blocks by removal, and the best single block to prune by angular distance."""
+        lines = []
+        for m in self.models:
+            best = m["best_block_to_prune"].get("1")
+            key = "removal_loss_delta" if m["causal"] else "removal_effect"
+            ranked = sorted(m["layers"], key=lambda lay: lay[key] if lay[key] is not None else float("inf"))
+            line = f"{m['name']}: {m['num_layers']} layers"
+            if m["loss"] is not None:
+                line += f", loss {m['loss']:.4f} nats/token on the {m['data_slice']}"
+            if ranked:
+                line += f"; least important block {ranked[0]['index']}, most important {ranked[-1]['index']} (by {key})"
+            if best:
+                line += f"; best single block to prune: {best['start']}"
+            lines.append(line)
+        return lines
+
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.data, indent=indent)
 

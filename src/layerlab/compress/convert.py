@@ -46,6 +46,7 @@ from torch import nn
 from ..adapters import view
 from ..config import ModelConfig
 from ..data import batches, measure_ids, window_length
+from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..model import LayerlabForCausalLM, build_model
@@ -54,8 +55,6 @@ from ..registry import CONVERT_TARGETS as TARGETS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import lm_step, train_ids
 
-DEFAULT_STEPS = 200  # GPT-2 small takes 300 steps of 2^19 tokens in Baroni et al.; a tiny model needs far fewer tokens
-DEFAULT_LR = 3e-4  # constant after a linear warmup; Baroni et al. use 6e-4 (GPT-2 small) down to 1e-4 (XL)
 STD_MOMENTUM = 0.9  # moving average of the measured std (Baroni et al., config.py ``momentum``)
 CALIBRATION_BATCHES = 4  # forwards that measure every norm's std before the fine-tune starts
 
@@ -255,7 +254,7 @@ def _windows(ids: torch.Tensor, seq_len: int, batch_size: int, gen: torch.Genera
 
 
 def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str | Path | None = None,
-                 lr: float = DEFAULT_LR, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
+                 lr: float = CONVERT_LR, batch_size: int = 8, seq_len: int | None = None, seed: int = 0,
                  fix: bool = True, progress: bool = False) -> tuple[LayerlabForCausalLM, dict]:
     """Fine-tune ``model`` (in place) while its norms are fixed one by one; return it and the schedule.
 
@@ -355,7 +354,7 @@ def _stage(model, tok, data, tokens) -> dict:
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
-            tokens: int | None = None, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, seed: int = 0,
+            tokens: int | None = None, steps: int = CONVERT_STEPS, lr: float = CONVERT_LR, seed: int = 0,
             control: bool = False, progress: bool = False) -> dict:
     """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
 

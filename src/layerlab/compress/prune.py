@@ -46,6 +46,7 @@ from ..adapters import SUBLAYERS, LayerView, view
 from ..analysis.analyze import analyze_model
 from ..analysis.stats import angular, last_token_index
 from ..data import batches, window_length
+from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
 from ..registry import HEAL_MODES, PLACEMENTS, residual_placement_names
@@ -55,7 +56,6 @@ from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import heal as run_heal
 from .heal import train_ids
 
-MEASURE_TOKENS = 8192  # tokens the choosing metric reads
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
 # the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
 _LAYERLAB_PARTS = {"attn": ("ln1", "attn", "ln1_out"), "mlp": ("ln2", "mlp", "ln2_out")}

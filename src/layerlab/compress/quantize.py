@@ -34,6 +34,7 @@ import torch
 
 from ..adapters import view
 from ..data import window_length
+from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
 from ..io import progress_bar
@@ -42,9 +43,7 @@ from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import train_ids
 
-DEFAULT_WIDTHS = (2, 3, 4, 8)
-DEFAULT_GROUP = 64
-CALIBRATION_TOKENS = 4096
+DEFAULT_WIDTHS, DEFAULT_GROUP = QUANT_WIDTHS, QUANT_GROUP
 MAX_STATES = 4_000_000  # knapsack table cells; beyond this, layer sizes are rounded to coarser units
 
 
