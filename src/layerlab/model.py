@@ -18,6 +18,7 @@ from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -45,8 +46,6 @@ def cache_convention() -> str:
     for name in reversed(KNOWN_CACHE_NAMES):  # the newer name first
         if name in out_fields and name in gen_params:
             return name
-    import transformers
-
     raise LayerlabError(
         f"transformers {transformers.__version__} passes the KV cache in a way layerlab does not know "
         f"(output fields {sorted(out_fields & {'cache', 'past_key_values', 'cache_params'})}, generate's "

@@ -31,6 +31,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+)
+from transformers.quantizers.auto import register_quantizer as register_hf_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .errors import LayerlabError
 
 QUANT_METHOD = "layerlab"
 TORCHAO = "torchao-int8"
@@ -213,8 +223,6 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def refuse_quantized(model, model_dir, command: str) -> None:
     """A one-line error for a model ``layerlab quantize`` wrote: its packed layers cannot be edited."""
     if getattr(model.config, "quantization_config", None) is not None:
-        from .errors import LayerlabError
-
         advice = "" if command == "quantize" else f"; {command} the full-precision model, then quantize"
         raise LayerlabError(f"{model_dir} is already quantized{advice}")
 
@@ -222,14 +230,6 @@ def refuse_quantized(model, model_dir, command: str) -> None:
 # ---------------------------------------------------------------------------- Hugging Face integration
 def register_quantizer() -> None:
     """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent)."""
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-        register_quantization_config,
-        register_quantizer,
-    )
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.utils.quantization_config import QuantizationConfigMixin
 
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return
@@ -260,8 +260,6 @@ def register_quantizer() -> None:
                 set_module(model, name, PackedLinear(spec["in"], spec["out"], bits=spec["bits"], group=group,
                                                      bias=spec["bias"], fmt=spec.get("format", PACKED)))
             if any(s.get("format") == TORCHAO for s in cfg.modules.values()) and torchao_int8() is None:
-                from .errors import LayerlabError
-
                 raise LayerlabError("this model's 8-bit layers use torchao's int8 format; pip install torchao")
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -275,12 +273,10 @@ def register_quantizer() -> None:
             return False
 
     register_quantization_config(QUANT_METHOD)(LayerlabQuantConfig)
-    register_quantizer(QUANT_METHOD)(LayerlabQuantizer)
+    register_hf_quantizer(QUANT_METHOD)(LayerlabQuantizer)
     assert QUANT_METHOD in AUTO_QUANTIZATION_CONFIG_MAPPING
 
 
 def quant_config_class():
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
-
     register_quantizer()
     return AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]

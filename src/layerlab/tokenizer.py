@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import LayerlabError
 
@@ -82,7 +83,6 @@ class ByteTokenizer:
 
     def save(self, directory: Path) -> None:
         """Write Hugging Face tokenizer files that reproduce these ids exactly."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         # A merge-free BPE over the ByteLevel alphabet is a pure byte lookup.
         vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
@@ -138,7 +138,6 @@ def train_bpe(documents: Iterable[bytes], vocab_size: int) -> HFTokenizer:
         raise LayerlabError(f"bpe vocab size {vocab_size} is too small: need at least 257 (256 bytes + eos)")
     if vocab_size > 1 << 16:
         raise LayerlabError(f"bpe vocab size {vocab_size} is too large: at most 65536 so ids fit in 16 bits")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -177,7 +176,6 @@ def load_tokenizer(directory: Path) -> ByteTokenizer | HFTokenizer:
     json_path = directory / "tokenizer.json"
     if not json_path.exists():
         raise LayerlabError(f"no tokenizer found in {directory}: tokenizer.json is missing")
-    from tokenizers import Tokenizer
 
     eos = config.get("eos_token") or EOS_TOKEN
     if isinstance(eos, dict):  # older transformers saved AddedToken dicts here
@@ -199,7 +197,6 @@ def stream_tokenizer(tokenizer) -> ByteTokenizer | HFTokenizer:
     eos = tokenizer.eos_token or tokenizer.sep_token  # encoders join documents with their separator
     if eos is None:
         raise LayerlabError("the tokenizer has no end-of-text or separator token to join documents with")
-    from tokenizers import Tokenizer
 
     # a copy: HFTokenizer changes how special-token text is encoded, and the caller's tokenizer stays as it is
     copy = Tokenizer.from_str(backend.to_str())

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import LayerlabError
 from ..io import atomic_write_json, sha256_file
@@ -274,8 +275,6 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
     if not enabled:
         yield lambda: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     with Progress(TextColumn("[bold]spectra"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         task = bar.add_task("spectra", total=total)
         yield lambda: bar.advance(task)

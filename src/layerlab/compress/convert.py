@@ -49,6 +49,7 @@ from ..data import batches, measure_ids, window_length
 from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
+from ..io import progress_bar
 from ..model import LayerlabForCausalLM, build_model
 from ..norms import LayerNorm
 from ..registry import CONVERT_TARGETS as TARGETS
@@ -282,9 +283,7 @@ def remove_norms(model: LayerlabForCausalLM, tokenizer, *, steps: int, data: str
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(steps // 10, 1)
     losses = []
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("fine-tune, fixing norms" if fix else "fine-tune with norms (control)", total=steps)
         for step in range(steps):
             for name, at in schedule.items():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ..adapters import view
 from ..data import VAL_FRACTION, head_documents, window_length
 from ..errors import LayerlabError, choices_error
+from ..io import progress_bar
 from ..registry import HEAL_MODES
 
 LORA_RANK = 8  # a small rank suffices to heal a few removed layers (Gromov et al., 2024 use QLoRA ranks 2-64)
@@ -73,9 +74,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    from rich.progress import Progress
-
-    with Progress(disable=not progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"heal ({mode})", total=steps)
         for _ in range(steps):
             starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=gen)
