@@ -86,7 +86,7 @@ def _patch(m, phase: str, hit: Trigger) -> None:
     elif phase == "telemetry":
         _after(m, distributed.Parallel, "update_ratios", hit)
     elif phase in ("eval0", "evaluate"):
-        _after(m, loop_mod, "evaluate", hit)
+        _after(m, loop_mod, "curve_loss", hit)
     elif phase == "log":
         _after(m, loop_mod._Log, "write", hit)
     elif phase == "save_start":

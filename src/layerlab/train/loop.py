@@ -103,9 +103,10 @@ class _Log:
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenData, tc: TrainConfig, context: int, device, autocast,
+def curve_loss(model, data: TokenData, tc: TrainConfig, context: int, device, autocast,
              d: distributed.Dist | None = None) -> float:
-    """Mean cross-entropy (nats/token) over the first ``eval_batches`` validation windows.
+    """The training curve's validation point: mean cross-entropy (nats/token) over the first ``eval_batches``
+    validation windows of the context length (the run's final figure is :func:`final_validation`'s).
 
     With several processes each takes its share of every batch's rows; losses and token counts are summed.
     """
@@ -336,7 +337,7 @@ def _finish_step(run: Run, at: _Progress, lr: float, loss: float, grad_norm: flo
     """After the update of step ``at.step``: its evaluation, log line and progress, then its checkpoint."""
     tc, step = run.tc, at.step
     if step % tc.eval_every == 0 or step == tc.steps:
-        at.last_val = evaluate(run.model, run.data, tc, run.mc.context, run.device, run.autocast, run.d)
+        at.last_val = curve_loss(run.model, run.data, tc, run.mc.context, run.device, run.autocast, run.d)
         record.update(val_loss=at.last_val, val_bpb=at.last_val * run.bpb)
         run.results.update(val_loss=at.last_val, val_bpb=at.last_val * run.bpb, step=step)
     if step % tc.log_every == 0 or record or step == tc.steps:
@@ -363,7 +364,7 @@ def _steps(run: Run, at: _Progress, ctrl_c: CtrlC, progress: bool) -> None:
     with _progress(progress and d.main) as at.bar:
         at.task = at.bar.add_task("train", total=tc.steps, completed=run.start, loss="-", val="-", tps="-")
         if run.start == 0:  # the step-0 validation loss, as a baseline for "did it learn"
-            run.results["val_loss_step0"] = evaluate(run.model, run.data, tc, run.mc.context, run.device,
+            run.results["val_loss_step0"] = curve_loss(run.model, run.data, tc, run.mc.context, run.device,
                                                      run.autocast, d)
             at.log.write({"step": 0, "val_loss": run.results["val_loss_step0"],
                           "val_bpb": run.results["val_loss_step0"] * run.bpb})
