@@ -40,6 +40,7 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
         raise LayerlabError(f"{v.arch_name} models have no language-model loss to evaluate")
     if tokens is not None and tokens < 2:
         raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
+    tokenizer = stream_tokenizer(tokenizer)  # once: a transformers tokenizer is copied to build it
     stream = split_ids(tokenizer, data, split)
     available = len(stream)
     if available < 2:
@@ -60,7 +61,7 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
         logits = v.forward(x, torch.ones_like(x)).logits  # (B, T, V)
         total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"))
     loss = total / n
-    text = stream_tokenizer(tokenizer).decode(ids[1:].numpy())  # the predicted tokens' text
+    text = tokenizer.decode(ids[1:].numpy())  # the predicted tokens' text
     n_bytes = max(len(text.encode("utf-8")), 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2) * n / n_bytes,
             "tokens": used, "predictions": n, "slice": describe_slice(data, split, used, available)}
