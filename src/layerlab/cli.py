@@ -18,9 +18,19 @@ from .defaults import (
     QUANT_WIDTHS,
     REMOVAL_TOKENS,
 )
-from .errors import LayerlabError, choices_error
+from .errors import LayerlabError, check_loss_tokens, check_prompt, choices_error
+from .io import check_model_dir, check_output
 from .recipe import preset_names
-from .registry import CONVERT_TARGETS, HEAL_MODES, NORMS, PLACEMENTS, PRUNE_METRICS, PRUNE_UNITS, QUANT_IMPORTANCE
+from .registry import (
+    CONVERT_TARGETS,
+    EXPORT_TARGETS,
+    HEAL_MODES,
+    NORMS,
+    PLACEMENTS,
+    PRUNE_METRICS,
+    PRUNE_UNITS,
+    QUANT_IMPORTANCE,
+)
 
 app = typer.Typer(
     help="Build, train, analyze and compress the layers of transformer language models.",
@@ -55,8 +65,6 @@ def _print(lines: list[str], out: Path) -> None:
 
 def _inputs(*models: Path, out: Path | None = None) -> None:
     """Check model directories and --out before the command imports torch: a mistyped path is answered at once."""
-    from .io import check_model_dir, check_output
-
     for m in models:
         check_model_dir(m)
     if out is not None:
@@ -165,8 +173,7 @@ def sample(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Print a continuation of PROMPT by a model directory."""
-    if not prompt:
-        raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
+    check_prompt(prompt)
     _inputs(model)
     from .generate import sample as run_sample
 
@@ -183,7 +190,7 @@ def export(
     out: Annotated[Path, typer.Option(help="output directory")] = ...,
 ) -> None:
     """Write a layerlab model of a standard design as a plain Hugging Face model (no layerlab needed)."""
-    _choice("export target", to, ("gpt2",))
+    _choice("export target", to, EXPORT_TARGETS)
     _inputs(model, out=out)
     from .export import export as run_export
 
@@ -423,8 +430,7 @@ def eval_(
     """Loss, perplexity and bits per byte of a model directory, on a named slice of text."""
     if split is not None and split not in ("all", "validation"):
         raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
-    if tokens is not None and tokens < 2:
-        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
+    check_loss_tokens(tokens)
     _inputs(model)
     from .evaluate import evaluate
 

@@ -1,4 +1,5 @@
-"""The one exception type that the CLI turns into a one-line message, and the errors for unknown names."""
+"""The one exception type that the CLI turns into a one-line message, the errors for unknown names, and the
+checks of plain arguments that both the CLI (before anything heavy loads) and the library make."""
 
 from __future__ import annotations
 
@@ -23,3 +24,15 @@ def choices_error(kind: str, name: object, valid: Iterable[str]) -> LayerlabErro
     if (close := close_match(name, valid)) is not None:
         error += f"; did you mean {close!r}?"
     return LayerlabError(error)
+
+
+def check_loss_tokens(tokens: int | None) -> None:
+    """A loss needs at least two tokens: one to read and one to predict (None: all of them)."""
+    if tokens is not None and tokens < 2:
+        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
+
+
+def check_prompt(prompt: str) -> None:
+    """Generation needs text to continue."""
+    if not prompt:
+        raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .adapters import load_model, view
 from .data import default_split, describe_slice, split_ids, stream_tokenizer, window_length
-from .errors import LayerlabError
+from .errors import LayerlabError, check_loss_tokens
 
 
 def masked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -38,8 +38,7 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
     v = view(model)
     if not v.causal or not v.has_lm_head:
         raise LayerlabError(f"{v.arch_name} models have no language-model loss to evaluate")
-    if tokens is not None and tokens < 2:
-        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
+    check_loss_tokens(tokens)
     tokenizer = stream_tokenizer(tokenizer)  # once: a transformers tokenizer is copied to build it
     stream = split_ids(tokenizer, data, split)
     available = len(stream)
@@ -70,7 +69,6 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
 def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int | None = None,
              split: str | None = None) -> dict:
     """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``."""
-    if tokens is not None and tokens < 2:
-        raise LayerlabError(f"--tokens must be at least 2 (one to read, one to predict), got {tokens}")
+    check_loss_tokens(tokens)
     model, tok, _ = load_model(model_dir)
     return lm_loss(model, tok, data, tokens, split=split or default_split(data))

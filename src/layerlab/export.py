@@ -15,10 +15,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .adapters import load_model
 from .config import ModelConfig
 from .data import load_tokenizer
-from .errors import LayerlabError
+from .errors import LayerlabError, choices_error
 from .io import output_dir, write_manifest
 from .model import LayerlabForCausalLM, build_model
 from .packed import refuse_quantized
+from .registry import EXPORT_TARGETS
 
 # layerlab name -> GPT-2 name, per block; True where the weight is a transposed Conv1D matrix.
 _BLOCK_MAP = {
@@ -108,8 +109,8 @@ def from_gpt2(gpt2: GPT2LMHeadModel) -> LayerlabForCausalLM:
 
 def export(model_dir: str | Path, *, to: str = "gpt2", out: str | Path) -> Path:
     """Write ``model_dir`` as a plain Hugging Face ``to`` model (with its tokenizer) into ``out``."""
-    if to != "gpt2":
-        raise LayerlabError(f"unknown export target {to!r}; valid: gpt2")
+    if to not in EXPORT_TARGETS:
+        raise choices_error("export target", to, EXPORT_TARGETS)
     model = load_model(model_dir, dtype="auto", device="cpu").model
     refuse_quantized(model, model_dir, "export")
     if not isinstance(model, LayerlabForCausalLM):

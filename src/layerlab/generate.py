@@ -9,7 +9,7 @@ import torch
 
 from .adapters import load_model
 from .data import stream_tokenizer
-from .errors import LayerlabError
+from .errors import LayerlabError, check_prompt
 
 
 def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
@@ -24,8 +24,7 @@ def sample(model_dir: str | Path, prompt: str, *, tokens: int = 200, temperature
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     if temperature < 0:
         raise LayerlabError(f"--temperature must be >= 0, got {temperature}")
-    if not prompt:
-        raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
+    check_prompt(prompt)
     model, hf_tokenizer, v = load_model(model_dir, dtype="auto")
     if not v.causal:
         raise LayerlabError(f"{model_dir} is an encoder ({v.arch_name}): sample needs a causal LM")

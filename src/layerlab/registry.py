@@ -149,7 +149,8 @@ PRUNE_UNITS = ("block", *SUBLAYERS)
 HEAL_MODES = ("lora", "full")
 QUANT_IMPORTANCE = ("lim", "zd", "loss")
 CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
+EXPORT_TARGETS = ("gpt2",)  # layerlab export --to: the plain Hugging Face designs a run can be written as
 
-__all__ = ["CONVERT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS", "PLACEMENT_ALIASES", "PRUNE_METRICS",
-           "PRUNE_UNITS", "QUANT_IMPORTANCE", "SUBLAYERS", "Placement", "Registry", "block_placement_names",
-           "residual_placement_names"]
+__all__ = ["CONVERT_TARGETS", "EXPORT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS",
+           "PLACEMENT_ALIASES", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE", "SUBLAYERS", "Placement",
+           "Registry", "block_placement_names", "residual_placement_names"]
