@@ -50,7 +50,7 @@ from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import progress_bar
-from ..model import LayerlabForCausalLM, build_model
+from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import LayerNorm
 from ..registry import CONVERT_TARGETS as TARGETS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
@@ -348,8 +348,7 @@ def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int 
 
 
 def _stage(model, tok, data, tokens) -> dict:
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"params": n_params, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+    return {"params": num_params(model), "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
