@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import perturb, save_model, tiny_cfg
+from test_model import left_padded_pair
 from transformers import AutoModelForCausalLM
 
 import layerlab
@@ -17,10 +18,10 @@ def test_the_installed_transformers_passes_the_cache_in_a_known_way():
     assert cache_convention() in KNOWN_CACHE_NAMES
 
 
-def _greedy(model, x, use_cache: bool, new: int = 8):
+def _greedy(model, x, use_cache: bool, new: int = 8, **kw):
     with torch.no_grad():
         return model.generate(x, max_new_tokens=new, do_sample=False, use_cache=use_cache, output_scores=True,
-                              return_dict_in_generate=True, pad_token_id=0)
+                              return_dict_in_generate=True, pad_token_id=0, **kw)
 
 
 def _assert_same_decoding(model, x, new: int = 8):
@@ -38,6 +39,26 @@ def test_cached_generation_equals_uncached_in_scores(placement, positions):
     model = perturb(layerlab.build_model(cfg), scale=0.3).eval()
     x = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     _assert_same_decoding(model, x)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_greedy_generation_of_a_left_padded_batch_equals_each_row_alone(positions, use_cache):
+    """generate() on two prompts, the shorter left-padded, decodes each as it decodes that prompt alone: the
+    same tokens and, step by step, the same scores. RoPE once gave every row row 0's phases, so the unpadded
+    row 1 was off by ~2 in its scores here."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(positions=positions, context=32)
+    model = perturb(layerlab.build_model(cfg), scale=0.3).eval()  # logits spread ~2, and depend on position
+    a, b, ids, mask = left_padded_pair(cfg)
+    new = 6
+    batch = _greedy(model, ids, use_cache, new, attention_mask=mask)
+    for row, prompt in enumerate((a, b)):
+        alone = _greedy(model, prompt, use_cache, new)
+        assert torch.equal(batch.sequences[row, -new:], alone.sequences[0, -new:]), f"row {row}"
+        for step, (s, ref) in enumerate(zip(batch.scores, alone.scores, strict=True)):
+            torch.testing.assert_close(s[row], ref[0], rtol=1e-5, atol=1e-4,
+                                       msg=lambda m, r=row, t=step: f"row {r}, step {t}: {m}")
 
 
 @pytest.mark.parametrize("unit", ["attn", "mlp"])

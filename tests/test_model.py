@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 import layerlab
 from layerlab.config import ModelConfig
 from layerlab.errors import LayerlabError
-from layerlab.model import CACHE_NAME, num_params, output_cache
+from layerlab.model import CACHE_NAME, apply_rope, num_params, output_cache, rope_cos_sin
 from layerlab.norms import NORMS, set_norm_schedule
 from layerlab.registry import PLACEMENTS
 
@@ -200,15 +200,59 @@ def test_save_load_gives_identical_logits_and_cached_generation_matches(tmp_path
     torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
 
 
-def test_left_padding_does_not_change_the_real_tokens():
-    cfg = tiny_cfg(positions="rope")
-    model = perturb(layerlab.build_model(cfg)).eval()
-    x = _ids(cfg, batch=1)[:, :8]
-    pad = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], dim=1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], dim=1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    padded = model(pad, attention_mask=mask, position_ids=pos).logits[:, 3:]
-    torch.testing.assert_close(padded, model(x).logits, rtol=1e-5, atol=1e-5)
+def left_padded_pair(cfg, short: int = 5, long: int = 8, seed: int = 4):
+    """Two prompts batched as generate() batches them: row 0 holds ``short`` real tokens behind
+    ``long - short`` pads, row 1 ``long`` real tokens and no padding. Returns (short row, long row, ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(1, cfg.vocab_size, (1, short), generator=g)
+    b = torch.randint(1, cfg.vocab_size, (1, long), generator=g)
+    ids = torch.cat([torch.cat([torch.zeros(1, long - short, dtype=torch.long), a], dim=1), b])
+    mask = torch.ones_like(ids)
+    mask[0, : long - short] = 0
+    return a, b, ids, mask
+
+
+def test_rope_rotates_each_row_by_its_own_positions():
+    """Per-row positions against the closed form of RoPE (Su et al., 2021) as a complex rotation: in the
+    rotate-half layout the pair (x_i, x_{i+D/2}) is z = x_i + j x_{i+D/2}, and position p maps it to
+    z * exp(j p theta^(-2i/D)). Computed here in float64, independently of rope_cos_sin."""
+    D, theta = 8, 10000.0
+    x = torch.randn(2, 3, 5, D, generator=torch.Generator().manual_seed(0))  # (B, H, T, D), T != D/2
+    pos = torch.tensor([[0, 0, 0, 1, 2], [7, 8, 9, 10, 11]])  # row 0 left-padded, row 1 offset by 7
+    out = apply_rope(x, *rope_cos_sin(pos, D, theta))
+    freq = theta ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+    angle = pos[:, None, :, None].double() * freq  # (B, 1, T, D/2)
+    z = torch.complex(x[..., : D // 2].double(), x[..., D // 2:].double()) * torch.polar(torch.ones_like(angle), angle)
+    torch.testing.assert_close(out, torch.cat([z.real, z.imag], dim=-1).float(), rtol=1e-5, atol=1e-5)
+    # one shared row of positions, (T,), gives (T, D) tables that rotate every sequence alike
+    shared = apply_rope(x, *rope_cos_sin(pos[1], D, theta))
+    torch.testing.assert_close(shared[1], out[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_each_row_of_a_left_padded_batch_equals_the_row_run_alone(positions):
+    """Batched behind or beside left padding, with generate()'s per-row position ids (mask cumsum - 1), each
+    row's logits equal those of the row run alone (no mask, default positions), for the prompt and for three
+    cached decoding steps. RoPE once took every row's phases from row 0's positions: row 1 was off by ~2 here."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(positions=positions, context=32)
+    model = perturb(layerlab.build_model(cfg), scale=0.3).eval()  # logits spread ~2, and depend on position
+    a, b, ids, mask = left_padded_pair(cfg)
+    pad = ids.size(1) - a.size(1)
+    nxt = torch.randint(1, cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        alone = [model(torch.cat([row, nxt[i:i + 1]], dim=1)).logits[0] for i, row in enumerate((a, b))]
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        batch = [out.logits[0, pad:], out.logits[1]]
+        cache = output_cache(out)
+        for t in range(nxt.size(1)):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(nxt[:, t:t + 1], attention_mask=mask, position_ids=pos, **{CACHE_NAME: cache})
+            batch = [torch.cat([batch[i], out.logits[i]]) for i in range(2)]
+    for i in range(2):
+        torch.testing.assert_close(batch[i], alone[i], rtol=1e-5, atol=1e-4, msg=lambda m, i=i: f"row {i}: {m}")
 
 
 def test_hidden_states_follow_hugging_face_convention():

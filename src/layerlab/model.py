@@ -82,15 +82,23 @@ class LayerlabConfig(PreTrainedConfig):
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, D) for rotate-half RoPE (Su et al., 2021; GPT-NeoX/Llama layout)."""
+    """cos, sin for rotate-half RoPE (Su et al., 2021; GPT-NeoX/Llama layout): angle p * theta^(-2i/D) at
+    position p for the pair (i, i + D/2).
+
+    ``positions`` of shape (T,), shared by every sequence, gives (T, D). Shape (B, T), one row per sequence
+    (left padding starts each row's positions at its first real token), gives (B, 1, T, D), which broadcasts
+    over the heads of (B, H, T, D) queries and keys.
+    """
     inv = 1.0 / theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
-    ang = positions.float()[:, None] * inv[None, :]  # (T, D/2)
-    ang = torch.cat([ang, ang], dim=-1)  # (T, D)
+    ang = positions.float()[..., None] * inv  # (..., T, D/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (..., T, D)
+    if positions.dim() == 2:
+        ang = ang[:, None]  # (B, 1, T, D)
     return ang.cos(), ang.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D)."""
+    """x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D), from :func:`rope_cos_sin`."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
@@ -289,7 +297,11 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         if self.pos is not None:
             x = x + self.pos(position_ids)
         else:
-            rope = rope_cos_sin(position_ids[0], self.cfg.head_dim, self.cfg.rope_theta)
+            # one row of positions when every sequence shares it (the common case: (T, D) tables); else per
+            # row, as generate() passes for a left-padded batch, whose rows start at different offsets
+            shared = position_ids.dim() == 1 or position_ids.size(0) == 1
+            rope = rope_cos_sin(position_ids.reshape(-1) if shared else position_ids, self.cfg.head_dim,
+                                self.cfg.rope_theta)
         x = self.drop(x)
         mask = self._mask(attention_mask, B, T, past, x.device)
 
