@@ -1,10 +1,20 @@
-"""The one exception type that the CLI turns into a one-line message, the errors for unknown names, and the
-checks of plain arguments that both the CLI (before anything heavy loads) and the library make."""
+"""The one exception type that the CLI turns into a one-line message, the errors for unknown names and for a
+model directory without a tokenizer, and the checks of plain arguments that both the CLI (before anything heavy
+loads) and the library make."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
+
+# The files transformers 5's AutoTokenizer reads from a model directory (``tokenization_utils_base``: the
+# tokenizer class's ``vocab_files_names`` plus tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+# added_tokens.json). The first five hold a vocabulary; the rest only configure one.
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model")
+TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+EXPECTED_TOKENIZER_FILES = ("tokenizer.json, or vocab.json + merges.txt (BPE), vocab.txt (WordPiece) or "
+                            "tokenizer.model (SentencePiece), with tokenizer_config.json")
 
 
 class LayerlabError(Exception):
@@ -36,3 +46,17 @@ def check_prompt(prompt: str) -> None:
     """Generation needs text to continue."""
     if not prompt:
         raise LayerlabError("the prompt is empty: give --prompt some text (the default is a newline)")
+
+
+def no_tokenizer_error(directory: str | Path) -> LayerlabError:
+    """The one-line error for a model directory whose tokenizer is missing or empty, naming the files."""
+    directory = Path(directory)
+    found = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    vocab = [name for name in found if name in VOCAB_FILES]
+    if vocab:
+        holds = "holds" if len(vocab) == 1 else "hold"
+        what = f"an empty tokenizer: {' + '.join(vocab)} {holds} no token but special ones"
+    else:
+        what = "no tokenizer files" + (f" (only {', '.join(found)})" if found else "")
+    return LayerlabError(f"{directory} has {what}; expected {EXPECTED_TOKENIZER_FILES}: copy them from the model "
+                         "it came from (only convert --to rmsnorm|crmsnorm, without --data, works without them)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .errors import LayerlabError
+from .errors import EXPECTED_TOKENIZER_FILES, LayerlabError
 
 EOS_TOKEN = "<|endoftext|>"
 _HF_MAX_LENGTH = int(1e30)  # the value transformers itself uses for "no limit"
@@ -189,6 +189,8 @@ def stream_tokenizer(tokenizer) -> ByteTokenizer | HFTokenizer:
     again, so a run's own token stream, and so its validation split, is the one training used)."""
     if isinstance(tokenizer, ByteTokenizer | HFTokenizer):
         return tokenizer
+    if tokenizer is None:  # a model directory without one (``load_model(..., need_tokenizer=False)``)
+        raise LayerlabError(f"no tokenizer to read text with: a model directory holds it as {EXPECTED_TOKENIZER_FILES}")
     if getattr(tokenizer, "init_kwargs", {}).get("layerlab_tokenizer") == "byte":
         return ByteTokenizer()
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 
 from .. import model as _registers_layerlab  # noqa: F401  (the Auto classes learn layerlab's model and quantizer)
-from ..errors import LayerlabError, choices_error
+from ..errors import VOCAB_FILES, LayerlabError, choices_error, no_tokenizer_error
 from ..io import check_model_dir
 from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
 
@@ -378,15 +378,49 @@ class Loaded(NamedTuple):
     """What :func:`load_model` returns: unpack it as ``model, tokenizer, view = load_model(path)``."""
 
     model: nn.Module
-    tokenizer: Any  # the directory's transformers tokenizer
+    tokenizer: Any  # the directory's transformers tokenizer; None only with need_tokenizer=False, when it has none
     view: LayerView
 
 
-def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto") -> Loaded:
+def _empty(tokenizer) -> bool:
+    """Whether a transformers tokenizer has no vocabulary beyond its special and added tokens.
+
+    transformers 5 builds such a tokenizer, without an error, for a model directory that holds no tokenizer
+    files (a GPT-2's is a byte-level BPE with an empty vocabulary and ``<|endoftext|>``, a BERT's a WordPiece of
+    its five special tokens), or whose files hold no tokens; it encodes text to nothing or to unknowns.
+    """
+    extra = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    return not set(tokenizer.get_vocab()) - extra
+
+
+def _load_tokenizer(path: Path, need: bool):
+    """The directory's transformers tokenizer; a missing or empty one is an error when ``need``, else None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001
+        if not any((path / name).is_file() for name in VOCAB_FILES):  # nothing to build one from
+            tokenizer = None
+        else:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise LayerlabError(f"cannot load the tokenizer of {path}: {first}") from None
+    if tokenizer is not None and _empty(tokenizer):  # what transformers 5 builds where there are no files
+        tokenizer = None
+    if tokenizer is None and need:
+        raise no_tokenizer_error(path)
+    return tokenizer
+
+
+def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto",
+               need_tokenizer: bool = True) -> Loaded:
     """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, BERT) for inference.
 
     ``dtype`` ``"auto"`` keeps the checkpoint's own dtype; ``device`` ``"auto"`` is CUDA when present.
     Weights come from safetensors (or a PyTorch file with ``weights_only``); every failure is one line.
+    A directory without a usable tokenizer (no tokenizer files, or files with an empty vocabulary, which
+    transformers 5 loads as a tokenizer that encodes text to nothing) is refused, naming the files it needs;
+    with ``need_tokenizer=False``, for what reads no text, it loads with ``tokenizer`` None.
     """
     path = check_model_dir(path)
     try:
@@ -395,6 +429,7 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, de
         raise LayerlabError(f"{path / 'config.json'} is not a valid model config (JSON object)") from None
     if model_type not in MODEL_TYPES:
         raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
+    tokenizer = _load_tokenizer(path, need_tokenizer)  # first: it is quicker to load than the weights
     auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
     try:
         with warnings.catch_warnings():
@@ -403,11 +438,6 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, de
     except Exception as e:  # noqa: BLE001  (corrupt or truncated weights surface as many exception types)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LayerlabError(f"cannot load model from {path}: {first}") from None
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LayerlabError(f"cannot load the tokenizer of {path}: {first}") from None
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()

@@ -14,18 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import Loaded, load_model
-from ..errors import LayerlabError
+from ..errors import TOKENIZER_FILES, LayerlabError
 from ..io import output_dir, write_manifest
 from ..packed import refuse_quantized
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "tokenizer.model")
 
-
-def open_input(model_dir: str | Path, command: str, *, causal: str | None = None) -> Loaded:
+def open_input(model_dir: str | Path, command: str, *, causal: str | None = None,
+               need_tokenizer: bool = True) -> Loaded:
     """The input model, tokenizer and view; a quantized model is refused, and with ``causal`` (what the
-    command does that needs one) so is an encoder."""
-    loaded = load_model(model_dir)
+    command does that needs one) so is an encoder. A model without a tokenizer is refused too, unless
+    ``need_tokenizer`` is False (the command reads no text): its tokenizer is then None."""
+    loaded = load_model(model_dir, need_tokenizer=need_tokenizer)
     refuse_quantized(loaded.model, model_dir, command)
     if causal and not loaded.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")

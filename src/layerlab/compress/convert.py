@@ -58,6 +58,7 @@ from .heal import lm_step, train_ids
 
 STD_MOMENTUM = 0.9  # moving average of the measured std (Baroni et al., config.py ``momentum``)
 CALIBRATION_BATCHES = 4  # forwards that measure every norm's std before the fine-tune starts
+CHECK_BATCH = 4  # windows the equality check of an exact conversion reads
 
 
 # ---------------------------------------------------------------- what can be converted
@@ -334,13 +335,26 @@ def fold_norms(model: LayerlabForCausalLM) -> LayerlabForCausalLM:
 # ---------------------------------------------------------------- the command
 
 
+def random_ids(model, batch_size: int = CHECK_BATCH, seed: int = 0) -> torch.Tensor:
+    """(batch_size, window) token ids drawn uniformly from the model's vocabulary with a seeded generator: what
+    the equality check reads when the model has no tokenizer. An exact conversion is exact on any input."""
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch_size, window_length(model.config)), generator=gen)
+
+
 @torch.no_grad()
-def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int = 2048, batch_size: int = 4) -> float:
-    """Largest |logit difference| between two models on the first batch of the validation windows."""
-    seq_len = window_length(a.config)
-    ids = measure_ids(tokenizer, data, tokens)
+def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int = 2048,
+                   batch_size: int = CHECK_BATCH, seed: int = 0) -> float:
+    """Largest |logit difference| between two models on the first batch of the validation windows, or, with
+    ``tokenizer`` None, on ``batch_size`` windows of :func:`random_ids` (``seed``)."""
     device = next(a.parameters()).device
-    input_ids, mask = next(iter(batches(tokenizer, ids, tokens, seq_len, batch_size)))
+    if tokenizer is None:
+        input_ids = random_ids(a, batch_size, seed)
+        mask = torch.ones_like(input_ids)
+    else:
+        ids = measure_ids(tokenizer, data, tokens)
+        input_ids, mask = next(iter(batches(tokenizer, ids, tokens, window_length(a.config), batch_size)))
     input_ids, mask = input_ids.to(device), mask.to(device)
     la = view(a).forward(input_ids, mask).logits
     lb = view(b).forward(input_ids, mask).logits
@@ -348,7 +362,9 @@ def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int 
 
 
 def _stage(model, tok, data, tokens) -> dict:
-    return {"params": num_params(model), "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+    """A row of the table: size, and the loss on text when there is a tokenizer to read it with."""
+    loss = lm_loss(model, tok, data, tokens) if tok is not None else {}
+    return {"params": num_params(model), "bytes": param_bytes(model), **loss}
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
@@ -365,6 +381,10 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     same way with its norms live, and the record adds ``loss_delta_vs_control`` = after - control, as
     the paper also reports. Returns the record also written to ``out/layerlab.json``;
     :func:`convert_lines` lays it out.
+
+    An input without a tokenizer (no tokenizer files, or empty ones) converts to the exact targets all the
+    same: the equality check reads windows of random token ids (``seed``; ``checked_on`` says which), and
+    the stages hold sizes but no loss. ``no-norm``, ``data`` and ``tokens`` read text, so they refuse it.
     """
     if to not in TARGETS:
         raise choices_error("conversion target", to, TARGETS)
@@ -372,12 +392,17 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
-    model, tok, v = open_input(model_dir, "convert")
+    # the exact targets read text only to measure: without a tokenizer they still convert, checked on random ids
+    model, tok, v = open_input(model_dir, "convert", need_tokenizer=to == "no-norm" or data is not None
+                               or tokens is not None)
     pre_ln = as_pre_ln(model, to)
     args = {"model": str(model_dir), "to": to, "data": str(data) if data else "embedded", "tokens": tokens}
     if to == "no-norm":
         args.update(steps=steps, lr=lr, seed=seed, control=control)
     decisions = []
+    if tok is None:
+        args.update(data=None, seed=seed)
+        decisions.append("the input has no tokenizer: equality checked on random token ids, no loss measured")
     if v.arch_name == "gpt2":
         decisions.append("GPT-2 has no RMSNorm or identity-norm option: written as a layerlab model (exact mapping)")
     if pre_ln.cfg.tie_embeddings:
@@ -387,7 +412,9 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         record: dict = {"to": to, "source": v.arch_name}
         if to in ("rmsnorm", "crmsnorm"):
             new = to_rmsnorm(pre_ln, to)
-            record["max_abs_logit_diff"] = max_logit_diff(model, new, tok, data)
+            record["max_abs_logit_diff"] = max_logit_diff(model, new, tok, data, seed=seed)
+            if tok is None:
+                record["checked_on"] = f"{CHECK_BATCH} x {window_length(model.config)} random token ids (seed {seed})"
         else:
             tune = dict(steps=steps, data=data, lr=lr, seed=seed, progress=progress)
             if control:
@@ -417,9 +444,16 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
 
 
 def convert_lines(record: dict) -> list[str]:
-    """What ``layerlab convert`` prints: what became what, how exact, and the table on its named slice."""
+    """What ``layerlab convert`` prints: what became what, how exact, and the table on its named slice (or, for
+    an input without a tokenizer, the random ids it was checked on and sizes alone)."""
     label = {"rmsnorm": "Pre-RMSNorm", "crmsnorm": "Pre-CRMSNorm", "no-norm": "no normalization"}[record["to"]]
     lines = [f"converted Pre-LN ({record['source']}) to {label}"]
+    columns = [("params", 12, lambda r: f"{r['params']:,d}"), ("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}")]
+    rows = {name: record[name] for name in record["stages"]}
+    if "checked_on" in record:  # no tokenizer: no text, so no loss
+        return [*lines, f"max |logit difference| against the original on {record['checked_on']}: "
+                f"{record['max_abs_logit_diff']:.2e}", "no loss measured: the input has no tokenizer to read text with",
+                *table(rows, columns)]
     if "max_abs_logit_diff" in record:
         lines.append(f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}")
     else:
@@ -427,7 +461,5 @@ def convert_lines(record: dict) -> list[str]:
             else ""
         lines.append(f"fine-tuned {record['steps']} steps; fold max |logit difference|: "
                      f"{record['fold_max_abs_logit_diff']:.2e}; loss delta {record['loss_delta']:+.4f}{vs}")
-    columns = [("params", 12, lambda r: f"{r['params']:,d}"), ("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"),
-               *loss_columns()]
     return [*lines, f"loss (nats/token) and perplexity on the {record['before']['slice']}",
-            *table({name: record[name] for name in record["stages"]}, columns)]
+            *table(rows, [*columns, *loss_columns()])]
