@@ -30,11 +30,35 @@ def _losses(run_dir):
     return {r["step"]: r["loss"] for r in _metrics(run_dir) if "loss" in r}
 
 
+def _train_keeping_model(out, **overrides):
+    """``train``'s result and the model it trained, as it is in memory at the end of the run."""
+    runs = []
+    real_setup = loop_mod._setup
+
+    def setup(*args, **kwargs):
+        runs.append(real_setup(*args, **kwargs))
+        return runs[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop_mod, "_setup", setup)
+        res = train(preset="debug", overrides=dict(FAST, **overrides), out=out, progress=False, echo=lambda *a: None)
+    return res, runs[-1].model.eval()
+
+
 @pytest.fixture(scope="module")
-def debug_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "debug"
-    res = train(preset="debug", overrides=dict(FAST), out=out, progress=False, echo=lambda *a: None)
-    return res
+def debug_trained(tmp_path_factory):
+    return _train_keeping_model(tmp_path_factory.mktemp("runs") / "debug")
+
+
+@pytest.fixture(scope="module")
+def debug_run(debug_trained):
+    return debug_trained[0]
+
+
+@pytest.fixture(scope="module")
+def prepbn_trained(tmp_path_factory):
+    """The debug run with PRepBN: its schedule spans the run's 12 training forwards, so γ ends at 0."""
+    return _train_keeping_model(tmp_path_factory.mktemp("runs") / "prepbn", norm="prepbn")
 
 
 def test_run_directory_is_a_hugging_face_model(debug_run):
@@ -71,11 +95,47 @@ def test_metrics_hold_per_block_telemetry(debug_run):
     assert [r["step"] for r in rows if "val_loss" in r] == [0, 6, 12]
 
 
-def test_saved_model_gives_identical_logits(debug_run):
-    model = AutoModelForCausalLM.from_pretrained(debug_run.run_dir).eval()
-    again = AutoModelForCausalLM.from_pretrained(debug_run.run_dir).eval()
-    x = torch.randint(0, 256, (2, 32))
-    assert torch.equal(model(x).logits, again(x).logits)
+@pytest.mark.parametrize("trained", ["debug_trained", "prepbn_trained"])
+def test_saved_model_is_the_trained_model(request, trained):
+    """The run directory holds the model that training left in memory: every weight and buffer (PRepBN's
+    counter and running statistics included), and the same logits."""
+    res, model = request.getfixturevalue(trained)
+    saved = AutoModelForCausalLM.from_pretrained(res.run_dir).eval()
+    ours, theirs = model.state_dict(), saved.state_dict()
+    assert sorted(theirs) == sorted(ours)
+    assert [k for k in ours if not torch.equal(ours[k].cpu(), theirs[k])] == []
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(saved(x).logits, model(x).logits)
+
+
+def test_prepbn_validation_measures_the_blend(debug_run, prepbn_trained):
+    """At step 0 γ = 1, and PRepBN's validation is LayerNorm's: the same loss as the LayerNorm run from the same
+    seed (the same initial weights). Evaluating RepBN alone, all zeros at SLAB's init, gave ln V instead."""
+    prepbn_run, model = prepbn_trained
+    step0 = [json.loads((r.run_dir / "layerlab.json").read_text())["results"]["val_loss_step0"]
+             for r in (debug_run, prepbn_run)]
+    assert step0[1] == pytest.approx(step0[0], rel=1e-5)
+    assert abs(step0[1] - math.log(model.cfg.vocab_size)) > 1e-2
+
+
+def test_prepbn_run_exports_folded_with_its_logits_and_loss(prepbn_trained, tmp_path):
+    """A PRepBN run trained to the end of its schedule exports --to folded: a norm-free model with the trained
+    model's logits on the validation text and the run's final validation loss."""
+    from layerlab.adapters import load_model
+    from layerlab.data import split_ids
+    from layerlab.evaluate import lm_loss
+    from layerlab.export import export
+
+    res, model = prepbn_trained
+    assert all(b.ln1.gamma == 0.0 and b.ln1.repbn.eta.detach().abs().item() > 0 for b in model.blocks)
+    out = export(res.run_dir, to="folded", out=tmp_path / "folded")
+    folded = load_model(out)
+    assert folded.model.cfg.norm == "none"
+    ids = torch.as_tensor(split_ids(folded.tokenizer, None)[:128].astype("int64")).view(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded.model(ids).logits, model(ids).logits)
+    assert lm_loss(folded.model, folded.tokenizer)["loss"] == pytest.approx(res.val_loss, rel=1e-5)
 
 
 def test_rerunning_a_finished_run_is_a_no_op(debug_run):

@@ -186,10 +186,12 @@ def sample(
 @app.command(epilog="Example:\n\n  layerlab export runs/tiny-pre-layernorm-L4-d256 --to gpt2 --out gpt2-tiny")
 def export(
     model: Annotated[Path, typer.Argument(help="layerlab model directory")],
-    to: Annotated[str, typer.Option(help="target architecture: gpt2")] = "gpt2",
+    to: Annotated[str, typer.Option(help=f"{_names(EXPORT_TARGETS)} (gpt2: plain Hugging Face GPT-2; folded: "
+                                         "batch norms folded into the linear layers)")] = "gpt2",
     out: Annotated[Path, typer.Option(help="output directory")] = ...,
 ) -> None:
-    """Write a layerlab model of a standard design as a plain Hugging Face model (no layerlab needed)."""
+    """Write a layerlab model as a plain Hugging Face GPT-2 (no layerlab needed), or with its batch norms
+    (batchnorm, unified, prepbn at the end of its schedule) folded into the linear layers that read them."""
     _choice("export target", to, EXPORT_TARGETS)
     _inputs(model, out=out)
     from .export import export as run_export
@@ -350,7 +352,8 @@ def convert(
                                                "validation split)")] = None,
     steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = CONVERT_STEPS,
     lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = CONVERT_LR,
-    seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune")] = 0,
+    seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune; for an input without a tokenizer, "
+                                      "of the random ids the conversion is checked on")] = 0,
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,

@@ -1,8 +1,8 @@
 """Normalization modules, one registry (:data:`layerlab.registry.NORMS`).
 
 Every norm is built as ``NORMS[name](dim, *, eps)`` and maps ``(..., dim) -> (..., dim)``.
-Token-wise norms accept any leading shape; batch-level norms (powernorm, batchnorm, prepbn)
-treat every leading position as one sample of the batch, i.e. BatchNorm "over tokens".
+Token-wise norms accept any leading shape; batch-level norms (powernorm, batchnorm, prepbn,
+unified) treat every leading position as one sample of the batch, i.e. BatchNorm "over tokens".
 
 Each class cites the paper that defines it; constants the papers leave open come from their
 public code, cited where they are used.
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import LayerlabError
 from .registry import NORMS
 
 
@@ -208,9 +209,20 @@ class PowerNorm(nn.Module):
         return y.reshape(shape)
 
 
+def _bn_affine(bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (C,), of BatchNorm in eval: (x - mean) / sqrt(var + eps) * w + b = x * scale + shift,
+    with the running mean and variance (Ioffe & Szegedy, 2015)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
 @register("batchnorm")
 class BatchNorm(nn.Module):
-    """BatchNorm over tokens: statistics over every (batch, position) sample."""
+    """BatchNorm over tokens: statistics over every (batch, position) sample.
+
+    In eval mode it uses the running statistics, a fixed per-channel affine (:meth:`eval_affine`) that
+    ``layerlab export --to folded`` folds into the linear layer that reads it.
+    """
 
     def __init__(self, dim: int, *, eps: float = 1e-5):
         super().__init__()
@@ -218,6 +230,11 @@ class BatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(_flat(x)).reshape(x.shape)
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (C,): the eval-mode output is x * scale + shift."""
+        return _bn_affine(self.bn)
 
 
 class RepBN(nn.Module):
@@ -238,6 +255,13 @@ class RepBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (self.bn(_flat(x)) + self.eta * _flat(x)).reshape(x.shape)
 
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (C,): in eval BN(x) + η·x = x * (w / sqrt(var + eps) + η) + (b - mean · w /
+        sqrt(var + eps)), as SLAB's ``merge_bn`` (``llama/modeling/llama-350M/modeling_llama.py``) folds it."""
+        scale, shift = _bn_affine(self.bn)
+        return scale + self.eta, shift
+
 
 @register("prepbn")
 class PRepBN(nn.Module):
@@ -245,9 +269,15 @@ class PRepBN(nn.Module):
 
     SLAB (Guo et al., 2024), ``LinearNorm`` in xinghaochen/SLAB: each training forward
     lowers a step counter; γ = remaining / total (their r0 = 1, and no LN-only warm phase,
-    as in their classification default warm=0). In eval mode only RepBN is used, which
-    can be folded into the next linear layer. ``total`` is set from the run's step count
-    by :func:`set_norm_schedule` (the model config's ``norm_schedule_steps``).
+    as in their classification default warm=0). ``total`` is set by :func:`set_norm_schedule`
+    to the run's training forwards (its LR schedule's steps times ``grad_accum``).
+
+    Eval mode computes the same blend with the current γ, RepBN on BN's running statistics,
+    and leaves the counter alone, so a validation loss measures the network being trained.
+    (SLAB's code evaluates RepBN alone; the two agree once γ = 0, when its runs are evaluated.
+    Before that, RepBN alone is another network: at SLAB's zero init it outputs 0.)
+    Once γ = 0, eval is RepBN alone, a per-channel affine (:meth:`eval_affine`) that folds into
+    the next linear layer (``layerlab export --to folded``).
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-5):
@@ -262,14 +292,122 @@ class PRepBN(nn.Module):
         return float(self.remaining) / max(int(self.total), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return self.repbn(x)
         gamma = self.gamma
-        if self.remaining > 0:
+        if self.training and self.remaining > 0:  # only training forwards move the schedule
             self.remaining -= 1
         if gamma == 0.0:
             return self.repbn(x)
         return gamma * self.ln(x) + (1 - gamma) * self.repbn(x)
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RepBN's (scale, shift) once γ = 0; while γ > 0 the LayerNorm share makes eval non-affine."""
+        if self.gamma > 0:
+            raise LayerlabError(f"cannot fold prepbn while γ = {self.gamma:.4g} > 0 ({int(self.remaining)} of "
+                                f"{int(self.total)} training forwards still blend in LayerNorm); train to the end "
+                                "of its schedule first")
+        return self.repbn.eval_affine()
+
+
+class _UnifiedFunction(torch.autograd.Function):
+    """UN's backward: PowerNorm's approximate gradient with window-smoothed g·z and gradient compensation.
+
+    Yang et al., 2022, as ``UN2dFunction.backward`` in hikvision-research/Unified-Normalization: with
+    g = dL/dy · weight · r, gz = mean(g·z) is written to the window (the EMA instead on a filtered batch);
+    the EMA of g·z follows the window's arithmetic mean once smoothing is on (else gz), and the gradient is
+    (g - ema_gz·z) / sqrt(var + eps), or (g - gz·z) / sqrt(var + eps) on a filtered batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, var, r, norm, slot, smooth, skip):
+        z = x / (var + norm.eps).sqrt()  # (N, C)
+        ctx.save_for_backward(z, var, r, weight)
+        ctx.norm, ctx.slot, ctx.smooth, ctx.skip = norm, slot, smooth, skip
+        return z * weight + bias
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, var, r, weight = ctx.saved_tensors
+        n, m = ctx.norm, ctx.norm.momentum
+        g = grad_out * weight * r
+        gz = (g * z).mean(0)  # (C,)
+        n.buffer_gz[ctx.slot] = n.ema_gz if ctx.skip else gz
+        mean_gz = n.buffer_gz.mean(0) if ctx.smooth else gz
+        n.ema_gz.mul_(m).add_((1 - m) * mean_gz)
+        grad_x = (g - (mean_gz if ctx.skip else n.ema_gz) * z) / (var + n.eps).sqrt()
+        return grad_x, (grad_out * r * z).sum(0), grad_out.sum(0), None, None, None, None, None, None
+
+
+@register("unified")
+class UnifiedNorm(nn.Module):
+    """Unified Normalization (Yang et al., 2022, "Unified Normalization for Accelerating and Stabilizing
+    Transformers"): BN-like offline statistics, a fixed per-channel affine x / sqrt(running_var + eps) · g + b
+    in eval (:meth:`eval_affine`), which ``layerlab export --to folded`` folds into the next linear layer.
+
+    Training, as ``UN1d`` / ``UN2dFunction`` in hikvision-research/Unified-Normalization: the per-channel
+    quadratic mean x2 (no mean subtraction, as in PowerNorm) of each batch enters a window of the last 4;
+    after the warmup the input is divided by the window's geometric mean (fluctuation smoothing). Outlier
+    filtration: when some channel's arithmetic minus geometric mean of the window exceeds window · var(sqrt
+    of the window before this batch), the batch's x2 is replaced by running_var in the window and the batch
+    is normalised by its own x2, which running_var still takes in (``skips`` counts them). Gradient
+    compensation: after step max(1000, warmup) the gradient is scaled by r = sqrt(var + eps) /
+    sqrt(running_var + eps), clamped to [1/5, 5]. Constants from that code: window 4, momentum 0.9,
+    r in [1/5, 5], the 1000-step floor. Outlier filtration is on (PAPERS.md's definition; the reference
+    turns it on for vision, off in its NMT script). One deviation, as for PowerNorm: the warmup is 100
+    forwards (the reference's 4000 exceeds our CPU runs).
+    """
+
+    window = 4
+    momentum = 0.9
+    warmup_iters = 100
+    compensation_from = 1000
+    r_max = 5.0
+    outlier_filtration = True
+
+    def __init__(self, dim: int, *, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))  # a quadratic mean, named as in the reference
+        self.register_buffer("ema_gz", torch.zeros(dim))
+        self.register_buffer("buffer_x2", torch.zeros(self.window, dim))
+        self.register_buffer("buffer_gz", torch.zeros(self.window, dim))
+        self.register_buffer("iters", torch.zeros((), dtype=torch.long))
+        self.register_buffer("skips", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, x = x.shape, _flat(x)
+        if not self.training:
+            return (x / (self.running_var + self.eps).sqrt() * self.weight + self.bias).reshape(shape)
+        with torch.no_grad():
+            self.iters += 1
+            it, win, buf = int(self.iters), self.window, self.buffer_x2
+            slot = it % win
+            x2 = x.detach().to(buf.dtype).pow(2).mean(0)  # (C,) batch quadratic mean
+            spread = buf.sqrt().var()  # scalar, over the window before this batch and every channel
+            buf[slot] = x2
+            skip = False
+            if self.outlier_filtration and it >= self.warmup_iters:
+                gap = buf.mean(0) - buf.log().mean(0).exp()  # arithmetic - geometric mean, >= 0
+                if bool((gap > spread * win).any()):
+                    buf[slot] = self.running_var
+                    skip = True
+                    self.skips += 1
+            smooth = not (skip or it <= win or it < self.warmup_iters)
+            var = buf.log().mean(0).exp() if smooth else x2  # geometric mean of the window, in log space
+            r = torch.ones_like(var)
+            if not skip and it > max(self.compensation_from, self.warmup_iters):
+                r = ((var + self.eps).sqrt() / (self.running_var + self.eps).sqrt()).clamp(1 / self.r_max, self.r_max)
+            self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var)
+        y = _UnifiedFunction.apply(x, self.weight, self.bias, var, r, self, slot, smooth, skip)
+        return y.reshape(shape)
+
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (C,): the eval-mode output is x * scale + shift, which
+        ``layerlab export --to folded`` folds into the next linear layer (UN's inference fusion)."""
+        return self.weight / (self.running_var + self.eps).sqrt(), self.bias.clone()
 
 
 @register("none")
@@ -294,7 +432,7 @@ def set_norm_schedule(model: nn.Module, steps: int) -> None:
 
 def is_batch_norm(name: str) -> bool:
     """Norms whose output depends on the other samples in the batch."""
-    return name in {"powernorm", "batchnorm", "prepbn"}
+    return name in {"powernorm", "batchnorm", "prepbn", "unified"}
 
 
 # A dimension-free constant used by LNS; kept here so placements and tests agree on it.

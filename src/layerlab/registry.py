@@ -78,6 +78,7 @@ NORMS = Registry("norm", {
     "powernorm": "layerlab.norms:PowerNorm",
     "batchnorm": "layerlab.norms:BatchNorm",
     "prepbn": "layerlab.norms:PRepBN",
+    "unified": "layerlab.norms:UnifiedNorm",
     "none": "layerlab.norms:NoNorm",
 })
 
@@ -149,7 +150,7 @@ PRUNE_UNITS = ("block", *SUBLAYERS)
 HEAL_MODES = ("lora", "full")
 QUANT_IMPORTANCE = ("lim", "zd", "loss")
 CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
-EXPORT_TARGETS = ("gpt2",)  # layerlab export --to: the plain Hugging Face designs a run can be written as
+EXPORT_TARGETS = ("gpt2", "folded")  # layerlab export --to: plain HF GPT-2, or its batch norms folded away
 
 __all__ = ["CONVERT_TARGETS", "EXPORT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS",
            "PLACEMENT_ALIASES", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE", "SUBLAYERS", "Placement",

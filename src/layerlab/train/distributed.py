@@ -22,7 +22,8 @@ A run's result does not depend on the number of processes N, up to float roundin
   optimizer state they key by parameter name is kept numbered as ``Optimizer.state_dict`` numbers it.
 
 Not independent of N: dropout masks (each rank draws them for its own rows) and norms with batch statistics
-(batchnorm, powernorm, prepbn normalize over each rank's rows, as BatchNorm does under DDP without SyncBatchNorm).
+(batchnorm, powernorm, prepbn, unified normalize over each rank's rows, as BatchNorm does under DDP without
+SyncBatchNorm).
 
 DDP hooks the parameters that require grad when it is built; LISA changes that set every ``lisa_every`` steps,
 so the wrapper is rebuilt when the set changes (no weights move). FSDP is FSDP2's ``fully_shard`` on each block,
