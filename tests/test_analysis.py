@@ -229,7 +229,7 @@ def test_effective_rank_is_exact_on_low_rank_data():
 
 def test_sample_measures_on_constructed_data():
     Z = torch.eye(8)  # orthogonal tokens: fully spread, zero anisotropy
-    assert prompt_entropy(Z) == pytest.approx(1.0)
+    assert prompt_entropy(Z) == pytest.approx(1.0)  # a flat spectrum; skewed ones: test_metrics_reference.py
     assert anisotropy(Z) == pytest.approx(0.0)
     assert anisotropy(torch.ones(5, 3)) == pytest.approx(1.0)
     line = torch.arange(10.0)[:, None] * torch.ones(1, 4)  # a straight trajectory has zero curvature
@@ -257,10 +257,12 @@ def test_report_keys_and_best_block(tmp_path):
             "hidden_rms", "max_abs_activation", "effective_rank", "esd_alpha", "logit_lens_loss",
             "removal_loss_delta"}
     assert keys <= set(entry["layers"][0])
-    M = entry["angular_distance_matrix_last_token"]
+    assert set(entry["layers"][0]["max_abs"]) == {"resid", "attn", "mlp", "gate"}
+    M = entry["angular_distance_matrix_last_token"]  # a causal LM: pruning reads the last-token distances
     for n, best in entry["best_block_to_prune"].items():
         n = int(n)
-        assert best["distance"] == min(M[s][s + n] for s in range(3 - n + 1))
+        d = [M[s][s + n] for s in range(3 - n + 1)]
+        assert best["distance"] == min(d) and best["start"] == d.index(min(d))
     json.dumps(entry)  # plain JSON types only
 
 

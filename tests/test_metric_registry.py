@@ -105,7 +105,7 @@ def test_layer_keys_are_the_report_contract(entry):
 
 def test_table_and_figures_follow_the_registry(entry):
     page = render_html({"models": [entry]})
-    expanded = [f"max_abs.{p}" for p in ("resid", "attn", "mlp")]
+    expanded = [f"max_abs.{p}" for p in ("resid", "attn", "mlp", "gate")]
     want = [k for key in REPORT_KEYS for k in (expanded if key == "max_abs" else [key])]
     assert _headers(page) == [k for k in want if k != "removal_effect"]  # a causal LM: no removal effect at all
     titles = re.findall(r"<h3>([^<]*)</h3>", page)

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..adapters import load_model, view
 from ..data import batches, default_split, describe_slice, split_ids, window_length
@@ -48,7 +51,6 @@ class _Pass:
     stream: StreamStats
     sample: TokenSample
     removal: RemovalSums
-    max_final: float = 0.0  # largest |.| at the final norm's output
     hidden_size: int = 0
 
 
@@ -93,10 +95,10 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
         "hidden_size": acc.hidden_size, "placements": placements, "loss": res["loss"],
         "data_slice": describe_slice(data, split, min(tokens, len(split_tokens)), len(split_tokens)), "layers": layers,
         "embedding": {"hidden_rms": res["rms"][0], "max_abs_activation": res["max_resid"][0]},
-        "final_norm_max_abs": acc.max_final or None,
+        "final_norm_max_abs": res["max_final"],
         "angular_distance_matrix": res["ang"], "angular_distance_matrix_last_token": res["ang_last"],
         "best_block_to_prune": _best_blocks(res["ang_last"] if v.causal else res["ang"], v.num_layers),
-        "max_activation": _max_activation(res, v.num_layers, acc.max_final),
+        "max_activation": _max_activation(res, v.num_layers),
         "weights": [dict(block=s.block, name=s.name, shape=list(s.shape), esd_alpha=s.esd_alpha,
                          stable_rank=s.stable_rank) for s in found or []],
         "samples": {"tokens": res["tokens"], "token_sample": acc.sample.count, "sequences": res["sequences"],
@@ -116,13 +118,11 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
         task = bar.add_task(f"analyze {name}", total=n_batches)
         for input_ids, mask in batches(tokenizer, ids, tokens, seq_len, batch_size, causal=v.causal):
             input_ids, mask = input_ids.to(device), mask.to(device)
-            with v.trace() as t:
+            with v.trace() as t, trace_gates(v) as gates:
                 out = v.forward(input_ids, mask)
             states = [t.resid_in[0], *t.resid_out]  # x_0..x_L, each (B, T, C)
-            acc.stream.update(states, t.attn, t.mlp, t.mid, mask)
+            acc.stream.update(states, t.attn, t.mlp, t.mid, mask, gates=gates, final=t.final)
             acc.sample.update(states, mask)
-            if t.final is not None:
-                acc.max_final = max(acc.max_final, float(t.final.abs().max()))
             if v.has_lm_head:
                 acc.stream.update_lens(states, v.logits_from_hidden, out.logits, input_ids, mask)
             acc.removal.update(v, t, out, input_ids, mask)  # on the first removal_tokens tokens
@@ -141,16 +141,59 @@ def _best_blocks(matrix: list[list], num_layers: int) -> dict[str, dict]:
     return best
 
 
-def _max_activation(res: dict, num_layers: int, max_final: float) -> dict:
-    """The largest |activation| over the embedding, every block's hook points and the final norm, and where."""
+def _max_activation(res: dict, num_layers: int) -> dict:
+    """The largest |activation| over the embedding, every block's hook points and the final norm, and where
+    (a point a block lacks, or a model without a final norm, is left out)."""
     points = [(res["max_resid"][0], -1, "embedding")]
     for i in range(num_layers):
         points += [(res["max_resid"][i + 1], i, "resid"), (res["max_attn"][i], i, "attn"),
-                   (res["max_mlp"][i], i, "mlp")]
-    if max_final:
-        points.append((max_final, num_layers - 1, "final_norm"))
-    top = max(points)
+                   (res["max_mlp"][i], i, "mlp"), (res["max_gate"][i], i, "gate")]
+    points.append((res["max_final"], num_layers - 1, "final_norm"))
+    top = max(p for p in points if p[0] is not None)
     return {"value": top[0], "layer": top[1], "point": top[2]}
+
+
+def mlp_out_proj(v, index: int) -> nn.Module | None:
+    """Block ``index``'s MLP output projection (the adapter's ``Arch.out_proj["mlp"]``: layerlab ``mlp.proj``,
+    GPT-2 ``mlp.c_proj``, Llama ``mlp.down_proj``, BERT ``output.dense``), None where the block has no MLP."""
+    path = v.arch.out_proj.get("mlp")
+    if path is None:
+        return None
+    try:
+        return v.blocks[index].module.get_submodule(path)
+    except AttributeError:  # a layerlab block without its MLP (``drop_mlp``)
+        return None
+
+
+@contextmanager
+def trace_gates(v) -> Iterator[list[torch.Tensor | None]]:
+    """Hook each block's MLP gate during forwards: per block, the (B, T) max |.| over the hidden units of
+    what the MLP's output projection reads, None for a block without an MLP.
+
+    The gate is the MLP's hidden activation, the input of its output (down) projection: silu(gate) * up for
+    SwiGLU, act(fc(x)) for GELU MLPs (after the inner norm in Sub-LN), where LLM.int8()'s outlier features
+    live (Dettmers et al., 2022; Sun et al., 2024, Massive Activations). It is captured by a forward pre-hook
+    on the projection and reduced at once, so no (B, T, 4C) tensor is kept. Entries are replaced on every
+    forward, as :meth:`layerlab.adapters.LayerView.trace`'s are.
+    """
+    gates: list[torch.Tensor | None] = [None] * v.num_layers
+    handles = []
+
+    def hook(i: int):
+        def fn(module, args):
+            gates[i] = args[0].detach().abs().amax(dim=-1)  # (B, T)
+
+        return fn
+
+    for b in v.blocks:
+        proj = mlp_out_proj(v, b.index)
+        if proj is not None:
+            handles.append(proj.register_forward_pre_hook(hook(b.index)))
+    try:
+        yield gates
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS,

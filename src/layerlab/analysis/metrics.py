@@ -77,17 +77,25 @@ for _family in (
            "Mahoney; 2 ≤ α ≤ 6 is typical of well-trained layers, larger α means less structure learned) and "
            "their stable rank ‖W‖²_F / ‖W‖²_2, both averaged over the block's matrices."),
     Family("Max activations",
-           "Largest absolute activation at each block's hook points (the residual stream leaving the block, the "
-           "attention output and the MLP output), log scale, with the embedding output (“emb”) and the final norm "
-           "(diamond); massive activations show up as spikes orders of magnitude above their neighbours.",
+           "Largest absolute activation over the real tokens at each block's hook points (the residual stream "
+           "leaving the block, the attention output, the MLP output, and the MLP's gate: the hidden activation "
+           "its output projection reads, silu(gate)·up or GELU(fc), where LLM.int8()'s outlier features live), "
+           "log scale, with the embedding output (“emb”) and the final norm (diamond); massive activations show "
+           "up as spikes orders of magnitude above their neighbours (Sun et al., 2024; Dettmers et al., 2022).",
            ncols=1, row_height=3.4, own_section=True),
 ):
     register_family(_family)
 
 
 # ---------------------------------------------------------------------------------------------- computations
-def _max_abs(r: LayerResults) -> dict[str, float]:
-    return {"resid": r.leaving["max_resid"], "attn": r.block["max_attn"], "mlp": r.block["max_mlp"]}
+def _max_abs(r: LayerResults) -> dict[str, float | None]:
+    """max |.| over the real tokens per hook point; None for a part the block lacks (no attention or MLP)."""
+    return {"resid": r.leaving["max_resid"], "attn": r.block["max_attn"], "mlp": r.block["max_mlp"],
+            "gate": r.block["max_gate"]}
+
+
+def _max_abs_activation(r: LayerResults) -> float:
+    return max(v for v in _max_abs(r).values() if v is not None)  # the residual stream is always there
 
 
 def _variance_growth(r: LayerResults) -> float | None:
@@ -145,17 +153,17 @@ for _metric in (
                  log=True, embedding_key="hidden_rms"),)),
     Metric("variance_growth", "stream", _variance_growth, "Var(x_l+1) / Var(x_l)", CURSE, 1.2,
            (Plot(_GROW, "Variance growth", "block", ylabel=r"Var$(x_{l+1})$ / Var$(x_l)$", hline=1.0),)),
-    Metric("max_abs_activation", "stream", lambda r: max(_max_abs(r).values()),
-           "max |.| over this block's hook points",
+    Metric("max_abs_activation", "stream", _max_abs_activation,
+           "max |.| over this block's hook points, real tokens",
            "Sun et al., 2024 (Massive Activations in Large Language Models)", 12.5),
     Metric("max_abs", "stream", _max_abs,
-           "max |.| per hook point: x_l+1, attention and MLP outputs",
-           "Dettmers et al., 2022 (LLM.int8())", {"resid": 12.5, "attn": 3.1, "mlp": 7.7},
+           "max |.| per hook point: x_l+1, attention and MLP outputs, MLP gate (down-projection input)",
+           "Dettmers et al., 2022 (LLM.int8())", {"resid": 12.5, "attn": 3.1, "mlp": 7.7, "gate": 9.4},
            tuple(Plot(_MAX, "Max |activation| per block", label, part=part, style=style,
                       ylabel="max |activation| (log scale)", log=True, embedding_key="max_abs_activation",
                       final_key="final_norm_max_abs")
                  for part, label, style in (("resid", "residual stream", "-"), ("attn", "attention output", "--"),
-                                            ("mlp", "MLP output", ":")))),
+                                            ("mlp", "MLP output", ":"), ("gate", "MLP gate", "-.")))),
     # sample: the token sample of x_l+1 (stats.TokenSample)
     Metric("effective_rank", "sample", _of_tokens(effective_rank),
            "exp(entropy of normalized singular values), token sample", "Roy & Vetterli, 2007", 80.2,

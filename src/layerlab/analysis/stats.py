@@ -70,8 +70,13 @@ class StreamStats:
         self.mlp_rel_sum, self.mlp_cos_sum = z(L), z(L)
         self.elems = 0  # tokens * C, for RMS and variance
         self.sum_x, self.sum_x2 = z(S), z(S)
-        self.max_resid, self.max_attn, self.max_mlp = z(S), z(L), z(L)
-        self.max_final = 0.0
+        # max |.| over the non-padding tokens at each hook point; None where a block lacks the part, or the
+        # model a final norm
+        self.max_resid = z(S)
+        self.max_attn: list[float | None] = [None] * L
+        self.max_mlp: list[float | None] = [None] * L
+        self.max_gate: list[float | None] = [None] * L
+        self.max_final: float | None = None
         self.lens_ce_sum, self.lens_kl_sum = z(L), z(L)
         self.lens_tokens = 0
         self.loss_sum = 0.0
@@ -79,10 +84,14 @@ class StreamStats:
         self.extra: dict[str, torch.Tensor] = {}  # the running sums of ``sums``, by name
 
     @torch.no_grad()
-    def update(self, states: list[torch.Tensor], attn: list, mlp: list, mids: list, mask: torch.Tensor) -> None:
+    def update(self, states: list[torch.Tensor], attn: list, mlp: list, mids: list, mask: torch.Tensor,
+               gates: list | None = None, final: torch.Tensor | None = None) -> None:
         """Fold one batch in. ``states`` are x_0..x_L (B, T, C); ``mask`` (B, T) marks real tokens.
 
-        The work runs on the states' device; only the reduced sums come back to the CPU.
+        ``attn``, ``mlp`` and ``mids`` are per block (B, T, C) or None (see :class:`StreamBatch`); ``gates`` per
+        block the (B, T) max |.| of each token's MLP gate (:func:`layerlab.analysis.analyze.trace_gates`), None
+        where a block has no MLP; ``final`` (B, T, C) the final norm's output. Every max |.| is taken over the
+        real tokens only. The work runs on the states' device; only the reduced sums come back to the CPU.
         """
         m = mask.bool()
         X = torch.stack([s.float() for s in states])  # (S, B, T, C)
@@ -106,8 +115,10 @@ class StreamStats:
                 p, x = part.float()[m], inp.float()[m]  # (N, C)
                 rel[i] += float((p.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
                 cos[i] += float(F.cosine_similarity(p, x, dim=-1).sum())
-            self.max_attn[i] = max(float(self.max_attn[i]), float(attn[i].abs().max()) if attn[i] is not None else 0.0)
-            self.max_mlp[i] = max(float(self.max_mlp[i]), float(mlp[i].abs().max()) if mlp[i] is not None else 0.0)
+            self.max_attn[i] = _running_max(self.max_attn[i], attn[i], m)
+            self.max_mlp[i] = _running_max(self.max_mlp[i], mlp[i], m)
+            self.max_gate[i] = _running_max(self.max_gate[i], gates[i] if gates is not None else None, m)
+        self.max_final = _running_max(self.max_final, final, m)
         self.sum_x += Xn.sum(dim=(1, 2)).double().cpu()
         self.sum_x2 += Xn.pow(2).sum(dim=(1, 2)).double().cpu()
         self.max_resid = torch.maximum(self.max_resid, Xn.abs().amax(dim=(1, 2)).double().cpu())
@@ -157,13 +168,23 @@ class StreamStats:
             "mlp_relative_contribution": (self.mlp_rel_sum / n).tolist(),
             "mlp_cosine": (self.mlp_cos_sum / n).tolist(),
             "rms": rms.tolist(), "var": var.tolist(),
-            "max_resid": self.max_resid.tolist(), "max_attn": self.max_attn.tolist(), "max_mlp": self.max_mlp.tolist(),
+            "max_resid": self.max_resid.tolist(), "max_attn": list(self.max_attn), "max_mlp": list(self.max_mlp),
+            "max_gate": list(self.max_gate), "max_final": self.max_final,
             "lens_ce": (self.lens_ce_sum / lens_n).tolist() if self.lens_tokens else None,
             "lens_kl": (self.lens_kl_sum / lens_n).tolist() if self.lens_tokens else None,
             "loss": self.loss_sum / lens_n if self.lens_tokens else None,
             "tokens": self.tokens, "sequences": self.sequences,
             **{name: (total / n).tolist() for name, total in self.extra.items()},
         }
+
+
+def _running_max(current: float | None, x: torch.Tensor | None, mask: torch.Tensor) -> float | None:
+    """The larger of ``current`` and max |x| over the real tokens (``x`` (B, T, ...) and ``mask`` (B, T));
+    None while neither exists (a block without that part)."""
+    if x is None or not bool(mask.any()):
+        return current
+    top = float(x[mask].abs().amax())
+    return top if current is None else max(current, top)
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -270,7 +291,13 @@ def effective_rank(Z: torch.Tensor) -> float:
 
 def prompt_entropy(Z: torch.Tensor) -> float:
     """Matrix-based (von Neumann, alpha = 1) entropy of one prompt's token Gram matrix Z Z^T / tr,
-    divided by its maximum log(min(T, C)) so that 1 means fully spread (Skean et al., 2025)."""
+    divided by its maximum log(min(T, C)) so that 1 means fully spread (Skean et al., 2025).
+
+    That is -sum p_i log p_i with p_i = s_i^2 / sum s^2 over the singular values s of the (T, C) matrix Z,
+    uncentred, as the paper defines it; alpha = 1 and the log(min(N, D)) ("maxEntropy") normalisation are
+    the defaults of the paper's code (OFSkean/information_flow, ``compute_entropy``), which also clamps the
+    Gram matrix's negative entries to 0 before the eigendecomposition; that step is not the paper's
+    definition and is not done here."""
     Z = Z.double()
     if Z.shape[0] < 2:
         return float("nan")
