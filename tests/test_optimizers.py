@@ -192,6 +192,24 @@ def test_weight_decay_groups_by_kind_and_block():
     assert "blocks.*.attn.inner_norm.weight" in kinds["input_norm"]["params"]
 
 
+def test_norms_apart_puts_norm_shifts_in_groups_of_their_own():
+    """llr and noise leave norms at the base LR: their groups never mix a norm's shift with a linear's bias. The
+    default layout keeps one group per (block, kind), the layout optimizer states were saved in before."""
+    model = _model(placement=["pre", "peri", "sandwich"])
+    tc = TrainConfig(input_norm_decay=0.05)
+    is_norm = {id(p): any(f".{k}." in f".{n}" for k in ("ln1", "ln2", "ln1_out", "ln2_out", "inner_norm", "ln_f"))
+               for n, p in model.named_parameters()}
+    plain, apart = param_groups(model, tc), param_groups(model, tc, norms_apart=True)
+    assert len({(g["block"], g["kind"]) for g in plain}) == len(plain)
+    assert any(len({is_norm[id(p)] for p in g["params"]}) == 2 for g in plain)  # ln1.bias with attn.qkv.bias
+    for g in apart:
+        assert {is_norm[id(p)] for p in g["params"]} == {g["norm"]}, (g["block"], g["kind"])
+    settings = {id(p): (g["kind"], g["weight_decay"], g["block"]) for g in plain for p in g["params"]}
+    assert settings == {id(p): (g["kind"], g["weight_decay"], g["block"]) for g in apart for p in g["params"]}
+    assert [build_optimizer(model, TrainConfig(optimizer=o)).norms_apart for o in ("adamw", "llr", "noise")] == [
+        False, True, True]
+
+
 def test_adamw_default_matches_plain_adamw_over_the_old_two_groups():
     """Regrouping per block changes nothing for AdamW: bit for bit the optimizer the loop used before."""
     a, b = _model(), _model()

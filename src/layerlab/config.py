@@ -306,6 +306,10 @@ class TrainConfig(_Config):
     # output (Peri-LN's ln1_out, ln2_out) and before the head (ln_f). Biases and norm shifts never decay.
     input_norm_decay: Float = 0.0
     output_norm_decay: Float = 0.0
+    # LAMB and LARS: "matrices" applies the trust ratio to weight matrices and embeddings only, biases and norm
+    # parameters taking the plain step (ratio 1), as the reference code's exclude_from_layer_adaptation does;
+    # "all" to every tensor, as You et al. (2020) Algorithm 2 is written.
+    trust_ratio_scope: Literal["matrices", "all"] = "matrices"
     # each optimizer's own settings (flat names llr_every, noise_s_min, lisa_layers, ...)
     llr: LLRSettings = Field(default_factory=LLRSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)

@@ -14,6 +14,9 @@ lamb       LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning: 
 lars       LARS in the form of the same paper's Algorithm 1 (You et al., 2017, "Large Batch Training of
            Convolutional Networks"): SGD momentum on ``g + wd*w``, ``m = beta1*m + (1-beta1)(g + wd*w)``, scaled by
            ``||w|| / ||m||``. Both use the identity for the paper's phi and a ratio of 1 where a norm is zero.
+           Both apply the ratio to the weight matrices (and embeddings) only by default: biases and norm
+           parameters take the plain Adam / momentum step, ratio 1 (``trust_ratio_scope``, see
+           :class:`LAMBOptimizer`); ``trust_ratio_scope: all`` applies it to every tensor.
 llr        Heavy-tail guided layerwise LR (He et al., "One LR Doesn't Fit All: Heavy-Tail Guided Layerwise
            Learning Rates for LLMs"), on AdamW: see :class:`LLR` and :func:`alpha_to_lr_scale`.
 noise      Noise-adaptive layerwise LR, on AdamW: see :class:`NoiseAdaptive`.
@@ -28,6 +31,11 @@ sandwich's ``inner_norm``), and *output* norms, on a sublayer's output (Peri-LN'
 the final ``ln_f``. The paper finds decay helps the former and harms the latter; both default to 0 here (no decay on
 norms, as before) and are set by ``input_norm_decay`` and ``output_norm_decay``. In Post-LN blocks ``ln1``/``ln2``
 sit after the residual add; they are still named input norms, as each feeds the next sublayer.
+
+The per-block rules (llr, noise) scale the learning rate of a block's linear layers, weights and biases alike
+(the LLR paper's code tunes each linear module, bias included), and leave every norm parameter, gain or shift, at
+the base LR; embeddings and head are the rule's to set. They build their groups with ``norms_apart`` so that a
+block's norm shifts sit in a group of their own, apart from its linear biases (:func:`param_groups`).
 
 Each rule logs its per-block learning-rate multiplier ``lr_scale_block`` to ``metrics.jsonl``, plus
 ``trust_ratio_block`` (lamb, lars), ``alpha_block`` (llr), ``grad_noise_block`` (noise) or ``lisa_active`` (lisa).
@@ -51,19 +59,28 @@ if TYPE_CHECKING:
     from ..config import TrainConfig
 
 KINDS = ("decay", "no_decay", "input_norm", "output_norm")
+STRUCTURE_KEYS = ("kind", "block", "norm", "layer_adaptation")  # what a group is, as opposed to its state
 INPUT_NORMS = ("ln1", "ln2", "inner_norm")
 OUTPUT_NORMS = ("ln1_out", "ln2_out", "ln_f")
 
 
 # ---------------------------------------------------------------------------------------------------- groups
+def norm_of(name: str) -> str | None:
+    """The innermost norm module (``ln1``, ``ln_f``, ...) a parameter belongs to; None outside every norm."""
+    parts = name.split(".")
+    for part in reversed(parts[:-1]):
+        if part in INPUT_NORMS or part in OUTPUT_NORMS:
+            return part
+    return None
+
+
 def param_kind(name: str, param: torch.Tensor) -> str:
     """The weight-decay kind of a parameter: ``decay``, ``no_decay``, ``input_norm`` or ``output_norm``."""
-    parts = name.split(".")
-    for part in reversed(parts[:-1]):  # the innermost norm module the parameter belongs to
-        if part in INPUT_NORMS or part in OUTPUT_NORMS:
-            if parts[-1] == "bias":  # a norm's shift is a bias
-                return "no_decay"
-            return "input_norm" if part in INPUT_NORMS else "output_norm"
+    norm = norm_of(name)
+    if norm is not None:
+        if name.rsplit(".", 1)[-1] == "bias":  # a norm's shift is a bias
+            return "no_decay"
+        return "input_norm" if norm in INPUT_NORMS else "output_norm"
     return "decay" if param.dim() >= 2 else "no_decay"
 
 
@@ -73,17 +90,25 @@ def block_of(name: str) -> int | None:
     return int(parts[1]) if parts[0] == "blocks" else None
 
 
-def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
-    """One group per (block, kind), blocks in order and then the rest, each with its weight decay and lr_scale 1."""
+def param_groups(model: nn.Module, tc: TrainConfig, norms_apart: bool = False) -> list[dict[str, Any]]:
+    """One group per (block, kind), blocks in order and then the rest, each with its weight decay and lr_scale 1.
+
+    Each group's ``norm`` says whether all its parameters belong to norms (the ``input_norm`` and ``output_norm``
+    kinds do). ``no_decay`` mixes linear biases and norm shifts; ``norms_apart`` puts a block's norm shifts in a
+    group of their own (``norm`` True) after its linear biases, for a rule that leaves norms at the base LR. The
+    default keeps one ``no_decay`` group per block, so that optimizer states saved before the split still load.
+    """
     decay = {"decay": tc.weight_decay, "no_decay": 0.0, "input_norm": tc.input_norm_decay,
              "output_norm": tc.output_norm_decay}
-    buckets: dict[tuple[int | None, str], list[nn.Parameter]] = {}
+    buckets: dict[tuple[int | None, str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():  # tied weights are listed once
         if p.requires_grad:
-            buckets.setdefault((block_of(name), param_kind(name, p)), []).append(p)
-    order = sorted(buckets, key=lambda k: (k[0] is None, k[0] or 0, KINDS.index(k[1])))
-    return [{"params": buckets[k], "weight_decay": decay[k[1]], "kind": k[1], "block": k[0], "lr_scale": 1.0}
-            for k in order]
+            kind = param_kind(name, p)
+            norm = kind.endswith("_norm") or (norms_apart and norm_of(name) is not None)
+            buckets.setdefault((block_of(name), kind, norm), []).append(p)
+    order = sorted(buckets, key=lambda k: (k[0] is None, k[0] or 0, KINDS.index(k[1]), k[2]))
+    return [{"params": buckets[k], "weight_decay": decay[k[1]], "kind": k[1], "block": k[0], "norm": k[2],
+             "lr_scale": 1.0} for k in order]
 
 
 def describe_groups(model: nn.Module, groups: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -111,11 +136,19 @@ class LAMBOptimizer(torch.optim.Optimizer):
 
     ``m, v`` are Adam's moments (bias-corrected), ``u = m / (sqrt(v) + eps) + weight_decay * w`` and
     ``w <- w - lr * (||w|| / ||u||) * u``. ``eps`` 1e-6 is the paper's.
+
+    A group with ``layer_adaptation`` False takes the plain step ``w <- w - lr * u`` (ratio 1, nothing kept in
+    ``state``). Algorithm 2 adapts every tensor; the reference code exempts biases and LayerNorm parameters:
+    google-research/albert ``lamb_optimizer.py`` and tensorflow/addons ``optimizers/lamb.py`` skip the ratio for
+    the names in ``exclude_from_layer_adaptation``, which defaults to ``exclude_from_weight_decay``, given as
+    ``["LayerNorm", "layer_norm", "bias"]`` in ALBERT's ``optimization.py``. :class:`LAMB` does the same by
+    default (``trust_ratio_scope: matrices``).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
-                 weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+                 weight_decay: float = 0.0, layer_adaptation: bool = True):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      layer_adaptation=layer_adaptation))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -140,20 +173,27 @@ class LAMBOptimizer(torch.optim.Optimizer):
                 update = (m / (1 - b1**t)) / (v / (1 - b2**t)).sqrt().add_(group["eps"])
                 if group["weight_decay"]:
                     update.add_(p, alpha=group["weight_decay"])
-                ratio = trust_ratio(p, update)
-                state["trust_ratio"] = ratio
-                p.add_(update * ratio, alpha=-group["lr"])
+                if group["layer_adaptation"]:
+                    ratio = trust_ratio(p, update)
+                    state["trust_ratio"] = ratio
+                    update.mul_(ratio)
+                p.add_(update, alpha=-group["lr"])
         return loss
 
 
 class LARSOptimizer(torch.optim.Optimizer):
     """LARS as written in You et al. (2020), Algorithm 1, with a per-tensor trust ratio in ``state``.
 
-    ``m <- beta * m + (1 - beta) * (g + weight_decay * w)`` and ``w <- w - lr * (||w|| / ||m||) * m``.
+    ``m <- beta * m + (1 - beta) * (g + weight_decay * w)`` and ``w <- w - lr * (||w|| / ||m||) * m``. A group with
+    ``layer_adaptation`` False takes the plain momentum step ``w <- w - lr * m``, as the reference code does for the
+    names in ``exclude_from_layer_adaptation`` (google-research/simclr ``tf2/lars_optimizer.py``: it defaults to
+    ``exclude_from_weight_decay``, given as ``['batch_normalization', 'bias', ...]`` in its ``tf2/model.py``).
     """
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.9, weight_decay: float = 0.0,
+                 layer_adaptation: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                      layer_adaptation=layer_adaptation))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -171,9 +211,12 @@ class LARSOptimizer(torch.optim.Optimizer):
                 m = state["momentum_buffer"]
                 g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
                 m.lerp_(g, 1 - group["momentum"])
-                ratio = trust_ratio(p, m)
-                state["trust_ratio"] = ratio
-                p.add_(m * ratio, alpha=-group["lr"])
+                if group["layer_adaptation"]:
+                    ratio = trust_ratio(p, m)
+                    state["trust_ratio"] = ratio
+                    p.add_(m * ratio, alpha=-group["lr"])
+                else:
+                    p.add_(m, alpha=-group["lr"])
         return loss
 
 
@@ -187,13 +230,22 @@ class Layerwise:
     """
 
     name = "adamw"
+    norms_apart = False  # a rule that leaves norms at the base LR groups a block's norm shifts apart
 
     def __init__(self, model: nn.Module, tc: TrainConfig):
         self.model, self.tc = model, tc
         self.num_blocks = len(model.blocks)
-        groups = param_groups(model, tc)
+        groups = param_groups(model, tc, norms_apart=self.norms_apart)
         self.groups_described = describe_groups(model, groups)
         self.optimizer = self.make_optimizer(groups)
+        # What each group is comes from this run's model and config, not from a loaded state: torch's
+        # load_state_dict takes the saved groups' keys, and a state saved before a key existed lacks it.
+        self._structure = [{k: g[k] for k in STRUCTURE_KEYS if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.register_load_state_dict_post_hook(self._restore_structure)
+
+    def _restore_structure(self, optimizer: torch.optim.Optimizer) -> None:
+        for group, structure in zip(optimizer.param_groups, self._structure, strict=True):
+            group.update(structure)
 
     def make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         fused = next(self.model.parameters()).device.type == "cuda"
@@ -254,10 +306,19 @@ class Layerwise:
         return out
 
 
+def with_layer_adaptation(groups: list[dict[str, Any]], scope: str) -> list[dict[str, Any]]:
+    """Mark the groups LAMB and LARS apply the trust ratio to: all (``scope`` "all"), or the weight matrices and
+    embeddings only ("matrices", the default), biases and norm parameters taking the plain step."""
+    return [{**g, "layer_adaptation": scope == "all" or g["kind"] == "decay"} for g in groups]
+
+
 class LAMB(Layerwise):
+    """:class:`LAMBOptimizer` over :func:`param_groups`, the trust ratio on ``trust_ratio_scope``."""
+
     name = "lamb"
 
     def make_optimizer(self, groups):
+        groups = with_layer_adaptation(groups, self.tc.trust_ratio_scope)
         return LAMBOptimizer(groups, lr=self.tc.lr, betas=(self.tc.beta1, self.tc.beta2))
 
     def telemetry(self):
@@ -265,9 +326,12 @@ class LAMB(Layerwise):
 
 
 class LARS(Layerwise):
+    """:class:`LARSOptimizer` over :func:`param_groups`, the trust ratio on ``trust_ratio_scope``."""
+
     name = "lars"
 
     def make_optimizer(self, groups):
+        groups = with_layer_adaptation(groups, self.tc.trust_ratio_scope)
         return LARSOptimizer(groups, lr=self.tc.lr, momentum=self.tc.beta1)
 
     def telemetry(self):
@@ -312,12 +376,17 @@ class LLR(Layerwise):
     As in the public code (``olmo/train.py`` and ``olmo/LRUnbalance.py``): the schedule is ``LLR_ratio`` 0.2 of the
     run, recomputing every ``unbalancedlr_every`` steps with a ``linear_steps`` ramp (40 and 20 in its 130M config,
     range [1, 3]); the embeddings and head get s_max (their alpha is set to the largest one), and norms keep the
-    base LR (they are not among the tuned modules). Two differences: the code tunes each linear module on its own,
-    we tune whole blocks by their mean alpha, as ``analyze`` reports it; and alpha is fitted as ``analyze`` fits
-    it (xmin by KS distance) where the code fixes xmin at the median eigenvalue.
+    base LR (they are not among the tuned modules). The code gives each tuned linear module one parameter group,
+    ``module.parameters()``, so a linear's bias follows its weight; its ``layerTempbalance`` leaves LayerNorms at
+    the untuned LR (``layernorm=False``). Here likewise: a block's scale applies to its linear weights and biases,
+    the head's bias (if any) follows the head, and every norm parameter, gain and shift, of the blocks and the
+    final norm keeps the base LR. Two differences: the code tunes each linear module on its own, we tune whole
+    blocks by their mean alpha, as ``analyze`` reports it; and alpha is fitted as ``analyze`` fits it (xmin by KS
+    distance) where the code fixes xmin at the median eigenvalue.
     """
 
     name = "llr"
+    norms_apart = True
 
     def __init__(self, model, tc):
         super().__init__(model, tc)
@@ -339,7 +408,7 @@ class LLR(Layerwise):
             self.t0 = step
         scales = self._scales_at(step)
         for g in self.param_groups:
-            if g["kind"] in ("decay", "no_decay"):
+            if not g["norm"]:
                 g["lr_scale"] = scales[g["block"] if g["block"] is not None else -1]
 
     def telemetry(self):
@@ -363,49 +432,63 @@ class NoiseAdaptive(Layerwise):
     norm of their LMO-based optimizer, and give noisier layers smaller learning rates. Their exact update was not
     available to us; this is our estimator, for AdamW (Frobenius norms), documented here in full.
 
-    For block l, over all its parameters, with Adam's first moment ``m_l`` (EMA of the gradients, rate beta1) and
-    our EMA ``s_l`` of ``||g_l||^2`` at the same rate, both bias-corrected:
+    For block l, over its linear weights and biases (its norms keep the base LR and are left out), with Adam's
+    first moment ``m_l`` (EMA of the gradients, rate beta1) and our EMA ``s_l`` of ``||g_l||^2`` at the same rate,
+    both bias-corrected after ``t`` steps:
 
-        r_l = ||m_l||^2 / s_l  in [0, 1]  (Jensen),  noise_l = 1 - r_l.
+        q_l = ||m_l||^2 / s_l,   r_l = clip((q_l - c_t) / (1 - c_t), 0, 1),   noise_l = 1 - r_l,
+        c_t = sum_i w_i^2 = (1 - beta1)(1 + beta1^t) / ((1 + beta1)(1 - beta1^t)),
 
-    ``r_l`` is the share of the gradient's second moment that its mean explains, ``|G|^2 / (|G|^2 + tr(S)/B)``,
-    which is the factor ``1 / (1 + B_noise / B)`` by which noise lowers the best SGD step (McCandlish et al., 2018,
-    "An Empirical Model of Large-Batch Training", eq. 2.6, with ``B_noise = tr(S) / |G|^2``). The block's LR
-    multiplier is ``clip(r_l / mean_j r_j, noise_s_min, noise_s_max)``: relative to the others, a quieter block
-    steps further. Embeddings, final norm and head keep the base LR. At the first step ``r_l = 1`` for every block.
+    with ``w_i`` the EMA's weights (summing to 1). If the gradients are ``g_i = G + xi_i``, with independent noise
+    of ``E||xi||^2 = sigma^2`` (``tr(S)/B``), then ``E||m||^2 = |G|^2 + c_t sigma^2`` and ``E s = |G|^2 + sigma^2``:
+    the EMA averages the noise down by ``c_t`` but keeps some, so ``q_l`` alone would overstate the signal
+    (``c_t`` tends to ``(1-beta1)/(1+beta1)``, 0.053 at beta1 0.9, and is 1 at the first step). Solving the two for
+    ``|G|^2`` is McCandlish et al.'s unbiased two-batch-size estimate (2018, "An Empirical Model of Large-Batch
+    Training", Appendix A.1) with batches of 1 and ``1/c_t`` steps, and gives ``r_l``, an estimate of
+    ``|G|^2 / (|G|^2 + tr(S)/B)``: the factor ``1 / (1 + B_noise / B)`` by which noise lowers the best SGD step
+    (their eq. 2.6, with ``B_noise = tr(S) / |G|^2``). It assumes G steady over the EMA's window (about
+    ``1/(1-beta1)`` steps). The block's LR multiplier is ``clip(r_l / mean_j r_j, noise_s_min, noise_s_max)``:
+    relative to the others, a quieter block steps further. Embeddings, norms and head keep the base LR. At the
+    first step (``c_1 = 1``, no estimate) ``r_l = 1`` for every block.
     """
 
     name = "noise"
+    norms_apart = True
 
     def __init__(self, model, tc):
         super().__init__(model, tc)
         self.t = 0
         self.sq_ema = torch.zeros(self.num_blocks, dtype=torch.float64)
         self.signal = [1.0] * self.num_blocks
+        self.tuned: list[list[nn.Parameter]] = [[] for _ in range(self.num_blocks)]  # what the rule scales
+        for g in self.param_groups:
+            if g["block"] is not None and not g["norm"]:
+                self.tuned[g["block"]].extend(g["params"])
 
     def step(self) -> None:
-        blocks = telemetry.block_params(self.model)
         zero = torch.zeros((), device=next(self.model.parameters()).device)
 
         def sq(tensors):
             return sum((t.float().pow(2).sum() for t in tensors), zero)
 
-        grad_sq = torch.stack([sq(p.grad for p in ps if p.grad is not None) for ps in blocks])
+        grad_sq = torch.stack([sq(p.grad for p in ps if p.grad is not None) for ps in self.tuned])
         self.optimizer.step()
         state = self.optimizer.state
         mean_sq = torch.stack([sq(state[p]["exp_avg"] for p in ps if "exp_avg" in state.get(p, {}))
-                               for ps in blocks])
+                               for ps in self.tuned])
         grad_sq, mean_sq = grad_sq.double().cpu(), mean_sq.double().cpu()  # one sync per step
         b = self.tc.beta1
         self.t += 1
         self.sq_ema = b * self.sq_ema + (1 - b) * grad_sq
         corr = 1 - b**self.t
-        ratio = torch.where(self.sq_ema > 0, (mean_sq / corr**2) / (self.sq_ema / corr).clamp_min(1e-300),
-                            torch.ones_like(self.sq_ema))
+        c = (1 - b) * (1 + b**self.t) / ((1 + b) * corr)
+        q = torch.where(self.sq_ema > 0, (mean_sq / corr**2) / (self.sq_ema / corr).clamp_min(1e-300),
+                        torch.ones_like(self.sq_ema))
+        ratio = (q - c) / (1 - c) if c < 1 - 1e-12 else torch.ones_like(q)
         self.signal = ratio.clamp(0.0, 1.0).tolist()
         mean = sum(self.signal) / max(1, len(self.signal))
         for g in self.param_groups:
-            if g["block"] is not None:
+            if g["block"] is not None and not g["norm"]:
                 r = self.signal[g["block"]]
                 g["lr_scale"] = min(max(r / mean, self.tc.noise.s_min), self.tc.noise.s_max) if mean > 0 else 1.0
 
