@@ -3,10 +3,11 @@
     python benchmarks/quantize_curve.py runs/MODEL --bits 2.5 3 3.5 --group 64 [--tokens 8192] [--seeds 3]
 
 Prints a markdown table (the one in docs/compression.md) and, with --json, the records. Each
-`--bits` value is one `layerlab.compress.quantize` call per importance into a temporary
+`--bits` value (the budget) is one `layerlab.compress.quantize` call per importance into a temporary
 directory; the baselines (uniform floor/ceil, random ordering) come from the first call, and the
 random ordering is repeated over `--seeds` seeds (median and range shown), since one random draw
-says little.
+says little. "avg bits" is the average width an allocation actually uses: the budget for LWQ's
+orderings, at most the budget for the `loss` integer program.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def random_order(model_dir: Path, bits: float, widths: tuple[int, ...], group: i
     q = Quantizer(model, group)
     sizes = q.sizes()
     rng = random.Random(seed)
-    alloc = allocate(sizes, bits, widths, ranked_cost([rng.random() for _ in sizes], bits, widths))
+    alloc = allocate(sizes, bits, widths, ranked_cost([rng.random() for _ in sizes], bits, widths), fill=True)
     return {"allocation": alloc, **lm_loss(q.quantized_copy(alloc), tok, None, tokens)}
 
 
@@ -55,8 +56,8 @@ def main() -> None:
     widths = tuple(int(w) for w in args.widths.split(","))
     quiet = {"tokens": args.tokens, "widths": widths, "group": args.group}
     records = []
-    print("| avg bits | ordering | widths per block | MB | loss | ppl | Δloss |")
-    print("|---:|---|---|---:|---:|---:|---:|")
+    print("| budget | avg bits | ordering | widths per block | MB | loss | ppl | Δloss |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             rows = {}
@@ -74,14 +75,15 @@ def main() -> None:
                     losses = sorted(x["loss"] for x in random_runs)
                     loss = statistics.median(losses)
                     cell = f"{loss:.4f} ({losses[0]:.4f}-{losses[-1]:.4f})"
-                    print(f"| {r['avg_bits']:.2f} | random ({len(losses)} seeds: median, range) | - | "
+                    print(f"| {bits:g} | {r['avg_bits']:.2f} | random ({len(losses)} seeds: median, range) | - | "
                           f"{r['bytes'] / 1e6:.3f} | {cell} | - | {loss - base:+.4f} |", flush=True)
                     continue
                 if name == "original" and bits != args.bits[0]:
                     continue
                 avg = "fp32" if r["avg_bits"] is None else f"{r['avg_bits']:.2f}"
                 alloc = "".join(map(str, r.get("allocation", []))) or "-"
-                print(f"| {avg} | {name} | {alloc} | {r['bytes'] / 1e6:.3f} | {r['loss']:.4f} | "
+                budget = "-" if name == "original" else f"{bits:g}"
+                print(f"| {budget} | {avg} | {name} | {alloc} | {r['bytes'] / 1e6:.3f} | {r['loss']:.4f} | "
                       f"{r['perplexity']:.2f} | {r['loss'] - base:+.4f} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(records, indent=1))

@@ -1,5 +1,6 @@
 """prune: each metric's choice on a model where the answer is known, exact surgery, safety."""
 
+import importlib
 import json
 
 import pytest
@@ -367,3 +368,163 @@ def test_cli_prune_unit(known_sub, tmp_path):
     assert f"removed the MLP sublayer of blocks {ZERO_MLP} by bi" in r.output and "mlp" in r.output
     r = CliRunner().invoke(app, ["prune", "--help"])
     assert "--unit" in r.output
+
+
+# ---------------------------------------------------------------- which text each phase reads
+
+def _embedded_splits() -> tuple[str, str]:
+    """The embedded corpus' training and validation splits under the byte tokenizer, built by hand from the
+    definition (every pydoc topic, sorted by name, as utf-8 bytes followed by eos 256; the last 10% of that
+    stream is validation), each token as one character so that a window of ids is a substring."""
+    from pydoc_data.topics import topics
+
+    stream = "".join(topics[name].encode("utf-8").decode("latin-1") + chr(256) for name in sorted(topics))
+    n_val = int(len(stream) * 0.1)
+    return stream[: len(stream) - n_val], stream[len(stream) - n_val :]
+
+
+def record_reads(monkeypatch, module) -> list[tuple[str, torch.Tensor]]:
+    """Record the token ids every forward of ``module``'s command feeds the model, as (phase, ids): ``score``
+    inside ``lm_loss`` (the before/after table), ``heal`` inside healing, ``choose`` anywhere else.
+
+    The ids are taken where the model reads them, at its input embedding (a pre-hook: healing's peft wrapper
+    calls ``forward`` directly, past any hook on the model itself), whichever data function produced them."""
+    reads: list[tuple[str, torch.Tensor]] = []
+    phase = ["choose"]
+    hooked: set[int] = set()
+
+    def hook(model):
+        emb = model.get_input_embeddings()
+        if id(emb) not in hooked:
+            hooked.add(id(emb))
+            emb.register_forward_pre_hook(lambda m, args: reads.append((phase[0], args[0].detach().cpu().clone())))
+        return model
+
+    def in_phase(name, fn):
+        def wrapped(model, *args, **kwargs):
+            phase[0] = name
+            try:
+                return fn(hook(model), *args, **kwargs)
+            finally:
+                phase[0] = "choose"
+        return wrapped
+
+    open_input = module.open_input
+
+    def opened(*args, **kwargs):
+        loaded = open_input(*args, **kwargs)
+        hook(loaded.model)
+        return loaded
+
+    monkeypatch.setattr(module, "open_input", opened)
+    monkeypatch.setattr(module, "lm_loss", in_phase("score", module.lm_loss))
+    if hasattr(module, "run_heal"):
+        monkeypatch.setattr(module, "run_heal", in_phase("heal", module.run_heal))
+    return reads
+
+
+def _rows(reads, phase: str) -> set[str]:
+    return {"".join(map(chr, row.tolist())) for p, ids in reads if p == phase for row in ids}
+
+
+@pytest.mark.parametrize("unit", ["block", "attn", "mlp"])
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_every_metric_chooses_on_the_training_split_and_is_scored_on_the_validation_split(
+        known_sub, tmp_path, monkeypatch, metric, unit):
+    """Every window the metric reads lies in the training split of the embedded corpus, every window the
+    perplexity reads in the validation split (both built by hand above), and the record names both."""
+    prune_module = importlib.import_module("layerlab.compress.prune")  # the module; the package exports prune()
+    reads = record_reads(monkeypatch, prune_module)
+    rec = prune(known_sub, remove=1, metric=metric, unit=unit, out=tmp_path / "out", **QUIET)
+    train, val = _embedded_splits()
+    chosen, scored = _rows(reads, "choose"), _rows(reads, "score")
+    assert chosen and scored
+    outside = [r for r in chosen if r not in train]
+    assert not outside, f"{len(outside)} of {len(chosen)} windows the metric read are not training text"
+    assert all(r in val for r in scored)
+    assert sum(map(len, chosen)) == 512 and len(train) > 2 * 512  # the first 512 tokens, as --measure-tokens says
+    assert rec["chosen_on"] == f"embedded train split, first 512 of {len(train):,} tokens"
+    assert rec["before"]["slice"] == f"embedded validation split, first 512 of {len(val):,} tokens"
+    man = json.loads((tmp_path / "out" / "layerlab.json").read_text())
+    assert man["chosen_on"] == rec["chosen_on"]
+
+
+def _two_alphabet_corpus(path):
+    """A corpus whose training split and validation split share no byte: 900 documents of 9 letters a-m
+    (8,100 bytes + 900 eos = the first 9,000 tokens) and one of 999 letters n-z (+ eos: the last 1,000 of
+    10,000 tokens, i.e. the last 10%). Its first 90% of *bytes* (8,189) run 89 bytes into the last document."""
+    import random
+
+    rng = random.Random(0)
+    docs = ["".join(rng.choice("abcdefghijklm") for _ in range(9)) for _ in range(900)]
+    docs.append("".join(rng.choice("nopqrstuvwxyz") for _ in range(999)))
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_with_own_data_choosing_healing_and_scoring_read_disjoint_text(known, tmp_path, monkeypatch, metric):
+    """On a user's corpus the metric and healing read only training letters (a-m), the perplexities only
+    validation letters (n-z), even when --measure-tokens asks for more than the training split holds."""
+    prune_module = importlib.import_module("layerlab.compress.prune")  # the module; the package exports prune()
+    data = _two_alphabet_corpus(tmp_path / "corpus.jsonl")
+    reads = record_reads(monkeypatch, prune_module)
+    rec = prune(known, remove=1, metric=metric, out=tmp_path / "out", data=str(data), tokens=None,
+                measure_tokens=12_000, heal_steps=2)
+    neutral = {chr(0), chr(256)}  # the padding of a short last window (pad id 0), and eos
+    letters = {p: {c for row in _rows(reads, p) for c in row} - neutral for p in ("choose", "heal", "score")}
+    assert letters["choose"] <= set("abcdefghijklm") and len(letters["choose"]) == 13
+    assert letters["heal"] <= set("abcdefghijklm") and letters["heal"]
+    assert letters["score"] <= set("nopqrstuvwxyz") and len(letters["score"]) == 13
+    # all of the training split, nothing more (byte 0 is only padding: the corpus has none)
+    assert sum(len(r) - r.count(chr(0)) for r in _rows(reads, "choose")) == 9_000
+    assert rec["chosen_on"] == rec["healed_on"] == f"{data} train split, all 9,000 tokens"
+    assert rec["before"]["slice"] == f"{data} validation split, all 1,000 tokens"
+
+
+def test_block_measures_equal_a_hand_computation(trained):
+    """The block metrics' angular distances and block influence, recomputed from the blocks' own inputs and
+    outputs (hooks written here) with the papers' formulas: d = arccos(cos)/pi of each window's last token,
+    mean over windows (Gromov et al.); BI = 1 - cos(x_l, x_l+1), mean over all tokens (ShortGPT)."""
+    import math
+
+    from layerlab.compress.prune import _held_batches, by_angular, by_bi, stream_measures
+
+    model, tok, _ = load_model(trained)
+    got = stream_measures(model, tok, None, 600, "block")
+    held = _held_batches(model, tok, None, 600)  # 9 full windows of 64 and one of 24: padding is skipped
+    L = len(model.blocks)
+    ang, cos_sum, windows, tokens = torch.zeros(L + 1, L + 1, dtype=torch.float64), [0.0] * L, 0, 0
+    for ids, mask in held:
+        states = {}
+        hooks = [model.blocks[0].register_forward_pre_hook(lambda m, a, k: states.__setitem__(0, a[0] if a else
+                                                            k["hidden_states"]), with_kwargs=True)]
+        for i, b in enumerate(model.blocks):
+            hooks.append(b.register_forward_hook(lambda m, a, o, i=i: states.__setitem__(i + 1, o[0] if
+                                                                                      isinstance(o, tuple) else o)))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        for h in hooks:
+            h.remove()
+        x = [states[i].double() for i in range(L + 1)]
+        for r in range(ids.shape[0]):
+            n = int(mask[r].sum())  # right padding: the real tokens are the first n
+            last = [x[i][r, n - 1] for i in range(L + 1)]
+            for i in range(L + 1):
+                for j in range(L + 1):
+                    c = float(last[i] @ last[j] / (last[i].norm() * last[j].norm()))
+                    ang[i, j] += math.acos(max(-1.0, min(1.0, c))) / math.pi
+            for i in range(L):
+                a, b = x[i][r, :n], x[i + 1][r, :n]
+                cos_sum[i] += float(((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).sum())
+            windows, tokens = windows + 1, tokens + n
+    assert tokens == 600 and windows == 10
+    torch.testing.assert_close(torch.tensor(got["angular_distance"], dtype=torch.float64), ang / windows,
+                               atol=2e-4, rtol=0)  # float32 forward; arccos is steep near 0
+    assert got["influence"] == pytest.approx([1 - c / tokens for c in cos_sum], abs=1e-5)
+    for n in (1, 2, 3):
+        ends = [float(ang[s, s + n]) / windows for s in range(L + 1 - n)]
+        start = min(range(len(ends)), key=ends.__getitem__)
+        assert by_angular(model, tok, n, None, 600)[0] == list(range(start, start + n))
+        bi = [1 - c / tokens for c in cos_sum]
+        assert by_bi(model, tok, n, None, 600)[0] == sorted(sorted(range(L), key=bi.__getitem__)[:n])

@@ -260,10 +260,12 @@ def prune(
     unit: Annotated[str, typer.Option(help=f"{_names(PRUNE_UNITS)}: remove whole blocks, or only their attention "
                                       "or MLP sublayers (Pre-LN-style blocks; GPT-2/Llama get them zeroed)")] = "block",
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
-    data: Annotated[str | None, typer.Option(help="text to measure on (default: embedded validation split)")] = None,
+    data: Annotated[str | None, typer.Option(help="text: choose and heal on its training split (first 90%), "
+                                             "report on the rest (default: embedded)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
-    measure_tokens: Annotated[int, typer.Option(help="tokens the choosing metric reads")] = MEASURE_TOKENS,
+    measure_tokens: Annotated[int, typer.Option(help="tokens of the training split the choosing metric reads")] \
+    = MEASURE_TOKENS,
     heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
     heal: Annotated[str, typer.Option(help=f"{_names(HEAL_MODES)} (lora is merged back)")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
@@ -297,16 +299,18 @@ The written directory loads with AutoModelForCausalLM.from_pretrained after `imp
 @app.command(epilog=QUANTIZE_EXAMPLE)
 def quantize(
     model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
-    bits: Annotated[float, typer.Option(help="average bits per block weight, fractional allowed (e.g. 3.5)")] = ...,
+    bits: Annotated[float, typer.Option(help="budget of average bits per block weight, fractional allowed (e.g. 3.5); "
+                                      "lim/zd fill it, loss may use less")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     importance: Annotated[str, typer.Option(help=_names(QUANT_IMPORTANCE))] = "lim",
     widths: Annotated[str, typer.Option(help="candidate widths, comma-separated")] = ",".join(map(str, QUANT_WIDTHS)),
     group: Annotated[int, typer.Option(help="weights per quantization group (a multiple of 8)")] = QUANT_GROUP,
-    data: Annotated[str | None, typer.Option(help="text: calibrate on its first 90%, evaluate on the rest "
+    data: Annotated[str | None, typer.Option(help="text: calibrate on its training split (first 90%), evaluate "
+                                             "on the rest "
                                              "(default: embedded)")] = None,
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
-    calibration_tokens: Annotated[int, typer.Option(help="tokens for the importance measurements")] \
+    calibration_tokens: Annotated[int, typer.Option(help="tokens of the training split the importance reads")] \
     = CALIBRATION_TOKENS,
     baselines: Annotated[bool, typer.Option(help="also evaluate uniform floor/ceil and a random ordering")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,

@@ -10,26 +10,31 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..adapters import view
-from ..data import VAL_FRACTION, head_documents, window_length
+from ..data import describe_slice, split_ids, window_length
 from ..errors import LayerlabError, choices_error
 from ..io import progress_bar
 from ..registry import HEAL_MODES
 
 LORA_RANK = 8  # a small rank suffices to heal a few removed layers (Gromov et al., 2024 use QLoRA ranks 2-64)
+HEAL_TOKENS = 4_000_000  # healing samples its windows from the first this many tokens of the training split
 
 
 def train_ids(tokenizer, data: str | Path | None, limit: int) -> torch.Tensor:
-    """Token ids of the training part (the first 90%) of ``data``, at most ``limit`` of them."""
-    ids: list[int] = []
-    for doc in head_documents(data, 1 - VAL_FRACTION):
-        ids += tokenizer(doc.decode("utf-8", errors="replace"), add_special_tokens=False, verbose=False)["input_ids"]
-        if len(ids) >= limit:
-            break
-    return torch.tensor(ids[:limit], dtype=torch.long)
+    """The first ``limit`` token ids of the training split of ``data`` (:func:`layerlab.data.split_ids`: the
+    token stream that ``train`` sees, less its last 10%), as int64. The validation split the compressors
+    report on is the rest of the same stream, so no text is in both."""
+    return torch.from_numpy(np.array(split_ids(tokenizer, data, "train")[:limit], dtype=np.int64))
+
+
+def train_slice(tokenizer, data: str | Path | None, used: int) -> str:
+    """The name (:func:`layerlab.data.describe_slice`) of the first ``used`` tokens of the training split."""
+    available = len(split_ids(tokenizer, data, "train"))
+    return describe_slice(data, "train", min(used, available), available)
 
 
 def lm_step(model, rows: torch.Tensor, params: list, opt: torch.optim.Optimizer) -> torch.Tensor:
@@ -54,7 +59,7 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
         raise LayerlabError("healing trains a causal LM; this model is an encoder")
     seq_len = window_length(model.config, seq_len=seq_len)
     device = next(model.parameters()).device
-    ids = train_ids(tokenizer, data, limit=4_000_000)
+    ids = train_ids(tokenizer, data, limit=HEAL_TOKENS)
     if len(ids) < seq_len + 2:
         raise LayerlabError(f"data too short to heal on: {len(ids)} training tokens, need more than {seq_len + 1}")
     torch.manual_seed(seed)  # LoRA's A matrices start random: the same seed gives the same healed model

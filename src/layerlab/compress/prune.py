@@ -3,11 +3,17 @@
 ``--unit block`` (the default) removes whole blocks. Metrics (one registry, each
 ``(model, tokenizer, n, data, tokens, unit=...) -> (blocks, scores)``):
 - ``angular``: the contiguous n blocks whose removal joins the closest residual states,
-  argmin_l d(x_l, x_l+n) on the last token (Gromov et al., 2024, The Unreasonable
-  Ineffectiveness of the Deeper Layers);
-- ``bi``: the n blocks of lowest Block Influence 1 - E cos(x_l, x_l+1) (Men et al., 2024, ShortGPT);
+  argmin_l d(x_l, x_l+n), d = arccos(cos)/pi of the last token, mean over windows (Gromov et al.,
+  2024, The Unreasonable Ineffectiveness of the Deeper Layers);
+- ``bi``: the n blocks of lowest Block Influence 1 - E cos(x_l, x_l+1) over all tokens (Men et al.,
+  2024, ShortGPT);
 - ``loss``: greedily, n times, the block whose removal (with those already removed) raises the
   measured loss least (Fan et al., 2024 / Gromov et al.'s baseline).
+
+Every metric chooses on the first ``tokens`` tokens of the training split of ``data`` (the token stream
+that ``train`` sees, less its last 10%: :func:`.heal.train_ids`); the before/after perplexities are
+measured on the validation split, the rest of the same stream, so the choice is never fitted to the
+text it is judged on. Healing trains on the training split too. The record names each slice.
 
 ``--unit attn`` / ``--unit mlp`` removes only that sublayer of n blocks, as BlockPruner (Zhong et al.,
 2024) prunes attention and MLP sublayers separately and He et al., 2024 (What Matters in
@@ -43,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import SUBLAYERS, LayerView, view
-from ..analysis.analyze import analyze_model
 from ..analysis.stats import angular, last_token_index
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
@@ -53,27 +58,28 @@ from ..registry import HEAL_MODES, PLACEMENTS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .heal import HEAL_TOKENS, train_ids, train_slice
 from .heal import heal as run_heal
-from .heal import train_ids
 
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
 # the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
 _LAYERLAB_PARTS = {"attn": ("ln1", "attn", "ln1_out"), "mlp": ("ln2", "mlp", "ln2_out")}
 
 
-def _analysis(model, tok, data, tokens) -> dict:
-    return analyze_model(model, tok, name="m", path=None, data=data, tokens=tokens, removal_tokens=0,
-                         spectra=False, intrinsic=False, progress=False)
-
-
 def _held_batches(model, tok, data, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Windows of the training part of ``data`` (its first 90%) on the model's device: the greedy
-    ``loss`` metric chooses on these, so its choice is not fitted to the validation text that the
+    """Windows holding the first ``tokens`` tokens of the training split of ``data``, on the model's
+    device: every metric chooses on these, so no choice is fitted to the validation text that the
     before/after perplexities are measured on."""
     seq_len = window_length(model.config)
     device = next(model.parameters()).device
     ids = train_ids(tok, data, limit=2 * tokens).tolist()
     return [(i.to(device), m.to(device)) for i, m in batches(tok, ids, tokens, seq_len, 8)]
+
+
+def choosing_slice(model, tok, data, tokens: int) -> str:
+    """The name of the text the metrics choose on (:func:`_held_batches`), e.g. ``embedded train split,
+    first 8,192 of 419,577 tokens``."""
+    return train_slice(tok, data, sum(int(m.sum()) for _, m in _held_batches(model, tok, data, tokens)))
 
 
 def present_sublayers(model, unit: str) -> list[bool]:
@@ -99,50 +105,64 @@ def _lowest(scores: list[float | None], n: int) -> list[int]:
 
 
 @torch.no_grad()
-def sublayer_measures(model, tok, data, tokens: int, unit: str) -> dict[str, list[float | None]]:
-    """Per block, how far its ``unit`` sublayer turns the residual stream, from x_in (entering the
-    sublayer) to x_out = x_in + F (leaving it); None where the sublayer is gone.
+def stream_measures(model, tok, data, tokens: int, unit: str = "block") -> dict:
+    """How far each block (``unit`` ``block``) or each block's ``unit`` sublayer turns the residual stream,
+    on the first ``tokens`` tokens of the training split (:func:`_held_batches`).
 
-    - ``angular_distance``: arccos(cos(x_in, x_out))/pi of the last token, mean over windows;
-    - ``influence``: 1 - cos(x_in, x_out), mean over all real tokens.
-    The trace's ``mid`` (the stream between attention and MLP) is x_out of attention and x_in of the MLP.
+    For blocks, with x_0..x_L the streams between blocks:
+    - ``angular_distance``: the (L+1) x (L+1) matrix d(x_i, x_j) = arccos(cos(x_i, x_j))/pi of the last
+      token, mean over windows (Gromov et al., 2024);
+    - ``influence``: per block, 1 - cos(x_l, x_l+1), mean over all real tokens (ShortGPT's BI).
+    For a sublayer, from x_in (entering it) to x_out = x_in + F (leaving it), per block, None where the
+    sublayer is gone: ``angular_distance`` d(x_in, x_out) of the last token, mean over windows, and
+    ``influence`` 1 - cos(x_in, x_out), mean over all real tokens. The trace's ``mid`` (the stream between
+    attention and MLP) is x_out of attention and x_in of the MLP.
     """
     v = view(model)
-    present = present_sublayers(model, unit)
     L = v.num_layers
-    ang, cos = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
+    present = [True] * L if unit == "block" else present_sublayers(model, unit)
+    S = L + 1 if unit == "block" else L
+    ang = torch.zeros((S, S) if unit == "block" else S, dtype=torch.float64)
+    cos = torch.zeros(L, dtype=torch.float64)
     seqs, toks = 0, 0
     for ids, mask in _held_batches(model, tok, data, tokens):
-        with v.trace() as t:
+        with v.trace(sublayers=unit != "block") as t:
             v.forward(ids, mask)
-        x_in, x_out = (t.resid_in, t.mid) if unit == "attn" else (t.mid, t.resid_out)
+        if unit == "block":
+            x_in, x_out = t.resid_in, t.resid_out
+        else:
+            x_in, x_out = (t.resid_in, t.mid) if unit == "attn" else (t.mid, t.resid_out)
         m, last, rows = mask.bool(), last_token_index(mask), torch.arange(ids.shape[0], device=ids.device)
         for i in range(L):
             if present[i]:
                 c = F.cosine_similarity(x_in[i].float(), x_out[i].float(), dim=-1)  # (B, T)
                 cos[i] += float(c[m].sum())
-                ang[i] += float(angular(c[rows, last]).sum())
+                if unit != "block":
+                    ang[i] += float(angular(c[rows, last]).sum())
+        if unit == "block":
+            states = torch.stack([t.resid_in[0], *t.resid_out])[:, rows, last].float()  # (S, B, C): last tokens
+            u = F.normalize(states, dim=-1)
+            ang += angular(torch.einsum("sbc,tbc->stb", u, u)).sum(-1).double().cpu()
         seqs, toks = seqs + ids.shape[0], toks + int(m.sum())
+    influence = [1 - float(c) / max(toks, 1) if p else None for c, p in zip(cos, present, strict=True)]
+    if unit == "block":
+        return {"angular_distance": (ang / max(seqs, 1)).tolist(), "influence": influence}
     return {"angular_distance": [float(a) / max(seqs, 1) if p else None for a, p in zip(ang, present, strict=True)],
-            "influence": [1 - float(c) / max(toks, 1) if p else None for c, p in zip(cos, present, strict=True)]}
+            "influence": influence}
 
 
 def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
+    d = stream_measures(model, tok, data, tokens, unit)["angular_distance"]
     if unit != "block":
-        d = sublayer_measures(model, tok, data, tokens, unit)["angular_distance"]
         return _lowest(d, n), {"angular_distance": d}
-    entry = _analysis(model, tok, data, tokens)
-    best = entry["best_block_to_prune"][str(n)]
-    return list(range(best["start"], best["start"] + n)), {"distance": best["distance"]}
+    ends = [d[s][s + n] for s in range(len(d) - n)]  # d(x_l, x_l+n) for every start l
+    start = min(range(len(ends)), key=ends.__getitem__)
+    return list(range(start, start + n)), {"distance": ends[start], "distances": ends}
 
 
 def by_bi(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
-    if unit != "block":
-        bi = sublayer_measures(model, tok, data, tokens, unit)["influence"]
-        return _lowest(bi, n), {"influence": bi}
-    entry = _analysis(model, tok, data, tokens)
-    bi = [lay["block_influence"] for lay in entry["layers"]]
-    return _lowest(bi, n), {"block_influence": bi}
+    bi = stream_measures(model, tok, data, tokens, unit)["influence"]
+    return _lowest(bi, n), {"block_influence" if unit == "block" else "influence": bi}
 
 
 @torch.no_grad()
@@ -299,9 +319,10 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     ``{"block", "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size,
     sublayer counts and validation loss/perplexity (on the first ``tokens`` of the validation split;
     default all of it) before pruning, after pruning and (with ``heal_steps``) after healing on the
-    training part of ``data``. ``metric`` reads ``measure_tokens`` tokens. Where sublayers of a Hugging
-    Face model were zeroed rather than removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the
-    weights; healing keeps them zero.
+    training split of ``data``. ``metric`` reads the first ``measure_tokens`` tokens of the training
+    split. ``chosen_on`` (and with healing ``healed_on``) names the text read, as each stage's ``slice``
+    names the text it is scored on. Where sublayers of a Hugging Face model were zeroed rather than
+    removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the weights; healing keeps them zero.
     """
     _check_choices(unit, metric, heal, heal_steps)
     model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs")
@@ -323,7 +344,10 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
             stages["healed"] = _stage(smaller, tok, data, tokens)
         stage.save_model(smaller)
-        record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen]}
+        record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen],
+                  "chosen_on": choosing_slice(model, tok, data, measure_tokens)}
+        if heal_steps:
+            record["healed_on"] = train_slice(tok, data, HEAL_TOKENS)
         if unit == "block":
             record["removed_blocks"] = chosen
         else:
@@ -370,6 +394,8 @@ def prune_lines(record: dict) -> list[str]:
     if unit != "block":
         columns.append((unit, 8, lambda r: f"{r[unit + '_sublayers']:d}"))
     columns += [("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"), *loss_columns()]
-    lines = [f"removed {what} by {metric}", f"loss (nats/token) and perplexity on the {record['before']['slice']}",
+    lines = [f"removed {what} by {metric}", f"chosen on the {record['chosen_on']}",
+             *([f"healed on windows drawn from the {record['healed_on']}"] if "healed_on" in record else []),
+             f"loss (nats/token) and perplexity on the {record['before']['slice']}",
              *table({name: record[name] for name in record["stages"]}, columns)]
     return lines + ([f"note: {record['note']}"] if "note" in record else [])
