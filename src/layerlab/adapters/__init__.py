@@ -52,6 +52,8 @@ class Arch:
     # sublayer -> path inside a block of the linear whose output is added to the residual stream (the output
     # projection); in a Pre-LN block, zeroing its weight and bias removes the sublayer exactly
     out_proj: dict[str, str] = field(default_factory=dict)
+    # the block runs its MLP on (B*T, C) rows (OPT); a trace reshapes what it records there to (B, T, ...)
+    flat_mlp: bool = False
 
 
 ARCHS: dict[str, Arch] = {
@@ -69,10 +71,19 @@ ARCHS: dict[str, Arch] = {
                  {"ln1": "attention.output.LayerNorm", "attn": "attention", "ln2": "output.LayerNorm",
                   "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post",
                  out_proj={"attn": "attention.output.dense", "mlp": "output.dense"}),
+    # OPT (do_layer_norm_before=True, as every size but 350m): the MLP is fc1/fc2 directly in the block (no module
+    # of its own, so no "mlp" part), the block's own final_layer_norm is its ln2, learned positions are added
+    # before block 0, and the decoder's final_layer_norm is the final norm
+    "opt": Arch("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm", "lm_head",
+                {"ln1": "self_attn_layer_norm", "attn": "self_attn", "ln2": "final_layer_norm"}, "self_attn", "fc2",
+                causal=True, placement="pre", out_proj={"attn": "self_attn.out_proj", "mlp": "fc2"}, flat_mlp=True),
 }
-# model_type (config.json) -> architecture entry
+# model_type (config.json) -> architecture entry. Qwen3 (q/k norms inside attention), Phi-3 (fused qkv_proj and
+# gate_up_proj), Gemma (RMSNorm scaling by 1 + w, embedding scaled by sqrt(hidden) inside its embedding module) and
+# OLMo 1 (non-parametric LayerNorm) have Llama's module paths and sequential Pre-LN blocks; the differences sit
+# inside the modules the view names, so the "llama" entry describes them exactly.
 MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-               "bert": "bert"}
+               "qwen3": "llama", "phi3": "llama", "gemma": "llama", "olmo": "llama", "opt": "opt", "bert": "bert"}
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -207,6 +218,10 @@ class LayerView:
             def fn(module, args, output):
                 t.resid_out[i] = _first(output).detach()
                 t.tuple_out = isinstance(output, tuple)
+                if self.arch.flat_mlp:  # recorded as (B*T, C) rows inside the block
+                    for store in (t.mid, t.mlp):
+                        if store[i] is not None and store[i].dim() == 2 < t.resid_out[i].dim():
+                            store[i] = store[i].view(*t.resid_out[i].shape[:-1], store[i].shape[-1])
                 if mid_is_out:
                     t.mid[i] = t.resid_out[i]
 
@@ -214,6 +229,11 @@ class LayerView:
 
         for b, placement in zip(self.blocks, self.placements(), strict=True):
             handles.append(b.module.register_forward_pre_hook(pre(t.resid_in, b.index), with_kwargs=True))
+            if self.arch.flat_mlp and b.mlp_out is not None:
+                # the MLP's output projection reads (B, T, hidden) while traced, first of any pre-hook (so that
+                # one hooked on it, as analyze's MLP gates, sees tokens by row), and gives back (B*T, C) rows
+                handles.append(b.mlp_out.register_forward_pre_hook(_unflatten(t, b.index), prepend=True))
+                handles.append(b.mlp_out.register_forward_hook(_flatten))
             # a block without an MLP (and so without ln2): the stream after attention is the block's output
             residual = PLACEMENTS[placement].residual_sublayers
             mid_is_out = sublayers and residual and b.ln2 is None and b.mlp_out is None
@@ -343,6 +363,22 @@ class _Identity(nn.Module):
         return (hidden_states,) if self.as_tuple else hidden_states
 
 
+def _unflatten(t: Trace, i: int):
+    """Forward pre-hook: (B*T, F) rows into (B, T, F), B and T those of the stream entering block ``i``."""
+    def fn(module, args):
+        x, lead = args[0], t.resid_in[i].shape[:-1]
+        if x.dim() == 2 and len(lead) == 2 and x.shape[0] == lead[0] * lead[1]:
+            return (x.view(*lead, x.shape[-1]), *args[1:])
+        return None
+
+    return fn
+
+
+def _flatten(module, args, output):
+    """Forward hook: (B, T, C) back into the (B*T, C) rows the block computes with."""
+    return output.reshape(-1, output.shape[-1]) if output.dim() == 3 else None
+
+
 def _zero_output(module, args, output):
     """Forward hook: the module outputs zeros (of its hidden states; the rest of a tuple is kept)."""
     if isinstance(output, tuple):
@@ -359,11 +395,16 @@ def _passthrough(module, args, kwargs, output):
 
 def arch_of(model: nn.Module) -> str:
     """The adapter entry for ``model``, or an error listing the supported architectures."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
         raise LayerlabError(
             f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
         )
+    if model_type == "opt" and (not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size
+                                or getattr(config, "_remove_final_layer_norm", False)):
+        raise LayerlabError("this OPT variant (as OPT-350m: Post-LN blocks, do_layer_norm_before=False, or "
+                            "project_in/project_out around the blocks) is not supported; only Pre-LN OPT is")
     return MODEL_TYPES[model_type]
 
 
@@ -414,7 +455,7 @@ def _load_tokenizer(path: Path, need: bool):
 
 def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto",
                need_tokenizer: bool = True) -> Loaded:
-    """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, BERT) for inference.
+    """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, OPT, BERT) for inference.
 
     ``dtype`` ``"auto"`` keeps the checkpoint's own dtype; ``device`` ``"auto"`` is CUDA when present.
     Weights come from safetensors (or a PyTorch file with ``weights_only``); every failure is one line.

@@ -92,7 +92,8 @@ def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
     if not v.causal:
         raise LayerlabError(f"convert needs a causal Pre-LN language model; this is a {v.arch_name.upper()}-style "
                             "encoder with Post-LN blocks")
-    if v.arch_name == "llama":
+    model_type = getattr(model.config, "model_type", None)
+    if v.arch_name == "llama" and model_type != "olmo":
         if to in ("rmsnorm", "crmsnorm"):
             raise LayerlabError("this Llama-style model already uses RMSNorm; convert --to rmsnorm|crmsnorm turns "
                                 "Pre-LN (LayerNorm) models into their RMSNorm equivalent")
@@ -103,6 +104,9 @@ def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
             raise LayerlabError(f"this GPT-2 variant has no exact layerlab equivalent: {why}")
         device = next(model.parameters()).device
         return _carry_ids(model, from_gpt2(model).to(device).eval())
+    if not isinstance(model, LayerlabForCausalLM):
+        raise LayerlabError(f"convert supports layerlab and GPT-2 models (Pre-LN with LayerNorm); this is a "
+                            f"{model_type!r} model, which it cannot convert yet")
     cfg = model.cfg
     placements = cfg.block_placements()
     if any(p != "pre" for p in placements):
