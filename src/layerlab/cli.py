@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from .defaults import (
     REMOVAL_TOKENS,
 )
 from .errors import LayerlabError, check_loss_tokens, check_prompt, choices_error
-from .io import check_model_dir, check_output
+from .io import TRUST_PICKLE_ENV, check_model_dir, check_output, check_weights
 from .recipe import preset_names
 from .registry import (
     CONVERT_TARGETS,
@@ -36,6 +37,10 @@ app = typer.Typer(
     help="Build, train, analyze and compress the layers of transformer language models.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
+
+
+TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="load weights stored only as a pickle "
+                                           "(pytorch_model.bin), with torch.load(weights_only=True)")]
 
 
 def _quiet_hf() -> None:
@@ -63,10 +68,13 @@ def _print(lines: list[str], out: Path) -> None:
     typer.echo(f"wrote {out}")
 
 
-def _inputs(*models: Path, out: Path | None = None) -> None:
-    """Check model directories and --out before the command imports torch: a mistyped path is answered at once."""
+def _inputs(*models: Path, out: Path | None = None, trust_pickle: bool = False) -> None:
+    """Check model directories, their weights and --out before the command imports torch: a mistyped path is
+    answered at once. ``--trust-pickle`` is handed to the load that follows through the environment."""
+    if trust_pickle:
+        os.environ[TRUST_PICKLE_ENV] = "1"
     for m in models:
-        check_model_dir(m)
+        check_weights(check_model_dir(m), trust_pickle)
     if out is not None:
         check_output(out, protect=models)
 
@@ -171,10 +179,11 @@ def sample(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens")] = 50,
     seed: Annotated[int, typer.Option()] = 0,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Print a continuation of PROMPT by a model directory."""
     check_prompt(prompt)
-    _inputs(model)
+    _inputs(model, trust_pickle=trust_pickle)
     from .generate import sample as run_sample
 
     _quiet_hf()
@@ -189,11 +198,12 @@ def export(
     to: Annotated[str, typer.Option(help=f"{_names(EXPORT_TARGETS)} (gpt2: plain Hugging Face GPT-2; folded: "
                                          "batch norms folded into the linear layers)")] = "gpt2",
     out: Annotated[Path, typer.Option(help="output directory")] = ...,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Write a layerlab model as a plain Hugging Face GPT-2 (no layerlab needed), or with its batch norms
     (batchnorm, unified, prepbn at the end of its schedule) folded into the linear layers that read them."""
     _choice("export target", to, EXPORT_TARGETS)
-    _inputs(model, out=out)
+    _inputs(model, out=out, trust_pickle=trust_pickle)
     from .export import export as run_export
 
     _quiet_hf()
@@ -223,9 +233,10 @@ def analyze(
     seq_len: Annotated[int | None, typer.Option(help="window length (default min(256, context); 128 encoders)")] = None,
     removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = REMOVAL_TOKENS,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
-    _inputs(*models)
+    _inputs(*models, trust_pickle=trust_pickle)
     from . import analyze as run_analyze
     from .analysis.analyze import default_report_dir
 
@@ -269,13 +280,14 @@ def prune(
     heal_steps: Annotated[int, typer.Option(help="fine-tune steps after pruning (0: none)")] = 0,
     heal: Annotated[str, typer.Option(help=f"{_names(HEAL_MODES)} (lora is merged back)")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
     model and a before/after table."""
     _choice("metric", metric, PRUNE_METRICS)
     _choice("unit", unit, PRUNE_UNITS)
     _choice("heal mode", heal, HEAL_MODES)
-    _inputs(model, out=out)
+    _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import prune as run_prune
     from .compress import prune_lines
 
@@ -315,10 +327,11 @@ def quantize(
     baselines: Annotated[bool, typer.Option(help="also evaluate uniform floor/ceil and a random ordering")] = True,
     seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
     _choice("importance", importance, QUANT_IMPORTANCE)
-    _inputs(model, out=out)
+    _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import quantize as run_quantize
     from .compress import quantize_lines
 
@@ -361,10 +374,11 @@ def convert(
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
     _choice("conversion target", to, CONVERT_TARGETS)
-    _inputs(model, out=out)
+    _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import convert as run_convert
     from .compress import convert_lines
 
@@ -433,12 +447,13 @@ def eval_(
                                               "layerlab trains on it); default: validation for the embedded "
                                               "corpus, all of --data")] = None,
     tokens: Annotated[int | None, typer.Option(help="evaluate only the first N tokens (default: all)")] = None,
+    trust_pickle: TrustPickle = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model directory, on a named slice of text."""
     if split is not None and split not in ("all", "validation"):
         raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
     check_loss_tokens(tokens)
-    _inputs(model)
+    _inputs(model, trust_pickle=trust_pickle)
     from .evaluate import evaluate
 
     _quiet_hf()

@@ -140,3 +140,42 @@ def check_model_dir(path: str | Path) -> Path:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise LayerlabError(f"{path} is not a model directory (no config.json)")
     return path
+
+
+TRUST_PICKLE_ENV = "LAYERLAB_TRUST_PICKLE"  # set by the CLI's --trust-pickle for the load that follows
+SAFETENSORS_INDEX, PICKLE_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+
+
+def _missing_shard(path: Path, index: str) -> str | None:
+    """The first shard that ``path/index`` names and that is not there; None when all are."""
+    try:
+        weight_map = json.loads((path / index).read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LayerlabError(f"{path / index} is not a valid shard index (JSON with a weight_map)") from None
+    return next((s for s in sorted(set(weight_map.values())) if not (path / s).is_file()), None)
+
+
+def check_weights(path: str | Path, trust_pickle: bool | None = None) -> None:
+    """The weights of a model directory are there and safe to load, or a one-line error saying why not.
+
+    Safetensors (one file, or shards named by ``model.safetensors.index.json``, every one present) load as they
+    are. A directory whose weights exist only as a pickle (``pytorch_model.bin`` or its shards) is refused,
+    since unpickling can run code, unless ``trust_pickle`` (default: the ``LAYERLAB_TRUST_PICKLE`` environment
+    variable the CLI's ``--trust-pickle`` sets); transformers then reads it with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    if trust_pickle is None:
+        trust_pickle = os.environ.get(TRUST_PICKLE_ENV, "") not in ("", "0")
+    for index in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if (path / index).is_file() and (shard := _missing_shard(path, index)) is not None:
+            raise LayerlabError(f"{path / index} names the shard {shard}, which is missing from {path}")
+    if (path / "model.safetensors").is_file() or (path / SAFETENSORS_INDEX).is_file():
+        return
+    if (path / "pytorch_model.bin").is_file() or (path / PICKLE_INDEX).is_file():
+        if not trust_pickle:
+            raise LayerlabError(f"{path} holds its weights only as a pickle (pytorch_model.bin), which can run code "
+                                "when loaded; convert it to safetensors, or pass --trust-pickle to load it with "
+                                "torch.load(weights_only=True)")
+        return
+    raise LayerlabError(f"{path} has no weights: expected model.safetensors (or its shards with "
+                        f"{SAFETENSORS_INDEX})")

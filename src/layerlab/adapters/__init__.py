@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import model as _registers_layerlab  # noqa: F401  (the Auto classes learn layerlab's model and quantizer)
 from ..errors import VOCAB_FILES, LayerlabError, choices_error, no_tokenizer_error
-from ..io import check_model_dir
+from ..io import check_model_dir, check_weights
 from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
 
 
@@ -454,16 +454,19 @@ def _load_tokenizer(path: Path, need: bool):
 
 
 def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto",
-               need_tokenizer: bool = True) -> Loaded:
+               need_tokenizer: bool = True, trust_pickle: bool | None = None) -> Loaded:
     """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, OPT, BERT) for inference.
 
     ``dtype`` ``"auto"`` keeps the checkpoint's own dtype; ``device`` ``"auto"`` is CUDA when present.
-    Weights come from safetensors (or a PyTorch file with ``weights_only``); every failure is one line.
+    Weights come from safetensors; a directory with a pickle only (``pytorch_model.bin``) is refused unless
+    ``trust_pickle`` (default: ``LAYERLAB_TRUST_PICKLE``, which ``--trust-pickle`` sets), and then read with
+    ``weights_only`` (:func:`layerlab.io.check_weights`); every failure is one line.
     A directory without a usable tokenizer (no tokenizer files, or files with an empty vocabulary, which
     transformers 5 loads as a tokenizer that encodes text to nothing) is refused, naming the files it needs;
     with ``need_tokenizer=False``, for what reads no text, it loads with ``tokenizer`` None.
     """
     path = check_model_dir(path)
+    check_weights(path, trust_pickle)
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
