@@ -20,7 +20,7 @@ from .defaults import (
     REMOVAL_TOKENS,
 )
 from .errors import LayerlabError, check_loss_tokens, check_prompt, choices_error
-from .io import TRUST_PICKLE_ENV, check_model_dir, check_output, check_weights
+from .io import TRUST_PICKLE_ENV, check_model_dir, check_output
 from .recipe import preset_names
 from .registry import (
     CONVERT_TARGETS,
@@ -69,12 +69,12 @@ def _print(lines: list[str], out: Path) -> None:
 
 
 def _inputs(*models: Path, out: Path | None = None, trust_pickle: bool = False) -> None:
-    """Check model directories, their weights and --out before the command imports torch: a mistyped path is
-    answered at once. ``--trust-pickle`` is handed to the load that follows through the environment."""
+    """Check model directories and --out before the command imports torch: a mistyped path is answered at once.
+    ``--trust-pickle`` is handed to the load that follows (which checks the weight files) through the environment."""
     if trust_pickle:
         os.environ[TRUST_PICKLE_ENV] = "1"
     for m in models:
-        check_weights(check_model_dir(m), trust_pickle)
+        check_model_dir(m)
     if out is not None:
         check_output(out, protect=models)
 

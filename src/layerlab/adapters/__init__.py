@@ -466,13 +466,13 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, de
     with ``need_tokenizer=False``, for what reads no text, it loads with ``tokenizer`` None.
     """
     path = check_model_dir(path)
-    check_weights(path, trust_pickle)
     try:
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise LayerlabError(f"{path / 'config.json'} is not a valid model config (JSON object)") from None
     if model_type not in MODEL_TYPES:
         raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
+    check_weights(path, trust_pickle)
     tokenizer = _load_tokenizer(path, need_tokenizer)  # first: it is quicker to load than the weights
     auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
     try:
