@@ -52,6 +52,7 @@ class _Pass:
     sample: TokenSample
     removal: RemovalSums
     hidden_size: int = 0
+    fidelity: dict | None = None
 
 
 @torch.no_grad()
@@ -99,6 +100,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
         "angular_distance_matrix": res["ang"], "angular_distance_matrix_last_token": res["ang_last"],
         "best_block_to_prune": _best_blocks(res["ang_last"] if v.causal else res["ang"], v.num_layers),
         "max_activation": _max_activation(res, v.num_layers),
+        "fidelity": acc.fidelity,
         "weights": [dict(block=s.block, name=s.name, shape=list(s.shape), esd_alpha=s.esd_alpha,
                          stable_rank=s.stable_rank) for s in found or []],
         "samples": {"tokens": res["tokens"], "token_sample": acc.sample.count, "sequences": res["sequences"],
@@ -121,6 +123,8 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
             with v.trace() as t, trace_gates(v) as gates:
                 out = v.forward(input_ids, mask)
             states = [t.resid_in[0], *t.resid_out]  # x_0..x_L, each (B, T, C)
+            if acc.fidelity is None:  # the first batch only: one extra, plain forward
+                acc.fidelity = check_fidelity(v, input_ids, mask, states, out)
             acc.stream.update(states, t.attn, t.mlp, t.mid, mask, gates=gates, final=t.final)
             acc.sample.update(states, mask)
             if v.has_lm_head:
@@ -130,6 +134,79 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
             bar.advance(task)
         bar.update(task, completed=n_batches)
     return acc
+
+
+# The fidelity check's tolerance on max |hooked - plain| / max |plain|, by compute dtype: float32 (and wider)
+# forwards agree to rounding, 1e-4 leaves room for non-deterministic kernels (a GPU's reductions); half precision
+# rounds at 2^-8 (bfloat16) or 2^-11 (float16) of a value, so 1e-2 (a few units of bfloat16 rounding) there.
+FIDELITY_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 1e-2}
+FIDELITY_TOLERANCE_DEFAULT = 1e-4
+
+
+def fidelity_tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance of :func:`check_fidelity` for hidden states of ``dtype``."""
+    return FIDELITY_TOLERANCE.get(dtype, FIDELITY_TOLERANCE_DEFAULT)
+
+
+def _rel_diff(hooked: torch.Tensor, plain: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+    """max |hooked - plain| over the real tokens, and that relative to max |plain| there (finite values; equal
+    infinities or NaN on both sides count as agreeing). Row by row, so that no second (B, T, vocab) float copy
+    of the logits is made."""
+    diff = scale = 0.0
+    for h, p, m in zip(hooked, plain, real, strict=True):
+        a, b = h[m].float(), p[m].float()
+        if not b.numel():
+            continue
+        d = (a - b).abs()
+        d = torch.where((a == b) | (a.isnan() & b.isnan()), torch.zeros_like(d), d)
+        diff = max(diff, math.inf if bool(d.isnan().any()) else float(d.max()))  # NaN on one side only: diverged
+        finite = b[b.isfinite()]
+        scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+    return diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[torch.Tensor], out) -> dict:
+    """Compare a traced forward with the model's plain forward of the same batch (no hooks,
+    ``output_hidden_states=True``): the residual stream x_0..x_L the trace recorded against Hugging Face's
+    hidden states, and the logits (causal LMs) against the plain logits, on real (non-padded) tokens.
+
+    Hidden state l (l < L) is x_l; the last one has the final norm applied where the model has one, so it is
+    compared with final_norm(x_L) (x_L itself for an encoder). Each figure is max |Δ| relative to max |.| of
+    the plain value; any above :func:`fidelity_tolerance` raises :class:`LayerlabError` naming the first
+    point (embedding, block, logits) that diverged. Returns the report's ``fidelity`` entry."""
+    kw = {"use_cache": False} if v.causal else {}
+    plain = v.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kw)
+    hs = plain.hidden_states
+    L = v.num_layers
+    if hs is None or len(hs) != L + 1:
+        raise LayerlabError(f"fidelity check: the plain forward returned {0 if hs is None else len(hs)} hidden "
+                            f"states, expected {L + 1} (embedding and {L} blocks)")
+    tol = fidelity_tolerance(states[0].dtype)
+    real = mask.bool()
+    last = v.final_norm(states[L]) if v.final_norm is not None else states[L]
+    worst = 0.0
+    for i, hooked in enumerate([*states[:L], last]):
+        _, rel = _rel_diff(hooked, hs[i], real)
+        worst = max(worst, rel)
+        if not rel <= tol:
+            where = "the embedding" if i == 0 else f"block {i - 1}"
+            raise LayerlabError(f"fidelity check failed: the hooked forward diverges from the plain forward at "
+                                f"{where} (max |Δ| = {rel:.3g} of the hidden state's scale, tolerance {tol:g})")
+    logit_diff = None
+    if v.has_lm_head:
+        logit_diff, rel = _rel_diff(out.logits, plain.logits, real)
+        if not rel <= tol:
+            raise LayerlabError(f"fidelity check failed: the hooked forward's logits diverge from the plain "
+                                f"forward's (max |Δlogit| = {logit_diff:.3g}, {rel:.3g} of their scale, "
+                                f"tolerance {tol:g})")
+    elif getattr(out, "last_hidden_state", None) is not None:  # an encoder: its output is the last hidden state
+        _, rel = _rel_diff(out.last_hidden_state, plain.last_hidden_state, real)
+        worst = max(worst, rel)
+        if not rel <= tol:
+            raise LayerlabError(f"fidelity check failed: the hooked forward's output diverges from the plain "
+                                f"forward's ({rel:.3g} of its scale, tolerance {tol:g})")
+    return {"max_abs_logit_diff": logit_diff, "max_rel_hidden_diff": worst, "layers_checked": L,
+            "tolerance": tol, "passed": True}
 
 
 def _best_blocks(matrix: list[list], num_layers: int) -> dict[str, dict]:

