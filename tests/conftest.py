@@ -1,9 +1,11 @@
+import importlib
 import os
 
 # Idle OpenMP threads sleep instead of spinning: with spinning, two threads on a loaded 2-core
 # machine slow tiny forwards down by an order of magnitude. Set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -79,3 +81,24 @@ def digest(directory) -> dict[str, str]:
     import hashlib
 
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+class FakeTok:
+    """A tokenizer stand-in for analyze: fixed random ids 1..vocab-1 (0 is padding). With
+    :func:`measure_fake_ids` in place, analyze measures exactly these ids, so its windows are known."""
+
+    pad_token_id = 0
+    cls_token_id = sep_token_id = None
+
+    def __init__(self, vocab: int, seed: int = 3, n: int = 4000):
+        self.ids = torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def measure_fake_ids(monkeypatch):
+    """Make analyze read a :class:`FakeTok`'s ids as its text; any other tokenizer reads the real text.
+    Returns the analyze module (the package re-exports a function of that name)."""
+    module = importlib.import_module("layerlab.analysis.analyze")
+    real = module.split_ids
+    monkeypatch.setattr(module, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
+        tok, FakeTok) else real(tok, data, split))
+    return module

@@ -1,14 +1,12 @@
 """Analysis: adapters on every architecture, and each measurement against an independent recomputation."""
 
-import importlib
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb, tiny_cfg
+from conftest import FakeTok, measure_fake_ids, perturb, tiny_cfg
 from transformers import (
     BertConfig,
     BertModel,
@@ -173,7 +171,7 @@ def test_angular_distance_and_block_influence_match_recomputation():
 
 def test_removal_delta_equals_the_loss_of_the_deleted_model():
     model = _build("layerlab")
-    tok = _FakeTok()
+    tok = FakeTok(V)
     entry = analyze_model(model, tok, name="m", path=None, tokens=200, seq_len=16, batch_size=4,
                           removal_tokens=10_000, spectra=False, intrinsic=False, progress=False)
     ids = torch.tensor(tok.ids[:200])
@@ -196,23 +194,9 @@ def test_removal_delta_equals_the_loss_of_the_deleted_model():
     assert entry["loss"] == pytest.approx((full + f_tail) / (n + n_tail), rel=1e-5)
 
 
-class _FakeTok:
-    """A tokenizer stand-in: fixed random ids, so the windows are known exactly (see ``_fake_text``)."""
-
-    pad_token_id = 0
-    cls_token_id = sep_token_id = None
-
-    def __init__(self):
-        self.ids = torch.randint(1, V, (4000,), generator=torch.Generator().manual_seed(3)).tolist()
-
-
 @pytest.fixture(autouse=True)
 def _fake_text(monkeypatch):
-    """With a _FakeTok, analyze measures exactly its ids; any other tokenizer reads the real text."""
-    module = importlib.import_module("layerlab.analysis.analyze")  # the package re-exports a function of that name
-    real = module.split_ids
-    monkeypatch.setattr(module, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
-        tok, _FakeTok) else real(tok, data, split))
+    measure_fake_ids(monkeypatch)
 
 
 def test_effective_rank_is_exact_on_low_rank_data():
@@ -240,7 +224,7 @@ def test_sample_measures_on_constructed_data():
 
 def test_memory_does_not_grow_with_tokens():
     model = _build("layerlab")
-    tok = _FakeTok()
+    tok = FakeTok(V)
     small = analyze_model(model, tok, name="m", path=None, tokens=256, seq_len=16, batch_size=4, removal_tokens=0,
                           spectra=False, intrinsic=False, progress=False)
     large = analyze_model(model, tok, name="m", path=None, tokens=2048, seq_len=16, batch_size=4, removal_tokens=0,
@@ -251,7 +235,7 @@ def test_memory_does_not_grow_with_tokens():
 
 def test_report_keys_and_best_block(tmp_path):
     model = _build("layerlab")
-    entry = analyze_model(model, _FakeTok(), name="m", path=None, tokens=300, seq_len=16, batch_size=4,
+    entry = analyze_model(model, FakeTok(V), name="m", path=None, tokens=300, seq_len=16, batch_size=4,
                           spectra=False, intrinsic=False, progress=False)
     keys = {"index", "angular_distance", "angular_distance_last_token", "block_influence", "relative_contribution",
             "hidden_rms", "max_abs_activation", "effective_rank", "esd_alpha", "logit_lens_loss",

@@ -1,12 +1,10 @@
 """The fidelity certificate of ``analyze``: the hooked forward checked against the model's plain forward."""
 
-import importlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from conftest import perturb, tiny_cfg
+from conftest import FakeTok, measure_fake_ids, perturb, tiny_cfg
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
@@ -19,7 +17,6 @@ from layerlab.errors import LayerlabError
 from layerlab.report.html import render_html
 
 V = 64
-ANALYZE = importlib.import_module("layerlab.analysis.analyze")  # the package re-exports a function
 
 
 def _models():
@@ -38,21 +35,9 @@ def _build(name):
     return perturb(_models()[name](), scale=0.02).eval()
 
 
-class _FakeTok:
-    """A tokenizer stand-in: fixed random ids (see ``_fake_text``)."""
-
-    pad_token_id = 0
-    cls_token_id = sep_token_id = None
-
-    def __init__(self):
-        self.ids = torch.randint(1, V, (4000,), generator=torch.Generator().manual_seed(3)).tolist()
-
-
 @pytest.fixture(autouse=True)
 def _fake_text(monkeypatch):
-    real = ANALYZE.split_ids
-    monkeypatch.setattr(ANALYZE, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
-        tok, _FakeTok) else real(tok, data, split))
+    measure_fake_ids(monkeypatch)
 
 
 # 50 tokens in windows of 16, 4 per batch: the first (and only) batch holds a right-padded last row
@@ -82,7 +67,7 @@ def _expected(model, tok, ids, tokens):
 
 @pytest.mark.parametrize("name", sorted(_models()))
 def test_fidelity_passes_on_tiny_models(name):
-    model, tok = _build(name), _FakeTok()
+    model, tok = _build(name), FakeTok(V)
     entry = analyze_model(model, tok, tokens=50, **KW)
     f = entry["fidelity"]
     assert f["passed"] is True and f["layers_checked"] == 3 and f["tolerance"] == fidelity_tolerance(torch.float32)
@@ -126,7 +111,7 @@ def test_a_wrong_trace_is_an_error_naming_the_block(monkeypatch, name, k):
 
     monkeypatch.setattr(adapters, "Trace", bent_trace)
     with pytest.raises(LayerlabError, match=rf"diverges from the plain forward at block {k} ") as e:
-        analyze_model(_build(name), _FakeTok(), tokens=50, **KW)
+        analyze_model(_build(name), FakeTok(V), tokens=50, **KW)
     assert "\n" not in str(e.value) and "tolerance 0.0001" in str(e.value)
 
 
@@ -140,7 +125,7 @@ def test_wrong_logits_are_an_error(monkeypatch):
 
     model.lm_head.register_forward_hook(once)
     with pytest.raises(LayerlabError, match="logits diverge"):
-        analyze_model(model, _FakeTok(), tokens=50, **KW)
+        analyze_model(model, FakeTok(V), tokens=50, **KW)
 
 
 def test_tolerance_is_dtype_aware():

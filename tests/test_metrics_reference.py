@@ -7,14 +7,13 @@ end-to-end test (the last window is short), and the padding token's embedding is
 measure taken over the wrong tokens, the wrong layer or with the wrong normalisation disagrees.
 """
 
-import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb, tiny_cfg
+from conftest import FakeTok, measure_fake_ids, perturb, tiny_cfg
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
@@ -27,23 +26,11 @@ V = 64
 REL = 1e-4  # float32 model against a float64 reference
 
 
-class _FakeTok:
-    """A tokenizer stand-in: fixed random ids 1..V-1 (0 is padding), measured as they are."""
-
-    pad_token_id = 0
-    cls_token_id = sep_token_id = None
-
-    def __init__(self):
-        self.ids = torch.randint(1, V, (4000,), generator=torch.Generator().manual_seed(5)).tolist()
-
-
 @pytest.fixture
 def recorded(monkeypatch):
-    """The (input_ids, mask) batches analyze reads, in order; a _FakeTok's ids are the text."""
-    module = importlib.import_module("layerlab.analysis.analyze")
-    real_split, real_batches = module.split_ids, module.batches
-    monkeypatch.setattr(module, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
-        tok, _FakeTok) else real_split(tok, data, split))
+    """The (input_ids, mask) batches analyze reads, in order; a FakeTok's ids are the text."""
+    module = measure_fake_ids(monkeypatch)
+    real_batches = module.batches
     seen = []
 
     def spy(*args, **kwargs):
@@ -174,7 +161,7 @@ def test_stream_metrics_match_a_hand_written_forward(kind, recorded):
     model = _loud_padding(perturb(model, scale=0.02).eval(), model.embed)
     if kind != "no-norm":
         _loud_gate(model, LOUD_GATE)
-    entry = _analyze(model, _FakeTok())
+    entry = _analyze(model, FakeTok(V, seed=5))
     L = 4
     assert any(not bool(m.all()) for _, m in recorded)  # the short last window is padded
 
@@ -254,7 +241,7 @@ def test_a_missing_sublayer_has_no_max(recorded):
     torch.manual_seed(0)
     model = perturb(layerlab.build_model(tiny_cfg(layers=3, context=32, vocab_size=V, drop_attn=[0],
                                                   drop_mlp=[1])), scale=0.02).eval()
-    layers = _analyze(model, _FakeTok(), tokens=100)["layers"]
+    layers = _analyze(model, FakeTok(V, seed=5), tokens=100)["layers"]
     assert layers[0]["max_abs"]["attn"] is None and layers[0]["max_abs"]["gate"] is not None
     assert layers[1]["max_abs"]["mlp"] is None and layers[1]["max_abs"]["gate"] is None
     for lay in layers:
@@ -310,7 +297,7 @@ def test_hf_gate_and_logit_lens_at_every_layer(name, recorded):
     model = perturb({"gpt2": _gpt2, "llama": _llama}[name](), scale=0.05).eval()
     embed = model.transformer.wte if name == "gpt2" else model.model.embed_tokens
     _loud_padding(model, embed, scale=3.0)
-    entry = _analyze(model, _FakeTok())
+    entry = _analyze(model, FakeTok(V, seed=5))
     mlps, gate, read = (_gpt2_parts if name == "gpt2" else _llama_parts)(model)
     L = len(mlps)
     inputs: list = [None] * L  # what each MLP reads, from hooks written here
