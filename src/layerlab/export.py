@@ -24,7 +24,6 @@ rounded to bf16 twice); the folded model is checked against the original on rand
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from .config import ModelConfig
 from .data import load_tokenizer
 from .errors import LayerlabError, choices_error
 from .io import output_dir, write_manifest
-from .model import LayerlabForCausalLM, build_model, num_params
+from .model import LayerlabForCausalLM, build_model, num_params, rebuild
 from .norms import NoNorm
 from .packed import refuse_quantized
 from .registry import EXPORT_TARGETS, NORMS, PLACEMENTS, block_placement_names
@@ -204,21 +203,10 @@ def fold_norms(model: LayerlabForCausalLM) -> tuple[LayerlabForCausalLM, dict]:
             del state[key]
         folded.append(f"{norm_name} -> {linear_name}")
     added = set(state) - set(before)
-    new_cfg = ModelConfig(**{**cfg.to_dict(), "norm": "none",
-                             "bias": cfg.bias or any(k.startswith("blocks.") for k in added),
-                             "head_bias": cfg.head_bias or "lm_head.bias" in state,
-                             "tie_embeddings": cfg.tie_embeddings and "ln_f -> lm_head" not in folded})
-    new = build_model(new_cfg)
-    for key, value in new.state_dict().items():  # biases turned on where no shift needed one stay zero
-        if key not in state and key.endswith(".bias"):
-            state[key] = torch.zeros_like(value)
-    new.load_state_dict(state, strict=True)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(new.config, key, getattr(model.config, key, None))
-    if getattr(model, "generation_config", None) is not None:
-        new.generation_config = copy.deepcopy(model.generation_config)
+    new = rebuild(model, state, norm="none", bias=cfg.bias or any(k.startswith("blocks.") for k in added),
+                  head_bias=cfg.head_bias or "lm_head.bias" in state,
+                  tie_embeddings=cfg.tie_embeddings and "ln_f -> lm_head" not in folded)
     device = next(model.parameters()).device
-    new.to(device).eval()
     rows, positions = FOLD_CHECK_SHAPE
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (rows, min(positions, cfg.context)), generator=gen).to(device)

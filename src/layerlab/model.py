@@ -11,6 +11,7 @@ A block named in ``drop_attn`` (``drop_mlp``) has ``ln1``, ``attn`` (``ln2``, ``
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable
@@ -343,6 +344,35 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
 def build_model(cfg: ModelConfig) -> LayerlabForCausalLM:
     """A freshly initialised model for ``cfg``."""
     return LayerlabForCausalLM(LayerlabConfig.from_model_config(cfg))
+
+
+def carry_ids(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` the special token ids and generation defaults of ``src``."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(dst.config, key, getattr(src.config, key, None))
+    if getattr(src, "generation_config", None) is not None:
+        dst.generation_config = copy.deepcopy(src.generation_config)
+    return dst
+
+
+def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **changes) -> LayerlabForCausalLM:
+    """A new layerlab model with ``model``'s config and ``changes`` (``tie_embeddings`` False unless a change
+    says otherwise), exactly the weights in ``state``, ``model``'s token ids, on its device, in eval mode.
+
+    A linear that gained a bias (``bias`` turned on to hold a folded shift) starts at zero; any other weight
+    missing from ``state``, or one with no place in the new model, is an error."""
+    cfg = ModelConfig(**{**model.cfg.to_dict(), "tie_embeddings": False, **changes})  # validated anew
+    new = build_model(cfg)
+    want = set(new.state_dict())
+    extra = {k: v for k, v in state.items() if k not in want}
+    for key in want - set(state):
+        if not key.endswith(".bias"):
+            raise RuntimeError(f"no weight for {key}")
+        state[key] = torch.zeros_like(new.state_dict()[key])
+    if extra:
+        raise RuntimeError(f"weights with no place in the rebuilt model: {sorted(extra)[:4]}")
+    new.load_state_dict(state, strict=True)
+    return carry_ids(model, new).to(next(model.parameters()).device).eval()
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -44,13 +44,12 @@ import torch
 from torch import nn
 
 from ..adapters import view
-from ..config import ModelConfig
 from ..data import batches, measure_ids, window_length
 from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import progress_bar
-from ..model import LayerlabForCausalLM, build_model, num_params
+from ..model import LayerlabForCausalLM, carry_ids, num_params, rebuild
 from ..norms import LayerNorm
 from ..registry import CONVERT_TARGETS as TARGETS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
@@ -75,15 +74,6 @@ def _gpt2_variant_problem(config) -> str | None:
     return None
 
 
-def _carry_ids(src, dst):
-    """Give ``dst`` the special token ids and generation defaults of ``src``."""
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(dst.config, key, getattr(src.config, key, None))
-    if getattr(src, "generation_config", None) is not None:
-        dst.generation_config = copy.deepcopy(src.generation_config)
-    return dst
-
-
 def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
     """``model`` as a layerlab Pre-LN model (a GPT-2 is mapped exactly), or a one-line reason why not."""
     from ..export import from_gpt2
@@ -103,7 +93,7 @@ def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
         if (why := _gpt2_variant_problem(model.config)) is not None:
             raise LayerlabError(f"this GPT-2 variant has no exact layerlab equivalent: {why}")
         device = next(model.parameters()).device
-        return _carry_ids(model, from_gpt2(model).to(device).eval())
+        return carry_ids(model, from_gpt2(model).to(device).eval())
     if not isinstance(model, LayerlabForCausalLM):
         raise LayerlabError(f"convert supports layerlab and GPT-2 models (Pre-LN with LayerNorm); this is a "
                             f"{model_type!r} model, which it cannot convert yet")
@@ -141,23 +131,6 @@ def _bias(linear: nn.Linear) -> torch.Tensor:
     return linear.bias.detach().clone() if linear.bias is not None else torch.zeros_like(linear.weight[:, 0])
 
 
-def _rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **changes) -> LayerlabForCausalLM:
-    """A new layerlab model with config ``changes`` and exactly the weights in ``state``."""
-    cfg = ModelConfig(**{**model.cfg.to_dict(), "tie_embeddings": False, **changes})  # validated anew
-    new = build_model(cfg)
-    want = set(new.state_dict())
-    extra = {k: v for k, v in state.items() if k not in want}
-    # a linear that gained a bias (``bias`` turned on to hold a folded norm bias) starts at zero
-    for key in want - set(state):
-        if not key.endswith(".bias"):
-            raise RuntimeError(f"no weight for {key}")
-        state[key] = torch.zeros_like(new.state_dict()[key])
-    if extra:
-        raise RuntimeError(f"weights with no place in the converted model: {sorted(extra)[:4]}")
-    new.load_state_dict(state, strict=True)
-    return _carry_ids(model, new).to(next(model.parameters()).device).eval()
-
-
 @torch.no_grad()
 def to_rmsnorm(model, norm: str = "rmsnorm") -> LayerlabForCausalLM:
     """The exact Pre-RMSNorm (``norm="rmsnorm"``) or Pre-CRMSNorm equivalent of a Pre-LN model.
@@ -188,7 +161,7 @@ def to_rmsnorm(model, norm: str = "rmsnorm") -> LayerlabForCausalLM:
     if (model.lm_head.bias is not None) or head_bias.any():
         state["lm_head.bias"] = _bias(model.lm_head) + head_bias
     cfg = model.cfg
-    return _rebuild(model, state, norm=norm, bias=cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
+    return rebuild(model, state, norm=norm, bias=cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
 
 
 # ---------------------------------------------------------------- no-norm: fixed constants, then fold
@@ -333,7 +306,7 @@ def fold_norms(model: LayerlabForCausalLM) -> LayerlabForCausalLM:
     head_bias = fold("ln_f", model.lm_head, "lm_head")
     if model.lm_head.bias is not None or head_bias.any():
         state["lm_head.bias"] = head_bias
-    return _rebuild(model, state, norm="none", bias=model.cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
+    return rebuild(model, state, norm="none", bias=model.cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
 
 
 # ---------------------------------------------------------------- the command
