@@ -86,6 +86,22 @@ class CRMSNorm(nn.Module):
         return F.rms_norm(full, self.weight.shape, self.weight, self.eps)
 
 
+class _WithBias:
+    """Adds a fixed bias after the norm: the LayerNorm bias that a family's format has no linear bias to hold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.bias
+
+
+class RMSNormWithBias(_WithBias, RMSNorm):
+    """RMSNorm(x) * g + b; on a zero-mean stream, the same as LayerNorm with gain g and bias b (what a LayerNorm
+    family converted by ``convert --to rmsnorm`` runs with, where its format has no linear to fold b into)."""
+
+
+class CRMSNormWithBias(_WithBias, CRMSNorm):
+    """CRMSNorm(x) * g + b; on a zero-mean stream, the same as LayerNorm with gain g and bias b."""
+
+
 @register("dyt")
 class DyT(nn.Module):
     """Dynamic Tanh: g * tanh(a * x) + b, learnable scalar a initialised to 0.5.

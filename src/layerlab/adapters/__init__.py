@@ -2,7 +2,10 @@
 
 One registry entry per architecture maps the fixed names (``ln1``, ``attn``, ``ln2``, ``mlp``,
 final norm, unembedding) onto the model's module paths, as TransformerLens'
-``component_mapping`` does. layerlab's own model uses these names natively.
+``component_mapping`` does. layerlab's own model uses these names natively. An entry also says how
+its blocks differ from the sequential Pre-LN form (``Arch.form``: parallel sublayers, output-normalised
+sublayers), where a sublayer's output is normalised, whether the logits are soft-capped, and where a
+mixture-of-experts block keeps its router and experts; the methods read those fields, never a family's name.
 
 Everything that reads or edits layers goes through a :class:`LayerView`:
 - :meth:`LayerView.trace` hooks the residual stream entering and leaving each block and the
@@ -54,6 +57,34 @@ class Arch:
     out_proj: dict[str, str] = field(default_factory=dict)
     # the block runs its MLP on (B*T, C) rows (OPT); a trace reshapes what it records there to (B, T, ...)
     flat_mlp: bool = False
+    # how the sublayers meet the residual stream (FORMS): "sequential" x + attn(.), then + mlp(.); "parallel"
+    # x + attn(n1(x)) + mlp(n2(x)), both sublayers reading the block's input (GPT-J, Pythia, Phi-1/2, Falcon;
+    # Wang & Komatsuzaki, 2021); "output-norm" x + Norm(F(x)), no input norm (OLMo 2, OLMo et al., 2024)
+    form: str = "sequential"
+    # path inside a block of the module whose input is the stream between the sublayers, where there is no ln2
+    # to read it from (OLMo 2: "mlp"); in a parallel block that stream is computed, as resid_in + attn
+    mid: str | None = None
+    # the config key of the final logit soft-cap c: logits = c * tanh(logits / c) (Gemma 2, Gemma Team, 2024)
+    logit_softcap: str | None = None
+    # mixture-of-experts: paths inside a block of the experts (3-d weights; what removing the MLP sublayer zeroes)
+    # and of the top-k router (its forward returns (router_logits, top_k_weights, top_k_index)); a block without
+    # them (a dense block in qwen3_moe) has a plain MLP whose output projection is out_proj["mlp"]
+    experts: str | None = None
+    router: str | None = None
+    # config keys (indices of the blocks whose MLP is dense, the step of the sparse ones): block removal rewrites
+    # the first from the blocks that are dense and sets the second to 1 (qwen3_moe)
+    dense_layers: tuple[str, str] | None = None
+    # the block adds to the MLP's output tensor in place (Falcon: mlp_output += attention_output), so a trace
+    # records a copy of it
+    inplace_mlp_out: bool = False
+
+    @property
+    def parallel(self) -> bool:
+        """Both sublayers read the block's input; ``Trace.mid`` is then ``resid_in + attn``."""
+        return self.form == "parallel"
+
+
+FORMS = ("sequential", "parallel", "output-norm")
 
 
 ARCHS: dict[str, Arch] = {
@@ -77,13 +108,88 @@ ARCHS: dict[str, Arch] = {
     "opt": Arch("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm", "lm_head",
                 {"ln1": "self_attn_layer_norm", "attn": "self_attn", "ln2": "final_layer_norm"}, "self_attn", "fc2",
                 causal=True, placement="pre", out_proj={"attn": "self_attn.out_proj", "mlp": "fc2"}, flat_mlp=True),
+    # Pythia / GPT-NeoX with use_parallel_residual (x + attn(ln1 x) + mlp(ln2 x)); "gpt_neox_seq" without it
+    "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
+                     {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                     "attention", "mlp", causal=True, placement="pre",
+                     out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel"),
+    "gpt_neox_seq": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
+                         {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm",
+                          "mlp": "mlp"}, "attention", "mlp", causal=True, placement="pre",
+                         out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # GPT-J: one ln_1 feeds both sublayers, x + attn(ln_1 x) + mlp(ln_1 x)
+    "gptj": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
+                 {"ln1": "ln_1", "attn": "attn", "mlp": "mlp"}, "attn", "mlp", causal=True, placement="pre",
+                 out_proj={"attn": "attn.out_proj", "mlp": "mlp.fc_out"}, form="parallel"),
+    # Phi-1/1.5/2: one input_layernorm feeds both sublayers
+    "phi": Arch("model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head",
+                {"ln1": "input_layernorm", "attn": "self_attn", "mlp": "mlp"}, "self_attn", "mlp", causal=True,
+                placement="pre", out_proj={"attn": "self_attn.dense", "mlp": "mlp.fc2"}, form="parallel"),
+    # Falcon, three forms (arch_of picks by config): parallel_attn with one input_layernorm (falcon-7b);
+    # new_decoder_architecture with ln_attn / ln_mlp (falcon-40b, -180b); parallel_attn=False, sequential
+    "falcon": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                   {"ln1": "input_layernorm", "attn": "self_attention", "mlp": "mlp"}, "self_attention", "mlp",
+                   causal=True, placement="pre", out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
+                   form="parallel", inplace_mlp_out=True),
+    "falcon_new": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                       {"ln1": "ln_attn", "attn": "self_attention", "ln2": "ln_mlp", "mlp": "mlp"}, "self_attention",
+                       "mlp", causal=True, placement="pre",
+                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel",
+                       inplace_mlp_out=True),
+    "falcon_seq": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                       {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
+                        "mlp": "mlp"}, "self_attention", "mlp", causal=True, placement="pre",
+                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # BLOOM (Pre-LN, ALiBi; word_embeddings_layernorm runs before block 0, so the stream entering it is
+    # normalised). Its attention and MLP modules add the residual themselves: what each sublayer adds is the
+    # output of its dense / dense_4h_to_h projection
+    "bloom": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                  {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
+                   "mlp": "mlp"}, "self_attention.dense", "mlp.dense_4h_to_h", causal=True, placement="pre",
+                  out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # Gemma 2 / Gemma 3 text: Peri-LN ("sandwich") blocks, x + post_norm(F(pre_norm(x))) for each sublayer, and the
+    # final logits soft-capped
+    "gemma2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                   {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "pre_feedforward_layernorm", "mlp": "mlp",
+                    "ln1_out": "post_attention_layernorm", "ln2_out": "post_feedforward_layernorm"},
+                   "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
+                   out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"},
+                   logit_softcap="final_logit_softcapping"),
+    # OLMo 2: no input norms, each sublayer's output normalised, x + Norm(F(x)); q/k norms inside attention
+    "olmo2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                  {"attn": "self_attn", "mlp": "mlp", "ln1_out": "post_attention_layernorm",
+                   "ln2_out": "post_feedforward_layernorm"},
+                  "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, form="output-norm", mid="mlp"),
+    # Mixtral, Qwen3-MoE, OLMoE: Llama's paths, the MLP sublayer a sparse MoE block (mlp.gate, mlp.experts)
+    "moe": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                "self_attn", "mlp", causal=True, placement="pre",
+                out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, experts="mlp.experts",
+                router="mlp.gate", dense_layers=("mlp_only_layers", "decoder_sparse_step")),
 }
 # model_type (config.json) -> architecture entry. Qwen3 (q/k norms inside attention), Phi-3 (fused qkv_proj and
 # gate_up_proj), Gemma (RMSNorm scaling by 1 + w, embedding scaled by sqrt(hidden) inside its embedding module) and
 # OLMo 1 (non-parametric LayerNorm) have Llama's module paths and sequential Pre-LN blocks; the differences sit
 # inside the modules the view names, so the "llama" entry describes them exactly.
 MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
-               "qwen3": "llama", "phi3": "llama", "gemma": "llama", "olmo": "llama", "opt": "opt", "bert": "bert"}
+               "qwen3": "llama", "phi3": "llama", "gemma": "llama", "olmo": "llama", "opt": "opt", "bert": "bert",
+               "gpt_neox": "gpt_neox", "gptj": "gptj", "phi": "phi", "falcon": "falcon", "bloom": "bloom",
+               "gemma2": "gemma2", "gemma3_text": "gemma2", "olmo2": "olmo2", "mixtral": "moe", "qwen3_moe": "moe",
+               "olmoe": "moe"}
+
+
+def _falcon_form(config) -> str:
+    if not config.parallel_attn:
+        return "falcon_seq"
+    if config.new_decoder_architecture and config.num_ln_in_parallel_attn in (None, 2):
+        return "falcon_new"
+    return "falcon"
+
+
+# model_type -> the entry for this config, where one model_type has several block forms
+VARIANTS = {"gpt_neox": lambda c: "gpt_neox" if c.use_parallel_residual else "gpt_neox_seq",
+            "falcon": _falcon_form}
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -123,9 +229,15 @@ class Trace:
     """What one traced forward recorded: lists indexed by block.
 
     ``resid_in[l]`` (B, T, C) enters block l, ``resid_out[l]`` leaves it, ``attn[l]`` and
-    ``mlp[l]`` are what each sublayer adds, ``mid[l]`` is the stream the MLP's residual
-    branch starts from (after attention was added, and normalised in Post-LN). Entries are
-    replaced on every forward; a metric reduces them to running statistics before the next batch.
+    ``mlp[l]`` are what each sublayer adds (where a sublayer's output is normalised, as in Gemma 2 or
+    OLMo 2, its output norm's output; in BLOOM, whose modules add the residual themselves, the output
+    projection's), ``mid[l]`` is the stream the MLP's residual branch starts from (after attention was
+    added, and normalised in Post-LN). In a parallel block (GPT-J, Pythia, Phi-1/2, Falcon) the MLP
+    reads ``resid_in[l]``, not ``mid[l]``; ``mid[l]`` is then defined as ``resid_in[l] + attn[l]``, the
+    stream with attention added as if the block were sequential, so that ``resid_out = mid + mlp`` holds
+    in every form and the sublayer metrics read (resid_in, mid) for attention and (mid, resid_out) for
+    the MLP. Entries are replaced on every forward; a metric reduces them to running statistics before
+    the next batch.
     """
 
     resid_in: list[torch.Tensor | None] = field(default_factory=list)
@@ -140,9 +252,11 @@ class Trace:
 class LayerView:
     """An ordered list of blocks with named parts, over any supported model."""
 
-    def __init__(self, model: nn.Module, arch_name: str):
+    def __init__(self, model: nn.Module, arch_name: str, arch: Arch | None = None):
+        """``arch`` describes the model where it is not the registered ``ARCHS[arch_name]`` (a structure
+        discovered from the module tree, say)."""
         self.model, self.arch_name = model, arch_name
-        arch = ARCHS[arch_name]
+        arch = ARCHS[arch_name] if arch is None else arch
         self.arch = arch
         root = model
         if arch_name == "bert" and hasattr(model, "bert"):  # BertFor* heads wrap a BertModel
@@ -179,6 +293,28 @@ class LayerView:
             return [b.module.placement for b in self.blocks]
         return [self.arch.placement] * self.num_layers
 
+    # whether the view knows the sublayers inside each block (a discovered structure does not)
+    sublayers_known = True
+
+    def require_sublayers(self, what: str = "this operation") -> None:
+        """Raise a one-line refusal where the view does not know the sublayers (nothing to do here)."""
+
+    @property
+    def form(self) -> str:
+        """How the sublayers meet the residual stream: "sequential", "parallel" or "output-norm" (:data:`FORMS`)."""
+        return self.arch.form
+
+    def out_proj_path(self, index: int, unit: str) -> str:
+        """The path inside block ``index`` of what removing its ``unit`` sublayer zeroes: the output projection,
+        or a mixture-of-experts block's experts (all their weights)."""
+        if unit == "mlp" and self.arch.experts and _find(self.blocks[index].module, self.arch.experts) is not None:
+            return self.arch.experts
+        return self.arch.out_proj[unit]
+
+    def router(self, index: int) -> nn.Module | None:
+        """Block ``index``'s mixture-of-experts router, None for a dense block."""
+        return _find(self.blocks[index].module, self.arch.router) if self.arch.router else None
+
     # ------------------------------------------------------------------ running
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """One forward in eval mode, no cache. Returns the model's output object."""
@@ -193,7 +329,11 @@ class LayerView:
             raise LayerlabError(f"{self.arch_name} models have no language-model head")
         if self.final_norm is not None:
             h = self.final_norm(h)
-        return self.unembed(h)
+        logits = self.unembed(h)
+        cap = getattr(self.model.config, self.arch.logit_softcap, None) if self.arch.logit_softcap else None
+        if cap:  # Gemma 2's final soft-cap, as the model's own head applies it
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     @contextmanager
     def trace(self, sublayers: bool = True) -> Iterator[Trace]:
@@ -208,9 +348,10 @@ class LayerView:
 
             return fn
 
-        def post(store, i):
+        def post(store, i, copy=False):
             def fn(module, args, output):
-                store[i] = _first(output).detach()
+                out = _first(output).detach()
+                store[i] = out.clone() if copy else out  # copy: the block goes on to change it in place
 
             return fn
 
@@ -224,6 +365,8 @@ class LayerView:
                             store[i] = store[i].view(*t.resid_out[i].shape[:-1], store[i].shape[-1])
                 if mid_is_out:
                     t.mid[i] = t.resid_out[i]
+                elif sublayers and self.arch.parallel:  # the stream with attention added, as if sequential
+                    t.mid[i] = t.resid_in[i] if t.attn[i] is None else t.resid_in[i] + t.attn[i]
 
             return fn
 
@@ -239,13 +382,17 @@ class LayerView:
             mid_is_out = sublayers and residual and b.ln2 is None and b.mlp_out is None
             handles.append(b.module.register_forward_hook(block_post(b.index, mid_is_out)))
             if sublayers:
-                for out, store in ((b.attn_out, t.attn), (b.mlp_out, t.mlp)):
+                for out, store, copy in ((b.attn_out, t.attn, False),
+                                         (b.mlp_out, t.mlp, self.arch.inplace_mlp_out)):
                     if out is not None:
-                        handles.append(out.register_forward_hook(post(store, b.index)))
-                if not residual and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
+                        handles.append(out.register_forward_hook(post(store, b.index, copy)))
+                mid = _find(b.module, self.arch.mid) if self.arch.mid else b.ln2
+                if self.arch.parallel:  # mid is computed when the block returns
+                    pass
+                elif not residual and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
                     handles.append(b.ln1.register_forward_hook(post(t.mid, b.index)))
-                elif b.ln2 is not None:  # otherwise the second norm's input is the stream itself
-                    handles.append(b.ln2.register_forward_pre_hook(pre(t.mid, b.index), with_kwargs=True))
+                elif mid is not None:  # otherwise the second norm's input (OLMo 2: the MLP's) is the stream
+                    handles.append(mid.register_forward_pre_hook(pre(t.mid, b.index), with_kwargs=True))
         if self.final_norm is not None:
             handles.append(self.final_norm.register_forward_hook(
                 lambda m, a, o: setattr(t, "final", _first(o).detach())))
@@ -393,26 +540,149 @@ def _passthrough(module, args, kwargs, output):
     return x
 
 
+@contextmanager
+def router_load(v: LayerView) -> Iterator[list[torch.Tensor | None]]:
+    """Count, per block, how often the mixture-of-experts router picks each expert, over the real tokens.
+
+    Yields one int64 tensor (E,) per block (None for a dense block), to which every forward inside the
+    context adds: each real token (``attention_mask`` 1) adds one to each of its top-k experts, so a
+    block's counts sum to k x tokens. The router's own selection is read (a forward hook on it takes the
+    ``top_k_index`` it returns), so the counts are those the model ran with. Where the mask does not match
+    the routed rows (a forward with a cache), every routed row counts. :func:`router_stats` reduces the
+    counts to a load measure.
+    """
+    counts: list[torch.Tensor | None] = []
+    for i in range(v.num_layers):
+        r = v.router(i)
+        counts.append(None if r is None else torch.zeros(r.weight.shape[0], dtype=torch.long))
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+    handles = []
+
+    def model_pre(module, args, kwargs):
+        state["mask"] = kwargs.get("attention_mask")
+
+    def hook(i: int):
+        def fn(module, args, output):
+            index = output[2].detach()  # (rows, k): the experts each routed row is sent to
+            mask = state["mask"]
+            if mask is not None and mask.numel() == index.shape[0]:
+                index = index[mask.reshape(-1).bool()]
+            counts[i] += torch.bincount(index.reshape(-1), minlength=counts[i].numel()).cpu()
+
+        return fn
+
+    handles.append(v.model.register_forward_pre_hook(model_pre, with_kwargs=True))
+    for i, c in enumerate(counts):
+        if c is not None:
+            handles.append(v.router(i).register_forward_hook(hook(i)))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def router_stats(counts: torch.Tensor) -> dict[str, float | None]:
+    """The load over experts of one block's accumulated router counts (:func:`router_load`).
+
+    With p_e = count_e / sum of counts (the share of token-assignments expert e received):
+    ``router_entropy`` = -sum p_e ln p_e in nats (ln E for a perfectly balanced router, 0 when one expert
+    takes everything; divide by ln E for a 0..1 scale), ``router_max_share`` = max_e p_e (1/E when
+    balanced). The load-balance view of Shazeer et al., 2017 and Fedus et al., 2022 (Switch Transformer),
+    measured rather than used as a loss. None for both where nothing was counted.
+    """
+    total = float(counts.sum())
+    if total <= 0:
+        return {"router_entropy": None, "router_max_share": None}
+    p = counts.double() / total
+    nz = p[p > 0]
+    return {"router_entropy": float(-(nz * nz.log()).sum()), "router_max_share": float(p.max())}
+
+
+def unsupported_error(model_type) -> LayerlabError:
+    """The one-line refusal of a ``model_type`` with no adapter entry that cannot be discovered either."""
+    return LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}, "
+                         "or any causal LM of the installed transformers (its block structure discovered)")
+
+
 def arch_of(model: nn.Module) -> str:
     """The adapter entry for ``model``, or an error listing the supported architectures."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
-        raise LayerlabError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}"
-        )
+        raise unsupported_error(model_type)
     if model_type == "opt" and (not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size
                                 or getattr(config, "_remove_final_layer_norm", False)):
         raise LayerlabError("this OPT variant (as OPT-350m: Post-LN blocks, do_layer_norm_before=False, or "
                             "project_in/project_out around the blocks) is not supported; only Pre-LN OPT is")
+    if model_type == "bloom" and (config.apply_residual_connection_post_layernorm
+                                  or (config.pretraining_tp > 1 and config.slow_but_exact)):
+        raise LayerlabError("this BLOOM variant (apply_residual_connection_post_layernorm, or slow_but_exact with "
+                            "pretraining_tp > 1) is not supported")
+    if model_type in VARIANTS:
+        return VARIANTS[model_type](config)
     return MODEL_TYPES[model_type]
 
 
 def view(model: nn.Module) -> LayerView:
-    """The :class:`LayerView` of a loaded model."""
+    """The :class:`LayerView` of a loaded model: its registered entry, or, for a causal LM whose ``model_type``
+    has none, a block-level view of the structure discovered from its module tree
+    (:func:`layerlab.adapters.discover.discovered_view`; one line naming what was found where that fails)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in MODEL_TYPES:
+        from .discover import discoverable, discovered_view  # discover imports this module
+
+        if discoverable(model_type):
+            return discovered_view(model)
     return LayerView(model, arch_of(model))
 
 
+
+
+def stream_norms(v: LayerView) -> dict[str, nn.Module]:
+    """The norms that read the residual stream, by module path: every block's ``ln1``/``ln2`` and the final norm."""
+    out = {}
+    for b in v.blocks:
+        for part in ("ln1", "ln2"):
+            if part in v.arch.parts and part in b.parts:
+                out[f"{v.arch.blocks}.{b.index}.{v.arch.parts[part]}"] = b.parts[part]
+    if v.final_norm is not None:
+        out[v.arch.final_norm] = v.final_norm
+    return out
+
+
+@torch.no_grad()
+def swap_stream_norms(model: nn.Module, norm: str = "rmsnorm", *, keep_bias: bool = True) -> nn.Module:
+    """Put an RMSNorm (``norm``: ``"rmsnorm"`` or ``"crmsnorm"``) in place of every stream norm (in place).
+
+    For a LayerNorm family whose residual stream ``convert --to rmsnorm`` recentred (Jiang et al., 2023): there
+    each LayerNorm (gain g, epsilon e) computes exactly RMSNorm with the same g and e. A LayerNorm with a bias b
+    becomes RMSNorm then + b (:class:`~layerlab.norms.RMSNormWithBias`; b is zero where convert folded it into
+    the linears that read the norm), so the state dict keeps the family's keys and a model written after the
+    swap still loads in plain transformers; with ``keep_bias=False`` the biases must already be folded and the
+    norms are plain RMSNorm. Returns ``model``."""
+    from ..norms import CRMSNormWithBias, RMSNormWithBias
+    from ..registry import NORMS
+
+    v = view(model)
+    parts = {f"{v.arch.blocks}.{b.index}.{v.arch.parts[p]}": (b.index, p) for b in v.blocks for p in ("ln1", "ln2")
+             if p in b.parts}
+    for name, old in stream_norms(v).items():
+        if not isinstance(old, nn.LayerNorm):
+            raise LayerlabError(f"{name} is a {type(old).__name__}, not the LayerNorm of a recentred model")
+        g = old.weight.detach() if old.weight is not None else torch.ones(old.normalized_shape[-1])
+        keep = keep_bias and old.bias is not None
+        cls = {"rmsnorm": RMSNormWithBias, "crmsnorm": CRMSNormWithBias}[norm] if keep else NORMS[norm]
+        new = cls(g.numel(), eps=old.eps).to(device=g.device, dtype=g.dtype)
+        new.weight.copy_(g)
+        if keep:
+            new.bias = nn.Parameter(old.bias.detach().clone())
+        if name in parts:
+            v.replace(*parts[name], new)
+        else:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, new)
+    return model
 
 
 class Loaded(NamedTuple):
@@ -455,7 +725,10 @@ def _load_tokenizer(path: Path, need: bool):
 
 def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, device: str = "auto",
                need_tokenizer: bool = True, trust_pickle: bool | None = None) -> Loaded:
-    """Open a model directory of a supported family (layerlab, GPT-2, Llama-style, OPT, BERT) for inference.
+    """Open a model directory of a supported family (:data:`MODEL_TYPES`), or of any causal LM of the installed
+    transformers whose block structure can be discovered (:mod:`layerlab.adapters.discover`), for inference.
+    A LayerNorm family converted by ``convert --to rmsnorm`` (``"layerlab": {"norms": ...}`` in its config)
+    runs with RMSNorm modules in place of its stream norms, which it was converted to compute exactly.
 
     ``dtype`` ``"auto"`` keeps the checkpoint's own dtype; ``device`` ``"auto"`` is CUDA when present.
     Weights come from safetensors; a directory with a pickle only (``pytorch_model.bin``) is refused unless
@@ -471,10 +744,13 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, de
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         raise LayerlabError(f"{path / 'config.json'} is not a valid model config (JSON object)") from None
     if model_type not in MODEL_TYPES:
-        raise LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}")
+        from .discover import discoverable
+
+        if not discoverable(model_type):
+            raise unsupported_error(model_type)
     check_weights(path, trust_pickle)
     tokenizer = _load_tokenizer(path, need_tokenizer)  # first: it is quicker to load than the weights
-    auto = transformers.AutoModel if MODEL_TYPES[model_type] == "bert" else transformers.AutoModelForCausalLM
+    auto = transformers.AutoModel if MODEL_TYPES.get(model_type) == "bert" else transformers.AutoModelForCausalLM
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -485,4 +761,8 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = torch.float32, de
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
+    marks = getattr(model.config, "layerlab", None)
+    norms = marks.get("norms") if isinstance(marks, dict) else None
+    if norms in ("rmsnorm", "crmsnorm"):  # ``convert --to rmsnorm`` of a LayerNorm family: its stream is centred
+        swap_stream_norms(model, norms)
     return Loaded(model, tokenizer, view(model))

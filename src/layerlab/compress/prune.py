@@ -93,7 +93,7 @@ def present_sublayers(model, unit: str) -> list[bool]:
         elif v.arch_name == "layerlab":  # an existing layerlab sublayer counts, even with zero weights
             out.append(True)
         else:
-            proj = b.module.get_submodule(v.arch.out_proj[unit])
+            proj = b.module.get_submodule(v.out_proj_path(b.index, unit))
             out.append(any(bool(p.any()) for p in proj.parameters(recurse=False)))
     return out
 
@@ -212,9 +212,17 @@ def without_blocks(model, remove: list[int]):
         for key in ("drop_attn", "drop_mlp"):  # blocks that lack a sublayer keep lacking it, renumbered
             setattr(config, key, [keep.index(i) for i in getattr(model.cfg, key) if i in keep])
     else:
+        L = config.num_hidden_layers
         config.num_hidden_layers = len(keep)
-        if getattr(config, "layer_types", None):
-            config.layer_types = [config.layer_types[i] for i in keep]
+        skip = set(v.arch.dense_layers or ())
+        for key, value in config.to_dict().items():  # per-block lists (layer_types, attention_layers, ...): cut
+            if "layer" in key and key not in skip and isinstance(value, (list, tuple)) and len(value) == L:
+                setattr(config, key, [value[i] for i in keep])
+        if v.arch.dense_layers and hasattr(config, v.arch.dense_layers[0]):
+            # which blocks are dense follows from a step and a list of indices; after the cut, list them all
+            dense = [new for new, old in enumerate(keep) if v.router(old) is None]
+            setattr(config, v.arch.dense_layers[0], dense)
+            setattr(config, v.arch.dense_layers[1], 1)
     prefix = v.arch.blocks + "."
     renumber = {old: new for new, old in enumerate(keep)}
     state = {}
@@ -225,7 +233,11 @@ def without_blocks(model, remove: list[int]):
                 continue
             key = f"{prefix}{renumber[int(idx)]}.{rest}"
         state[key] = value
-    smaller = type(model)(config)
+    try:
+        smaller = type(model)(config)
+    except Exception as e:  # noqa: BLE001  (a config whose per-block settings are not a plain list, say)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayerlabError(f"cannot remove blocks from this {config.model_type!r} config: {first}") from None
     _load(smaller, state)
     return smaller.eval()
 
@@ -267,7 +279,7 @@ def without_sublayers(model, unit: str, remove: list[int]):
         smaller = copy.deepcopy(model)
         zeroed = []
         for i in sorted(remove):
-            path = v.arch.out_proj[unit]
+            path = v.out_proj_path(i, unit)
             for name, p in smaller.get_submodule(f"{v.arch.blocks}.{i}.{path}").named_parameters(recurse=False):
                 p.zero_()
                 zeroed.append(f"{v.arch.blocks}.{i}.{path}.{name}")
@@ -295,7 +307,7 @@ def _keeping_zeroed(model) -> Iterator[None]:
     """
     v = view(model)
     with ExitStack() as stack:
-        if v.arch_name != "layerlab":  # a layerlab model has no modules for a removed sublayer
+        if v.arch_name != "layerlab" and v.sublayers_known:  # a layerlab model has no modules for a removed sublayer
             for unit in SUBLAYERS:
                 gone = [i for i, here in enumerate(present_sublayers(model, unit)) if not here]
                 if gone:
@@ -304,7 +316,8 @@ def _keeping_zeroed(model) -> Iterator[None]:
 
 
 def _stage(model, tok, data, tokens: int | None) -> dict:
-    counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) for u in SUBLAYERS}
+    known = view(model).sublayers_known  # a discovered structure: how many sublayers is not known
+    counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) if known else None for u in SUBLAYERS}
     return {"layers": view(model).num_layers, **counts, "bytes": param_bytes(model),
             **lm_loss(model, tok, data, tokens)}
 
@@ -354,8 +367,9 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
             record["surgery"] = "zeroed" if zeroed else "removed"
         if zeroed:
             record["zeroed"] = zeroed
+            paths = sorted({v.out_proj_path(i, unit) for i in chosen})
             record["note"] = (f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
-                              f"projection ({v.arch.out_proj[unit]}, weight and bias) is zeroed: plain transformers "
+                              f"projection ({', '.join(paths)}, all its weights) is zeroed: plain transformers "
                               "loads the model, and its size on disk does not shrink")
         record.update(metric=metric, scores=scores, stages=list(stages), **stages,
                       after=stages["healed" if heal_steps else "pruned"])
@@ -379,6 +393,7 @@ def _check_remove(model, v: LayerView, unit: str, remove: int) -> None:
         raise LayerlabError(f"--remove must be between 1 and {v.num_layers - 1} for a {v.num_layers}-layer model, "
                             f"got {remove}")
     if unit != "block":
+        v.require_sublayers(f"prune --unit {unit}")
         _check_residual(v, unit)
         have = sum(present_sublayers(model, unit))
         if not 1 <= remove < have:
