@@ -32,6 +32,11 @@ as a layerlab model (through :func:`layerlab.export.from_gpt2`, an exact mapping
 ``AutoModelForCausalLM.from_pretrained`` after ``import layerlab``. The head of a model with tied
 embeddings is untied in the output: the input embedding is recentered (or the head's weights take the
 folded norm), so the two matrices differ.
+
+``rmsnorm`` / ``crmsnorm`` also take the Pre-LN LayerNorm families of Hugging Face (:data:`FAMILIES`: OPT,
+GPT-NeoX, GPT-J, Phi, Falcon, BLOOM), whose parallel blocks, partial rotary and ALiBi layerlab's model cannot
+express: the output is the same family's directory, recentered (:func:`recenter_family`), with
+``"layerlab": {"norms": ...}`` in its config.json; :func:`use_rmsnorm` swaps its norms for RMSNorm modules.
 """
 
 from __future__ import annotations
@@ -43,14 +48,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import view
+from ..adapters import stream_norms, swap_stream_norms, view
 from ..data import batches, measure_ids, window_length
 from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss
 from ..io import progress_bar
 from ..model import LayerlabForCausalLM, carry_ids, num_params, rebuild
-from ..norms import LayerNorm
+from ..norms import CRMSNormWithBias, LayerNorm, RMSNormWithBias
 from ..registry import CONVERT_TARGETS as TARGETS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import lm_step, train_ids
@@ -94,9 +99,19 @@ def as_pre_ln(model, to: str) -> LayerlabForCausalLM:
             raise LayerlabError(f"this GPT-2 variant has no exact layerlab equivalent: {why}")
         device = next(model.parameters()).device
         return carry_ids(model, from_gpt2(model).to(device).eval())
+    if model_type in FAMILIES:
+        if to == "no-norm":
+            raise LayerlabError(f"convert --to no-norm supports layerlab and GPT-2 models; a {model_type!r} model "
+                                "converts exactly with --to rmsnorm|crmsnorm")
+        if (why := _family_problem(model)) is not None:
+            raise LayerlabError(f"this {model_type!r} model cannot be converted exactly: {why}")
+        return model
+    if not isinstance(model, LayerlabForCausalLM) and "RMSNorm" in type(v.final_norm).__name__:
+        raise LayerlabError(f"this {model_type!r} model already uses RMSNorm; convert turns Pre-LN (LayerNorm) "
+                            "models into their RMSNorm equivalent")
     if not isinstance(model, LayerlabForCausalLM):
-        raise LayerlabError(f"convert supports layerlab and GPT-2 models (Pre-LN with LayerNorm); this is a "
-                            f"{model_type!r} model, which it cannot convert yet")
+        raise LayerlabError(f"convert supports layerlab, GPT-2 and the Pre-LN families {', '.join(FAMILIES)} "
+                            f"(LayerNorm); this is a {model_type!r} model, which it cannot convert yet")
     cfg = model.cfg
     placements = cfg.block_placements()
     if any(p != "pre" for p in placements):
@@ -162,6 +177,190 @@ def to_rmsnorm(model, norm: str = "rmsnorm") -> LayerlabForCausalLM:
         state["lm_head.bias"] = _bias(model.lm_head) + head_bias
     cfg = model.cfg
     return rebuild(model, state, norm=norm, bias=cfg.bias or needs_bias, head_bias="lm_head.bias" in state)
+
+
+# ---------------------------------------------------------------- exact, in a Hugging Face family's own format
+
+# Pre-LN LayerNorm families converted exactly and written back in their own format (issue 13)
+FAMILIES = ("opt", "gpt_neox", "gptj", "phi", "falcon", "bloom")
+CONFIG_KEY = "layerlab"  # config.json entry of a converted family model: {"norms": "rmsnorm" | "crmsnorm"}
+DISCOVERY_TOKENS = 6  # tokens of the forward that finds which linear layers read each norm
+EXACT_REL = 1e-4  # a family conversion off by more than this share of the largest |logit| is an error, not written
+
+
+def _family_problem(model) -> str | None:
+    """Why a model of one of :data:`FAMILIES` has no exact Pre-RMSNorm form, or None. (The adapter already
+    refuses the Post-LN variants: OPT-350m, BLOOM with apply_residual_connection_post_layernorm.)"""
+    norms = list(stream_norms(view(model)).values())
+    if bad := sorted({type(m).__name__ for m in norms if not isinstance(m, nn.LayerNorm)}):
+        return f"its norms are {', '.join(bad)}, not LayerNorm"
+    if model.config.model_type == "bloom" and not model.transformer.word_embeddings_layernorm.eps > 0:
+        return "its embedding LayerNorm has epsilon 0 (the recentered embedding needs a positive one)"
+    return None
+
+
+@torch.no_grad()
+def norm_readers(model, norms: dict[str, nn.Module]) -> dict[str, list[nn.Linear]]:
+    """For each norm in ``norms`` (path -> module), the linear layers that read its output.
+
+    Found by one short forward on fixed token ids: a linear reads a norm when its input holds exactly the
+    norm's output (OPT hands its MLP the same values as (B*T, C) rows). A parallel block's single norm has
+    the attention's and the MLP's input linears as readers; the final norm has the unembedding. A norm whose
+    output reaches no linear cannot have its bias folded: that is an error. (Whatever else might read a norm
+    would show in the equality check that :func:`convert` requires.)
+    """
+    outs: dict[str, torch.Tensor] = {}
+    ins: list[tuple[nn.Linear, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, a, o, n=name: outs.__setitem__(n, o.detach().clone()))
+               for name, m in norms.items()]
+    handles += [m.register_forward_pre_hook(lambda mod, a: ins.append((mod, a[0].detach().clone())))
+                for m in model.modules() if isinstance(m, nn.Linear)]
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(1, DISCOVERY_TOKENS + 1).remainder(vocab)[None].to(next(model.parameters()).device)
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    readers: dict[str, list[nn.Linear]] = {name: [] for name in norms}
+    for linear, x in ins:
+        for name, o in outs.items():  # a linear belongs to the first norm whose output it reads
+            if x.numel() == o.numel() and torch.equal(x.reshape(-1), o.reshape(-1)):
+                if all(linear is not r for r in readers[name]):
+                    readers[name].append(linear)
+                break
+    if empty := [name for name, r in readers.items() if not r]:
+        raise LayerlabError(f"cannot find the linear layers that read {empty[0]}: convert cannot fold its bias")
+    return readers
+
+
+def _affine(norm: nn.Module, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gain, bias) of a LayerNorm, ones (on ``device``) and zeros where it has none."""
+    c = norm.normalized_shape[-1]
+    w = norm.weight.detach() if norm.weight is not None else torch.ones(c, device=device)
+    b = norm.bias.detach() if getattr(norm, "bias", None) is not None else torch.zeros_like(w)
+    return w, b
+
+
+@torch.no_grad()
+def _fold_bias(norm: nn.Module, readers: list[nn.Linear], create: bool) -> bool:
+    """Move a norm's bias b into its readers: W(g*n + b) + c = W(g*n) + (Wb + c). Only where every reader has
+    a bias, unless ``create`` (then readers without one get it). Returns whether it moved."""
+    if getattr(norm, "bias", None) is None or not norm.bias.any():
+        return True
+    if not create and any(r.bias is None for r in readers):
+        return False
+    beta = norm.bias.detach().double()
+    for r in readers:
+        shift = (r.weight.detach().double() @ beta).to(r.weight.dtype)
+        if r.bias is None:
+            r.bias = nn.Parameter(shift)
+        else:
+            r.bias.add_(shift)
+    norm.bias.zero_()
+    return True
+
+
+@torch.no_grad()
+def _center_(t: torch.Tensor, dim: int) -> None:
+    t.copy_(_centered(t.double(), dim).to(t.dtype))
+
+
+@torch.no_grad()
+def _center_embedding_norm(model) -> None:
+    """BLOOM: make the stream that ``word_embeddings_layernorm`` starts zero-mean, in BLOOM's own format.
+
+    That LayerNorm's output is g*n(t) + b, n(t) the normalised embedding row of token t. Its mean-free part is
+    y(t) + b', y(t) = center(g*n(t)) and b' = center(b); y(t) is not a per-coordinate rescale of a normalised
+    row (its norm varies by token), so it is rebuilt through the epsilon: with gain c*1, bias b' and embedding
+    row k(t)*y(t), the LayerNorm outputs c*k*y / sqrt(k^2 ms(y) + eps) + b', which is y + b' when
+    k(t) = sqrt(eps / (c^2 - ms(y(t)))); c^2 = 2 max_t ms(y) keeps every k real and within a factor sqrt(2).
+    Exact in real arithmetic; in float32 the LayerNorm then differs from y + b' only by rounding.
+    """
+    ln, emb = model.transformer.word_embeddings_layernorm, model.get_input_embeddings()
+    g, b = (t.double() for t in _affine(ln))
+    e = emb.weight.double()  # (V, C)
+    n = _centered(e, 1) / (_centered(e, 1).pow(2).mean(1, keepdim=True) + ln.eps).sqrt()
+    y = _centered(g * n, 1)  # (V, C)
+    ms = y.pow(2).mean(1, keepdim=True)  # (V, 1)
+    c2 = 2 * float(ms.max()) if float(ms.max()) > 0 else 1.0
+    k = (ln.eps / (c2 - ms)).sqrt()
+    emb.weight.copy_((k * y).to(emb.weight.dtype))
+    ln.weight.fill_(math.sqrt(c2))
+    ln.bias.copy_(_centered(b, 0).to(ln.bias.dtype))
+
+
+@torch.no_grad()
+def recenter_family(model) -> nn.Module:
+    """A copy of ``model`` (one of :data:`FAMILIES`) whose residual stream is zero-mean, in its own format.
+
+    Jiang et al., 2023, Section 3, with each family's writers to the stream taken from its adapter entry:
+    the token embedding (or, in BLOOM, what its embedding LayerNorm outputs: :func:`_center_embedding_norm`),
+    learned position embeddings (OPT), and every block's output projections (``out_proj``: weight rows and
+    bias); parallel blocks add both sublayers to the stream, so both are centered the same way. A tied
+    unembedding is untied first and keeps the original matrix: centering a tied matrix would change logit v
+    by -mean(E_v) * sum(h), h the final norm's output, which depends on v and on the position, so it is not
+    a per-position constant and the softmax would change. Each LayerNorm bias is folded into the linears
+    that read the norm where all of them have a bias in the family's format; elsewhere it stays in the norm.
+    On the zero-mean stream every one of these LayerNorms computes RMSNorm(x) * g + b.
+    """
+    new = copy.deepcopy(model)
+    v = view(new)
+    tied = new.get_output_embeddings().weight is new.get_input_embeddings().weight
+    if tied:
+        new.get_output_embeddings().weight = nn.Parameter(new.get_input_embeddings().weight.detach().clone())
+        new.config.tie_word_embeddings = False
+    blocks = set(new.get_submodule(v.arch.blocks).modules())
+    embed = new.get_input_embeddings()
+    width = embed.embedding_dim
+    if new.config.model_type == "bloom":
+        _center_embedding_norm(new)
+    else:
+        _center_(embed.weight, 1)
+    for m in new.modules():  # learned positions (OPT): every other embedding outside the blocks
+        if isinstance(m, nn.Embedding) and m is not embed and m not in blocks and m.embedding_dim == width:
+            _center_(m.weight, 1)
+    for b in v.blocks:
+        for path in v.arch.out_proj.values():
+            proj = b.module.get_submodule(path)
+            _center_(proj.weight, 0)  # (C, in): each column to mean 0 over the model dimension
+            if proj.bias is not None:
+                _center_(proj.bias, 0)
+    norms = stream_norms(v)
+    for name, readers in norm_readers(new, norms).items():
+        _fold_bias(norms[name], readers, create=False)
+    return new
+
+
+@torch.no_grad()
+def use_rmsnorm(model, norm: str = "rmsnorm", *, fold: bool = False) -> nn.Module:
+    """Swap every stream norm of a recentered family model (:func:`recenter_family`) for an RMSNorm (in place).
+
+    Each LayerNorm (gain g, epsilon e) becomes ``NORMS[norm]`` with the same g and e. A LayerNorm with a bias
+    becomes ``RMSNormWithBias`` (``CRMSNormWithBias``): RMSNorm, then + b, where b is zero wherever
+    :func:`recenter_family` folded it and holds it where the family's format had nowhere to fold it; so the
+    state dict keeps the family's keys, and a model written after this swap still loads in plain transformers.
+    With ``fold``, every bias is folded into the linears that read the norm instead, adding biases where they
+    had none, and the norms are plain RMSNorm: the paper's bias-free Pre-RMSNorm. What layerlab's loader
+    applies to a directory whose config.json says ``"layerlab": {"norms": ...}``
+    (:func:`layerlab.adapters.swap_stream_norms`, which does the swap). Returns ``model``.
+    """
+    if norm not in ("rmsnorm", "crmsnorm"):
+        raise choices_error("RMSNorm variant", norm, ("rmsnorm", "crmsnorm"))
+    if fold:
+        norms = stream_norms(view(model))
+        for name, readers in norm_readers(model, norms).items():
+            _fold_bias(norms[name], readers, create=True)
+    return swap_stream_norms(model, norm, keep_bias=not fold)
+
+
+@torch.no_grad()
+def stream_mean(model, input_ids: torch.Tensor) -> float:
+    """Largest |mean over the model dimension| of the residual stream entering or leaving any block."""
+    v = view(model)
+    with v.trace(sublayers=False) as t:
+        v.forward(input_ids)
+    return max(float(h.float().mean(-1).abs().max()) for h in (*t.resid_in, *t.resid_out))
 
 
 # ---------------------------------------------------------------- no-norm: fixed constants, then fold
@@ -344,6 +543,55 @@ def _stage(model, tok, data, tokens) -> dict:
     return {"params": num_params(model), "bytes": param_bytes(model), **loss}
 
 
+def _convert_family(model, tok, to: str, data, tokens, seed: int, decisions: list[str]) -> dict:
+    """The record of converting a model of :data:`FAMILIES` (its ``"model"`` entry: what to write).
+
+    The output is the same family's directory, recentered (:func:`recenter_family`), its config.json saying
+    ``"layerlab": {"norms": to}``: plain transformers loads it and runs LayerNorm on a zero-mean stream, which
+    is RMSNorm * g + b; layerlab's loader swaps the norms for RMSNorm modules (:func:`use_rmsnorm`). Three
+    equality figures against the input, on the same windows: ``max_abs_logit_diff`` with the RMSNorm modules
+    as layerlab loads them, ``max_abs_logit_diff_bias_free`` with every norm bias folded into linears (the
+    paper's bias-free Pre-RMSNorm) and ``max_abs_logit_diff_layernorm`` as plain transformers runs the file;
+    and the largest |mean| of the stream at a block boundary, before and after. Any figure above
+    :data:`EXACT_REL` times the input's largest |logit| is an error: nothing is written.
+    """
+    model_type = model.config.model_type
+    new = recenter_family(model)
+    setattr(new.config, CONFIG_KEY, {"norms": to})
+    record: dict = {"to": to, "source": model_type}
+    bias_free = use_rmsnorm(copy.deepcopy(new), to, fold=True)  # one copy at a time: at most 3 models in memory
+    record["max_abs_logit_diff_bias_free"] = max_logit_diff(model, bias_free, tok, data, seed=seed)
+    del bias_free
+    swapped = use_rmsnorm(copy.deepcopy(new), to)
+    record["max_abs_logit_diff"] = max_logit_diff(model, swapped, tok, data, seed=seed)
+    record["max_abs_logit_diff_layernorm"] = max_logit_diff(model, new, tok, data, seed=seed)
+    ids = random_ids(model, 2, seed).to(next(model.parameters()).device)
+    with torch.no_grad():
+        scale = float(view(model).forward(ids).logits.abs().max())
+    worst = max(("max_abs_logit_diff", "max_abs_logit_diff_bias_free", "max_abs_logit_diff_layernorm"),
+                key=lambda k: record[k])
+    if not record[worst] <= EXACT_REL * scale:  # also catches NaN
+        raise LayerlabError(f"the conversion of this {model_type!r} model is not exact ({worst} = "
+                            f"{record[worst]:.2e}, largest |logit| {scale:.2e}); nothing written")
+    record["max_abs_stream_mean_before"] = stream_mean(model, ids)
+    record["max_abs_stream_mean"] = stream_mean(swapped, ids)
+    if tok is None:
+        record["checked_on"] = f"{CHECK_BATCH} x {window_length(model.config)} random token ids (seed {seed})"
+    kept = [m for m in swapped.modules() if isinstance(m, (RMSNormWithBias, CRMSNormWithBias)) and m.bias.any()]
+    decisions.append(f"written as a {model_type!r} directory (plain transformers loads it: its LayerNorms read a "
+                     f"zero-mean stream, where they equal RMSNorm); config.json says \"{CONFIG_KEY}\": "
+                     f"{{\"norms\": \"{to}\"}}, and layerlab swaps its norms for {to} modules")
+    if kept:
+        decisions.append(f"{len(kept)} norm bias(es) kept as a bias after the RMSNorm: the linears reading them "
+                         "have no bias in this family's format (the bias-free figure folds them into new biases)")
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        decisions.append("head untied from the input embedding (the two now differ)")
+    if model_type == "bloom":
+        decisions.append("the embedding LayerNorm stays a LayerNorm, rebuilt so that its output is zero-mean")
+    stages = {"before": _stage(model, tok, data, tokens), "after": _stage(swapped, tok, data, tokens)}
+    return {**record, "decisions": decisions, "stages": list(stages), **stages, "model": new}
+
+
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
             tokens: int | None = None, steps: int = CONVERT_STEPS, lr: float = CONVERT_LR, seed: int = 0,
             control: bool = False, progress: bool = False) -> dict:
@@ -362,6 +610,9 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     An input without a tokenizer (no tokenizer files, or empty ones) converts to the exact targets all the
     same: the equality check reads windows of random token ids (``seed``; ``checked_on`` says which), and
     the stages hold sizes but no loss. ``no-norm``, ``data`` and ``tokens`` read text, so they refuse it.
+
+    A model of :data:`FAMILIES` (OPT, GPT-NeoX, GPT-J, Phi, Falcon, BLOOM) is written as the same family,
+    recentered, with the figures of :func:`_convert_family`.
     """
     if to not in TARGETS:
         raise choices_error("conversion target", to, TARGETS)
@@ -380,6 +631,11 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     if tok is None:
         args.update(data=None, seed=seed)
         decisions.append("the input has no tokenizer: equality checked on random token ids, no loss measured")
+    if pre_ln is model and not isinstance(model, LayerlabForCausalLM):  # one of FAMILIES, in its own format
+        with staged_output(model_dir, out, "convert", args) as stage:
+            stage.record = _convert_family(model, tok, to, data, tokens, seed, decisions)
+            stage.save_model(stage.record.pop("model"))
+        return stage.record
     if v.arch_name == "gpt2":
         decisions.append("GPT-2 has no RMSNorm or identity-norm option: written as a layerlab model (exact mapping)")
     if pre_ln.cfg.tie_embeddings:
@@ -427,12 +683,17 @@ def convert_lines(record: dict) -> list[str]:
     lines = [f"converted Pre-LN ({record['source']}) to {label}"]
     columns = [("params", 12, lambda r: f"{r['params']:,d}"), ("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}")]
     rows = {name: record[name] for name in record["stages"]}
+    family = []
+    if "max_abs_stream_mean" in record:  # a family written in its own format
+        family = [f"  bias-free Pre-RMSNorm {record['max_abs_logit_diff_bias_free']:.2e}, as LayerNorm in plain "
+                  f"transformers {record['max_abs_logit_diff_layernorm']:.2e}; max |stream mean| "
+                  f"{record['max_abs_stream_mean_before']:.2e} before, {record['max_abs_stream_mean']:.2e} after"]
     if "checked_on" in record:  # no tokenizer: no text, so no loss
         return [*lines, f"max |logit difference| against the original on {record['checked_on']}: "
-                f"{record['max_abs_logit_diff']:.2e}", "no loss measured: the input has no tokenizer to read text with",
-                *table(rows, columns)]
+                f"{record['max_abs_logit_diff']:.2e}", *family,
+                "no loss measured: the input has no tokenizer to read text with", *table(rows, columns)]
     if "max_abs_logit_diff" in record:
-        lines.append(f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}")
+        lines += [f"max |logit difference| against the original: {record['max_abs_logit_diff']:.2e}", *family]
     else:
         vs = f" ({record['loss_delta_vs_control']:+.4f} against the control)" if "loss_delta_vs_control" in record \
             else ""
