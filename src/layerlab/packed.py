@@ -15,9 +15,20 @@ Storage, per layer:
   them one per int8 byte, and its int4 formats need CUDA or an extra kernel library), so those
   widths use the packing above.
 
+Mixture-of-experts blocks (Mixtral, Qwen3-MoE, OLMoE in transformers 5) hold all their experts'
+weights in one module, as 3-d parameters ``gate_up_proj`` (experts, 2 * inter, hidden) and ``down_proj``
+(experts, hidden, inter). :class:`PackedExperts` stores each of them the same way, per expert and per
+output row: the group-wise codes above, at one width for the whole module, always in the packed format
+(at 8 bits too: torchao's ``Int8Tensor`` is a 2-d linear weight, so the 3-d weights never use it). Its
+forward is the original experts class's own forward (whichever experts implementation the config
+selects: eager loop or grouped matmul) run on the dequantized weights. The router (``mlp.gate``) is not
+a linear layer and stays in full precision, as norms do (llama.cpp's quantizer, src/llama-quant.cpp, likewise
+never quantizes the expert gating tensor ``ffn_gate_inp``).
+
 The written directory's ``config.json`` carries ``quantization_config`` with
 ``quant_method: "layerlab"`` and each quantized module's width; after ``import layerlab``,
-``AutoModelForCausalLM.from_pretrained`` swaps those modules for :class:`PackedLinear` before the
+``AutoModelForCausalLM.from_pretrained`` swaps those modules for :class:`PackedLinear` (or
+:class:`PackedExperts`, for a module recorded with ``"kind": "experts"``) before the
 weights load (:class:`LayerlabQuantizer`, registered with transformers' quantizer registry).
 A packed layer dequantizes its weight on each forward, so it runs on any device, CPU included.
 """
@@ -76,6 +87,12 @@ def padded(in_features: int, group: int) -> int:
     return math.ceil(in_features / group) * group
 
 
+def row_group(in_features: int, group: int) -> int:
+    """The group size used for rows of ``in_features`` weights: ``group``, or the whole (8-aligned) row when it
+    is shorter."""
+    return min(group, padded(in_features, 8))
+
+
 def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes of an (out, in) weight, ``group`` inputs per affine map.
 
@@ -100,10 +117,12 @@ def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    out_f = codes.shape[0]
-    g = codes.reshape(out_f, scale.shape[1], -1).to(torch.float32)
+    """The inverse map of :func:`quantize_groups`: (..., out, in_padded) codes and (..., out, groups) scale and
+    offset (any leading dimensions, e.g. experts) give the (..., out, in_features) weight."""
+    *lead, groups = scale.shape
+    g = codes.reshape(*lead, groups, -1).to(torch.float32)
     w = g * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
-    return w.reshape(out_f, -1)[:, :in_features].to(dtype)
+    return w.reshape(*lead, -1)[..., :in_features].to(dtype)
 
 
 # ---------------------------------------------------------------------------- torchao int8
@@ -196,9 +215,142 @@ class PackedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers()) + (
             self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
+    def spec(self) -> dict[str, Any]:
+        """What the quantized directory's ``quantization_config`` records to rebuild this module on load."""
+        return {"bits": self.bits, "format": self.fmt, "in": self.in_features, "out": self.out_features,
+                "bias": self.bias is not None, "group": self.group}
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group={self.group}, format={self.fmt}")
+
+
+# ---------------------------------------------------------------------------- mixture-of-experts weights
+EXPERTS_KIND = "experts"
+_MODULE_STATE = frozenset(nn.Module().__dict__)  # nn.Module's own bookkeeping, not an experts module's settings
+
+
+def expert_weights(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The 3-d (experts, out, in) weight parameters held directly by ``module`` (empty for any other module)."""
+    if isinstance(module, PackedExperts):
+        return {}
+    return {n: p for n, p in module._parameters.items() if p is not None and p.ndim == 3}
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts module that keeps all its experts' weights as 3-d parameters (transformers 5's
+    ``MixtralExperts``, ``Qwen3MoeExperts``, ``OlmoeExperts``)."""
+    return bool(expert_weights(module))
+
+
+def check_experts(module: nn.Module, name: str = "") -> None:
+    """A one-line error for an experts module whose form :class:`PackedExperts` does not reproduce."""
+    where = f" ({name})" if name else ""
+    if getattr(module, "is_transposed", False):
+        raise LayerlabError(f"quantize does not support experts stored as (experts, in, out){where}")
+    other = [n for n, p in module.named_parameters() if n not in expert_weights(module)]
+    if other:
+        raise LayerlabError(f"quantize supports experts with 3-d weights only; {type(module).__name__}{where} "
+                            f"also holds {', '.join(other)}")
+
+
+@functools.cache
+def _packed_class(experts_class: type) -> type:
+    """``PackedExperts`` mixed into ``experts_class``: the experts class's forward and helpers, packed weights."""
+    return type(f"Packed{experts_class.__name__}", (PackedExperts, experts_class), {"__module__": __name__})
+
+
+class PackedExperts(nn.Module):
+    """A mixture-of-experts module whose 3-d weights are stored packed, each expert's matrix row by row, group-wise.
+
+    Instances are of a subclass of the original experts class (:func:`_packed_class`), built by
+    :meth:`from_module` or :meth:`empty_like`: the settings of the original (``num_experts``, ``config``,
+    ``act_fn``, ...) are kept, and reading a packed weight's name (``gate_up_proj``, ``down_proj``) gives the
+    dequantized (experts, out, in) tensor, so the original class's own forward runs unchanged on it. Buffers, per
+    packed weight ``W`` (so that no key collides with transformers' checkpoint renamings of ``experts.W``):
+    ``qweight_W`` (experts, out, in_padded * bits / 8) uint8, ``scale_W`` and ``offset_W`` float16 (experts, out,
+    groups). Always the packed format, at every width (torchao's int8 tensor is for 2-d linear weights).
+    """
+
+    def __init__(self, like: nn.Module, shapes: dict[str, tuple[int, int, int]], groups: dict[str, int], *,
+                 bits: int, dtype: torch.dtype):
+        nn.Module.__init__(self)  # not the experts class's __init__, which would allocate the dense weights
+        for key, value in like.__dict__.items():
+            if key not in _MODULE_STATE:
+                object.__setattr__(self, key, value)
+        for key, child in like.named_children():
+            self.add_module(key, child)
+        self.bits, self.fmt, self.dtype_ = bits, PACKED, dtype
+        self.shapes = {n: tuple(int(d) for d in s) for n, s in shapes.items()}
+        self.groups = dict(groups)
+        self._dense: dict[str, torch.Tensor] | None = None
+        for n, (e, o, i) in self.shapes.items():
+            g = self.groups[n]
+            self.register_buffer(f"qweight_{n}", torch.zeros(e, o, padded(i, g) * bits // 8, dtype=torch.uint8))
+            self.register_buffer(f"scale_{n}", torch.zeros(e, o, padded(i, g) // g, dtype=torch.float16))
+            self.register_buffer(f"offset_{n}", torch.zeros(e, o, padded(i, g) // g, dtype=torch.float16))
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, bits: int, group: int) -> PackedExperts:
+        """Quantize every 3-d weight of the experts ``module``: each (out, in) expert matrix as
+        :class:`PackedLinear` would, with :func:`row_group` of its row length."""
+        check_experts(module)
+        weights = expert_weights(module)
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        groups = {n: row_group(s[2], group) for n, s in shapes.items()}
+        dtype = next(iter(weights.values())).dtype
+        m = _packed_class(type(module))(module, shapes, groups, bits=bits, dtype=dtype)
+        with torch.no_grad():
+            for n, w in weights.items():
+                for e in range(w.shape[0]):  # expert by expert: the float temporaries stay one matrix in size
+                    codes, scale, offset = quantize_groups(w[e], bits, groups[n])
+                    getattr(m, f"qweight_{n}")[e] = pack_bits(codes, bits)
+                    getattr(m, f"scale_{n}")[e] = scale
+                    getattr(m, f"offset_{n}")[e] = offset
+        return m.to(next(iter(weights.values())).device)
+
+    @classmethod
+    def empty_like(cls, module: nn.Module, spec: dict[str, Any], name: str = "") -> PackedExperts:
+        """The module :meth:`from_module` would build on ``module`` (its weights' values aside), from its
+        recorded ``spec``: what the loader puts in place before the packed buffers load."""
+        check_experts(module, name)
+        weights = spec["weights"]
+        dtype = next(iter(expert_weights(module).values())).dtype
+        return _packed_class(type(module))(module, {n: w["shape"] for n, w in weights.items()},
+                                           {n: w["group"] for n, w in weights.items()}, bits=spec["bits"],
+                                           dtype=dtype)
+
+    def dequantized(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (experts, out, in) weight ``name`` as the forward uses it."""
+        codes = unpack_bits(getattr(self, f"qweight_{name}"), self.bits)
+        return dequantize_groups(codes, getattr(self, f"scale_{name}"), getattr(self, f"offset_{name}"),
+                                 self.shapes[name][2], dtype or self.dtype_)
+
+    def __getattr__(self, name: str):
+        shapes = self.__dict__.get("shapes")
+        if shapes is not None and name in shapes:  # a packed weight read by its original name
+            dense = self.__dict__.get("_dense")
+            return dense[name] if dense is not None else self.dequantized(name)
+        return super().__getattr__(name)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The experts class's own forward, with each packed weight dequantized once (in the input's dtype)."""
+        self._dense = {n: self.dequantized(n, hidden_states.dtype) for n in self.shapes}
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            self._dense = None
+
+    def storage_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def spec(self) -> dict[str, Any]:
+        """What the quantized directory's ``quantization_config`` records to rebuild this module on load."""
+        return {"kind": EXPERTS_KIND, "bits": self.bits, "format": self.fmt,
+                "weights": {n: {"shape": list(s), "group": self.groups[n]} for n, s in self.shapes.items()}}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={tuple(s)}" for n, s in self.shapes.items()) + f", bits={self.bits}, format={self.fmt}"
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,13 +400,17 @@ def register_quantizer() -> None:
             return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     class LayerlabQuantizer(HfQuantizer):
-        """Swap the recorded modules for :class:`PackedLinear` before the packed weights load."""
+        """Swap the recorded modules for :class:`PackedLinear` or :class:`PackedExperts` before the packed
+        weights load."""
 
         requires_calibration = True  # only loads what ``layerlab quantize`` wrote
 
         def _process_model_before_weight_loading(self, model, **kwargs):
             cfg = self.quantization_config
             for name, spec in cfg.modules.items():
+                if spec.get("kind") == EXPERTS_KIND:  # a mixture-of-experts module's 3-d weights
+                    set_module(model, name, PackedExperts.empty_like(model.get_submodule(name), spec, name))
+                    continue
                 # a layer narrower than the group was quantized in one group of its own width
                 group = spec.get("group", cfg.group)
                 set_module(model, name, PackedLinear(spec["in"], spec["out"], bits=spec["bits"], group=group,

@@ -2,12 +2,16 @@
 
 Every block's linear weights get one width from the candidates (default 2, 3, 4, 8 bits),
 group-wise (:mod:`.packed`), within a budget of ``--bits`` on the weight-count-weighted average
-width. Which block gets which width depends on its importance:
+width. In a mixture-of-experts block the experts' 3-d weights (``gate_up_proj``, ``down_proj``: most of
+the block) are quantized too, at the block's width, each expert's matrix row by row
+(:class:`~layerlab.packed.PackedExperts`), and count in the average and the sizes; the router stays in
+full precision, as norms do. Which block gets which width depends on its importance:
 
 - ``lim``: Layer Input Modification, 1 - cos(block input, block output) averaged over tokens;
   higher means more important (Dumitru et al., 2024, Layer-Wise Quantization, LWQ);
 - ``zd``: the Z-score Distribution, the share of a block's weights with |z| > 1 (each matrix
-  standardised by its own mean and std); *smaller* means more important (LWQ);
+  standardised by its own mean and std; an MoE's experts count as one matrix per expert and weight,
+  as each is one linear map); *smaller* means more important (LWQ);
 - ``loss``: the measured loss increase of quantizing each block alone at each width, with the
   widths then chosen by Hubara et al.'s integer program (2021, Improving Post Training Neural
   Quantization: Layer-wise Calibration and Integer Programming): minimise the summed increase
@@ -23,8 +27,8 @@ actually used next to the budget. Both are solved exactly (see :func:`allocate`)
 Measurements (LIM and the loss deltas) read the first ``calibration_tokens`` tokens of the
 training split of ``--data`` (the token stream that ``train`` sees, less its last 10%); the reported
 perplexities read the validation split, the rest of that stream, as ``eval`` does, so the choice is
-never fitted on the text it is judged on. ZD reads the weights only. Embeddings, the unembedding and
-norms stay in full precision.
+never fitted on the text it is judged on. ZD reads the weights only. Embeddings, the unembedding,
+norms and MoE routers stay in full precision.
 """
 
 from __future__ import annotations
@@ -44,7 +48,18 @@ from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
 from ..io import progress_bar
-from ..packed import PackedLinear, is_linear, linear_weight, padded, quant_config_class, set_module
+from ..packed import (
+    PackedExperts,
+    PackedLinear,
+    check_experts,
+    expert_weights,
+    is_experts,
+    is_linear,
+    linear_weight,
+    quant_config_class,
+    row_group,
+    set_module,
+)
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import train_ids, train_slice
@@ -55,36 +70,49 @@ MAX_STATES = 4_000_000  # ``fill``'s knapsack table cells; beyond this, layer si
 
 # ---------------------------------------------------------------------------- the model's quantizable layers
 def block_linears(model) -> list[dict[str, torch.nn.Module]]:
-    """For each block, its linear layers keyed by their path from the model root."""
+    """For each block, its quantizable modules keyed by their path from the model root: the linear layers, and
+    a mixture-of-experts block's experts module (its 3-d weights; the router is not a linear layer)."""
     v = view(model)
     names = {id(m): n for n, m in model.named_modules()}
-    return [{names[id(m)]: m for _, m in b.module.named_modules() if is_linear(m)} for b in v.blocks]
+    return [{names[id(m)]: m for _, m in b.module.named_modules() if is_linear(m) or is_experts(m)}
+            for b in v.blocks]
 
 
-def _group(in_features: int, group: int) -> int:
-    """The group size used for a layer: ``group``, or the whole (8-aligned) row when it is shorter."""
-    return min(group, padded(in_features, 8))
+def weight_matrices(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The (out, in) weight matrices a quantizable module holds: a linear layer's one, or every expert's
+    matrix of each of an experts module's 3-d weights."""
+    if is_experts(module):
+        return [w.detach()[e] for w in expert_weights(module).values() for e in range(w.shape[0])]
+    return [linear_weight(module)[0]]
 
 
 class Quantizer:
-    """Builds and caches each layer's :class:`PackedLinear` at each width."""
+    """Builds and caches each layer's :class:`PackedLinear` (or an experts module's :class:`PackedExperts`)
+    at each width."""
 
     def __init__(self, model, group: int):
         self.model, self.group = model, group
         self.blocks = block_linears(model)
         self.original = {name: m for b in self.blocks for name, m in b.items()}
-        self._cache: dict[tuple[str, int], PackedLinear] = {}
+        for name, m in self.original.items():
+            if is_experts(m):
+                check_experts(m, name)  # an experts form it cannot pack: refused before any slow work
+        self._cache: dict[tuple[str, int], PackedLinear | PackedExperts] = {}
 
-    def packed(self, name: str, bits: int) -> PackedLinear:
+    def packed(self, name: str, bits: int) -> PackedLinear | PackedExperts:
         if (name, bits) not in self._cache:
-            w, b = linear_weight(self.original[name])
-            self._cache[(name, bits)] = PackedLinear.from_weight(w, b, bits=bits,
-                                                                 group=_group(w.shape[1], self.group)).eval()
+            m = self.original[name]
+            if is_experts(m):
+                p = PackedExperts.from_module(m, bits=bits, group=self.group)
+            else:
+                w, b = linear_weight(m)
+                p = PackedLinear.from_weight(w, b, bits=bits, group=row_group(w.shape[1], self.group))
+            self._cache[(name, bits)] = p.eval()
         return self._cache[(name, bits)]
 
     def sizes(self) -> list[int]:
-        """Weights per block."""
-        return [sum(linear_weight(m)[0].numel() for m in b.values()) for b in self.blocks]
+        """Weights per block (an experts module's 3-d weights included)."""
+        return [sum(w.numel() for m in b.values() for w in weight_matrices(m)) for b in self.blocks]
 
     def apply(self, model, widths: list[int]) -> None:
         """Put the packed layers for ``widths`` (one per block) into ``model`` (in place)."""
@@ -157,12 +185,13 @@ def lim_scores(model, held) -> list[float]:
 
 
 def zd_scores(q: Quantizer) -> list[float]:
-    """ZD per block: the share of the block's linear weights more than one std from their matrix's mean."""
+    """ZD per block: the share of the block's linear weights more than one std from their matrix's mean. An
+    experts module's 3-d weight is standardised per expert: each expert's (out, in) matrix by its own mean and
+    std, as a linear layer's is (the experts are separate linear maps, and their scales can differ)."""
     out = []
     for b in q.blocks:
         outliers, total = 0, 0
-        for m in b.values():
-            w = linear_weight(m)[0].float()
+        for w in (matrix.float() for m in b.values() for matrix in weight_matrices(m)):
             std = w.std()
             if std > 0:
                 outliers += int(((w - w.mean()).abs() > std).sum())
@@ -351,12 +380,7 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
             del qm
         q.restore(model)
         final = q.quantized_copy(chosen)
-        specs = {}
-        for b, w in zip(q.blocks, chosen, strict=True):
-            for name in b:
-                p = q.packed(name, w)
-                specs[name] = {"bits": w, "format": p.fmt, "in": p.in_features, "out": p.out_features,
-                               "bias": p.bias is not None, "group": p.group}
+        specs = {name: q.packed(name, w).spec() for b, w in zip(q.blocks, chosen, strict=True) for name in b}
         final.config.quantization_config = quant_config_class()(modules=specs, group=group, budget_bits=bits,
                                                                 avg_bits=average_bits(sizes, chosen))
         stage.save_model(final)
