@@ -169,7 +169,9 @@ def test_family_converts_exactly_through_the_cli(family, tmp_path, monkeypatch, 
     assert _rel(_logits(_with_hand_rmsnorm(family, _build(family)), x), reference) > 1e-2
     assert max(float(h.mean(-1).abs().max()) for h in _stream(family, _build(family), x)) > 1e-2
     # what layerlab loads: actual RMSNorm modules, biases kept where the format has no linear bias, or folded
-    assert _rel(_logits(load_model(out).model, x), reference) <= REL
+    loaded = load_model(out).model
+    assert _rel(_logits(loaded, x), reference) <= REL
+    assert all(isinstance(loaded.get_submodule(p), RMSNorm) for p in _stream_norm_paths(family, loaded))
     for fold in (False, True):
         m = use_rmsnorm(AutoModelForCausalLM.from_pretrained(out).eval(), fold=fold)
         norms = [m.get_submodule(p) for p in _stream_norm_paths(family, m)]
