@@ -389,3 +389,17 @@ def test_a_quantized_model_is_not_pruned_or_converted(small, tmp_path):
     from layerlab.evaluate import evaluate  # but analysis and evaluation read it like any model
 
     assert evaluate(tmp_path / "q", tokens=256)["loss"] > 0
+
+
+@pytest.mark.parametrize("first", ["import layerlab; import layerlab.packed", "import layerlab.packed",
+                                   "import layerlab.model", "import transformers, layerlab.packed"])
+def test_the_package_imports_in_any_order(first):
+    """Importing ``layerlab.packed`` before transformers used to fail: transformers' import registers layerlab's
+    model, whose module imports ``layerlab.packed`` while it was half-initialised."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"{first}; from layerlab.packed import PackedLinear, register_quantizer"
+                        "; register_quantizer(); import transformers; print(transformers.AutoConfig)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -42,14 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-)
-from transformers.quantizers.auto import register_quantizer as register_hf_quantizer
-from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import LayerlabError
 
@@ -381,7 +373,18 @@ def refuse_quantized(model, model_dir, command: str) -> None:
 
 # ---------------------------------------------------------------------------- Hugging Face integration
 def register_quantizer() -> None:
-    """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent)."""
+    """Teach transformers' ``from_pretrained`` the ``layerlab`` quantization method (idempotent).
+
+    transformers is imported here, not when this module is: importing it runs layerlab's registration
+    (``layerlab/__init__.py``), which imports ``layerlab.model``, which imports this module."""
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+    )
+    from transformers.quantizers.auto import register_quantizer as register_hf_quantizer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return
@@ -434,5 +437,7 @@ def register_quantizer() -> None:
 
 
 def quant_config_class():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
     register_quantizer()
     return AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD]
