@@ -387,6 +387,24 @@ def test_cli_prune_blocks_and_attention_load_in_plain_transformers(saved, tmp_pa
     torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval(), x), expect)
 
 
+def test_cli_prune_with_lora_healing_keeps_the_removed_sublayer_out(saved, tmp_path):
+    """``prune --unit attn --heal-steps 3`` (LoRA, merged back) on every family: the healed directory loads in
+    plain transformers, the zeroed attention output weights are still exactly zero, healing changed other
+    weights, and the record's healed loss is finite."""
+    family, src = saved
+    original = AutoModelForCausalLM.from_pretrained(src).eval()
+    _cli("prune", str(src), "--remove", "1", "--unit", "attn", "--heal-steps", "3", "--heal", "lora",
+         "--measure-tokens", "512", *QUIET, "--out", str(tmp_path / "h"))
+    rec = json.loads((tmp_path / "h" / "layerlab.json").read_text())
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    assert type(healed) is type(original)
+    after, before = healed.state_dict(), original.state_dict()
+    assert rec["zeroed"] and all(not after[n].any() for n in rec["zeroed"])
+    changed = [k for k in after if k not in rec["zeroed"] and not torch.equal(after[k], before[k])]
+    assert changed, "healing changed nothing"
+    assert math.isfinite(rec["after"]["loss"])
+
+
 def _finite(text: str, label: str) -> float:
     value = float(re.search(rf"{label} ([-0-9.naifNI]+)", text).group(1))
     assert math.isfinite(value), text

@@ -49,8 +49,13 @@ def lm_step(model, rows: torch.Tensor, params: list, opt: torch.optim.Optimizer)
 
 
 def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path | None = None, lr: float | None = None,
-         batch_size: int = 8, seq_len: int | None = None, seed: int = 0, progress: bool = True):
-    """Fine-tune ``model`` for ``steps`` steps and return the healed model (LoRA merged in)."""
+         batch_size: int = 8, seq_len: int | None = None, seed: int = 0, progress: bool = True,
+         frozen: tuple[str, ...] = ()):
+    """Fine-tune ``model`` for ``steps`` steps and return the healed model (LoRA merged in).
+
+    ``frozen`` names modules that must not change (a pruned sublayer's zeroed output projection): LoRA leaves
+    them out of its targets (``exclude_modules``; an adapter there would be merged into the zeroed weight), and
+    ``full`` fine-tuning does not train their parameters."""
     if mode not in HEAL_MODES:
         raise choices_error("heal mode", mode, HEAL_MODES)
     if steps < 1:
@@ -66,15 +71,21 @@ def heal(model, tokenizer, *, steps: int, mode: str = "lora", data: str | Path |
     if mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear")
+        cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear",
+                         exclude_modules=list(frozen) or None)
         with warnings.catch_warnings():  # peft asks transformers about a renamed attribute
             warnings.simplefilter("ignore", FutureWarning)
             # GPT-2's Conv1D stores (in, out): peft notices and transposes, as it should, but says so each time
             warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+            # peft's built-in rank/alpha patterns for MoE experts name weights that "all-linear" does not target
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
+                                    category=RuntimeWarning)
             model = get_peft_model(model, cfg)
         lr = lr or 1e-3
     else:
         lr = lr or 1e-4
+        for name in frozen:
+            model.get_submodule(name).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)

@@ -352,7 +352,8 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens)}
         if heal_steps:
             with _keeping_zeroed(smaller):
-                smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress)
+                smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress,
+                                   frozen=tuple(sorted({name.rpartition(".")[0] for name in zeroed})))
             if any(bool(smaller.get_parameter(name).any()) for name in zeroed):  # _keeping_zeroed failed
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
             stages["healed"] = _stage(smaller, tok, data, tokens)
