@@ -8,7 +8,7 @@ from conftest import FakeTok, measure_fake_ids, perturb, tiny_cfg
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import layerlab
-import layerlab.adapters as adapters
+import layerlab.adapters.core as adapters_core
 from layerlab.adapters import load_model, view
 from layerlab.analysis.analyze import analyze_model, fidelity_tolerance
 from layerlab.analysis.report import Report
@@ -104,12 +104,12 @@ class _Bent(list):
 @pytest.mark.parametrize("k", [0, 1, 2])
 @pytest.mark.parametrize("name", ["layerlab", "llama"])
 def test_a_wrong_trace_is_an_error_naming_the_block(monkeypatch, name, k):
-    real_trace = adapters.Trace
+    real_trace = adapters_core.Trace
 
     def bent_trace(resid_in, resid_out, *rest):
         return real_trace(resid_in, type("B", (_Bent,), {"k": k})(resid_out), *rest)
 
-    monkeypatch.setattr(adapters, "Trace", bent_trace)
+    monkeypatch.setattr(adapters_core, "Trace", bent_trace)  # what LayerView.trace builds
     with pytest.raises(LayerlabError, match=rf"diverges from the plain forward at block {k} ") as e:
         analyze_model(_build(name), FakeTok(V), tokens=50, **KW)
     assert "\n" not in str(e.value) and "tolerance 0.0001" in str(e.value)

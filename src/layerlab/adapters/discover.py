@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import LayerlabError
-from . import Arch, LayerView, Trace, _first
+from .core import Arch, LayerView, _first
 
 DISCOVERED = "discovered"  # the view's arch_name, and the report's "arch"
 UNKNOWN = "unknown"  # the placement and form of a discovered block: where its norms sit and how its sublayers
@@ -237,9 +237,10 @@ def discover(model: nn.Module) -> Arch:
 class DiscoveredView(LayerView):
     """The :class:`LayerView` of a discovered structure (``arch_name`` ``"discovered"``): block-level only.
 
-    ``trace`` records the stream entering and leaving each block and the final norm's output; its sublayer
-    entries (``attn``, ``mlp``, ``mid``) stay None. ``skip`` and the logit lens are the base class's. Every
-    sublayer operation raises a one-line :class:`LayerlabError` (:data:`SUBLAYERS_UNKNOWN`)."""
+    ``trace`` (the base class's, over blocks with no named parts) records the stream entering and leaving each
+    block and the final norm's output; its sublayer entries (``attn``, ``mlp``, ``mid``) stay None. ``skip`` and
+    the logit lens are the base class's. Every sublayer operation raises a one-line :class:`LayerlabError`
+    (:data:`SUBLAYERS_UNKNOWN`)."""
 
     def __init__(self, model: nn.Module, arch: Arch):
         super().__init__(model, DISCOVERED, arch)
@@ -258,38 +259,6 @@ class DiscoveredView(LayerView):
         raise LayerlabError(f"{SUBLAYERS_UNKNOWN}: {what} needs the attention and MLP inside each block, which "
                             f"an adapter entry names; model_type {self.model.config.model_type!r} has none, so only "
                             "block-level operations (trace, skip, the logit lens) work")
-
-    @contextmanager
-    def trace(self, sublayers: bool = True) -> Iterator[Trace]:
-        """Hook the residual stream around every block, and the final norm's output, during forwards."""
-        n = self.num_layers
-        t = Trace(resid_in=[None] * n, resid_out=[None] * n, attn=[None] * n, mlp=[None] * n, mid=[None] * n)
-        handles = []
-
-        def pre(i):
-            def fn(module, args, kwargs):
-                t.resid_in[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-            return fn
-
-        def post(i):
-            def fn(module, args, output):
-                t.resid_out[i] = _first(output).detach()
-                t.tuple_out = isinstance(output, tuple)
-
-            return fn
-
-        for b in self.blocks:
-            handles.append(b.module.register_forward_pre_hook(pre(b.index), with_kwargs=True))
-            handles.append(b.module.register_forward_hook(post(b.index)))
-        if self.final_norm is not None:
-            handles.append(self.final_norm.register_forward_hook(
-                lambda m, a, o: setattr(t, "final", _first(o).detach())))
-        try:
-            yield t
-        finally:
-            for h in handles:
-                h.remove()
 
     @contextmanager
     def skip_sublayers(self, unit: str, *indices: int) -> Iterator[None]:

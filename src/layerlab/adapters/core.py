@@ -1,0 +1,602 @@
+"""The adapter registry and the view: :class:`Arch` entries (module paths per architecture, :data:`ARCHS`,
+:data:`MODEL_TYPES`), :class:`LayerView` over a loaded model, and the hooks it runs. The package
+(:mod:`layerlab.adapters`) re-exports all of it, and adds the model loader and structure discovery, which
+builds on this module (:mod:`layerlab.adapters.discover`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import LayerlabError, choices_error
+from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Module paths of one architecture, relative to the loaded model."""
+
+    blocks: str
+    embed: str
+    final_norm: str | None
+    unembed: str | None
+    parts: dict[str, str]  # fixed name -> path inside a block; missing parts are absent
+    attn_out: str  # path inside a block whose output is what attention adds to the residual stream
+    mlp_out: str  # likewise for the MLP
+    causal: bool
+    placement: str  # where the norms sit: "pre" or "post" (layerlab models say per block)
+    # sublayer -> path inside a block of the linear whose output is added to the residual stream (the output
+    # projection); in a Pre-LN block, zeroing its weight and bias removes the sublayer exactly
+    out_proj: dict[str, str] = field(default_factory=dict)
+    # the block runs its MLP on (B*T, C) rows (OPT); a trace reshapes what it records there to (B, T, ...)
+    flat_mlp: bool = False
+    # how the sublayers meet the residual stream (FORMS): "sequential" x + attn(.), then + mlp(.); "parallel"
+    # x + attn(n1(x)) + mlp(n2(x)), both sublayers reading the block's input (GPT-J, Pythia, Phi-1/2, Falcon;
+    # Wang & Komatsuzaki, 2021); "output-norm" x + Norm(F(x)), no input norm (OLMo 2, OLMo et al., 2024)
+    form: str = "sequential"
+    # path inside a block of the module whose input is the stream between the sublayers, where there is no ln2
+    # to read it from (OLMo 2: "mlp"); in a parallel block that stream is computed, as resid_in + attn
+    mid: str | None = None
+    # the config key of the final logit soft-cap c: logits = c * tanh(logits / c) (Gemma 2, Gemma Team, 2024)
+    logit_softcap: str | None = None
+    # mixture-of-experts: paths inside a block of the experts (3-d weights; what removing the MLP sublayer zeroes)
+    # and of the top-k router (its forward returns (router_logits, top_k_weights, top_k_index)); a block without
+    # them (a dense block in qwen3_moe) has a plain MLP whose output projection is out_proj["mlp"]
+    experts: str | None = None
+    router: str | None = None
+    # config keys (indices of the blocks whose MLP is dense, the step of the sparse ones): block removal rewrites
+    # the first from the blocks that are dense and sets the second to 1 (qwen3_moe)
+    dense_layers: tuple[str, str] | None = None
+    # the block adds to the MLP's output tensor in place (Falcon: mlp_output += attention_output), so a trace
+    # records a copy of it
+    inplace_mlp_out: bool = False
+
+    @property
+    def parallel(self) -> bool:
+        """Both sublayers read the block's input; ``Trace.mid`` is then ``resid_in + attn``."""
+        return self.form == "parallel"
+
+
+FORMS = ("sequential", "parallel", "output-norm")
+
+
+ARCHS: dict[str, Arch] = {
+    "layerlab": Arch("blocks", "embed", "ln_f", "lm_head", {"ln1": "ln1", "attn": "attn", "ln2": "ln2", "mlp": "mlp"},
+                     "attn", "mlp", causal=True, placement="per-block",
+                     out_proj={"attn": "attn.proj", "mlp": "mlp.proj"}),
+    "gpt2": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
+                 {"ln1": "ln_1", "attn": "attn", "ln2": "ln_2", "mlp": "mlp"}, "attn", "mlp",
+                 causal=True, placement="pre", out_proj={"attn": "attn.c_proj", "mlp": "mlp.c_proj"}),
+    "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                  {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                  "self_attn", "mlp", causal=True, placement="pre",
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}),
+    "bert": Arch("encoder.layer", "embeddings", None, None,
+                 {"ln1": "attention.output.LayerNorm", "attn": "attention", "ln2": "output.LayerNorm",
+                  "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post",
+                 out_proj={"attn": "attention.output.dense", "mlp": "output.dense"}),
+    # OPT (do_layer_norm_before=True, as every size but 350m): the MLP is fc1/fc2 directly in the block (no module
+    # of its own, so no "mlp" part), the block's own final_layer_norm is its ln2, learned positions are added
+    # before block 0, and the decoder's final_layer_norm is the final norm
+    "opt": Arch("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm", "lm_head",
+                {"ln1": "self_attn_layer_norm", "attn": "self_attn", "ln2": "final_layer_norm"}, "self_attn", "fc2",
+                causal=True, placement="pre", out_proj={"attn": "self_attn.out_proj", "mlp": "fc2"}, flat_mlp=True),
+    # Pythia / GPT-NeoX with use_parallel_residual (x + attn(ln1 x) + mlp(ln2 x)); "gpt_neox_seq" without it
+    "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
+                     {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                     "attention", "mlp", causal=True, placement="pre",
+                     out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel"),
+    "gpt_neox_seq": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
+                         {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm",
+                          "mlp": "mlp"}, "attention", "mlp", causal=True, placement="pre",
+                         out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # GPT-J: one ln_1 feeds both sublayers, x + attn(ln_1 x) + mlp(ln_1 x)
+    "gptj": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
+                 {"ln1": "ln_1", "attn": "attn", "mlp": "mlp"}, "attn", "mlp", causal=True, placement="pre",
+                 out_proj={"attn": "attn.out_proj", "mlp": "mlp.fc_out"}, form="parallel"),
+    # Phi-1/1.5/2: one input_layernorm feeds both sublayers
+    "phi": Arch("model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head",
+                {"ln1": "input_layernorm", "attn": "self_attn", "mlp": "mlp"}, "self_attn", "mlp", causal=True,
+                placement="pre", out_proj={"attn": "self_attn.dense", "mlp": "mlp.fc2"}, form="parallel"),
+    # Falcon, three forms (arch_of picks by config): parallel_attn with one input_layernorm (falcon-7b);
+    # new_decoder_architecture with ln_attn / ln_mlp (falcon-40b, -180b); parallel_attn=False, sequential
+    "falcon": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                   {"ln1": "input_layernorm", "attn": "self_attention", "mlp": "mlp"}, "self_attention", "mlp",
+                   causal=True, placement="pre", out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
+                   form="parallel", inplace_mlp_out=True),
+    "falcon_new": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                       {"ln1": "ln_attn", "attn": "self_attention", "ln2": "ln_mlp", "mlp": "mlp"}, "self_attention",
+                       "mlp", causal=True, placement="pre",
+                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel",
+                       inplace_mlp_out=True),
+    "falcon_seq": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                       {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
+                        "mlp": "mlp"}, "self_attention", "mlp", causal=True, placement="pre",
+                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # BLOOM (Pre-LN, ALiBi; word_embeddings_layernorm runs before block 0, so the stream entering it is
+    # normalised). Its attention and MLP modules add the residual themselves: what each sublayer adds is the
+    # output of its dense / dense_4h_to_h projection
+    "bloom": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
+                  {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
+                   "mlp": "mlp"}, "self_attention.dense", "mlp.dense_4h_to_h", causal=True, placement="pre",
+                  out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    # Gemma 2 / Gemma 3 text: Peri-LN ("sandwich") blocks, x + post_norm(F(pre_norm(x))) for each sublayer, and the
+    # final logits soft-capped
+    "gemma2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                   {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "pre_feedforward_layernorm", "mlp": "mlp",
+                    "ln1_out": "post_attention_layernorm", "ln2_out": "post_feedforward_layernorm"},
+                   "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
+                   out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"},
+                   logit_softcap="final_logit_softcapping"),
+    # OLMo 2: no input norms, each sublayer's output normalised, x + Norm(F(x)); q/k norms inside attention
+    "olmo2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                  {"attn": "self_attn", "mlp": "mlp", "ln1_out": "post_attention_layernorm",
+                   "ln2_out": "post_feedforward_layernorm"},
+                  "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, form="output-norm", mid="mlp"),
+    # Mixtral, Qwen3-MoE, OLMoE: Llama's paths, the MLP sublayer a sparse MoE block (mlp.gate, mlp.experts)
+    "moe": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
+                {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
+                "self_attn", "mlp", causal=True, placement="pre",
+                out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, experts="mlp.experts",
+                router="mlp.gate", dense_layers=("mlp_only_layers", "decoder_sparse_step")),
+}
+# model_type (config.json) -> architecture entry. Qwen3 (q/k norms inside attention), Phi-3 (fused qkv_proj and
+# gate_up_proj), Gemma (RMSNorm scaling by 1 + w, embedding scaled by sqrt(hidden) inside its embedding module) and
+# OLMo 1 (non-parametric LayerNorm) have Llama's module paths and sequential Pre-LN blocks; the differences sit
+# inside the modules the view names, so the "llama" entry describes them exactly.
+MODEL_TYPES = {"layerlab": "layerlab", "gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "llama",
+               "qwen3": "llama", "phi3": "llama", "gemma": "llama", "olmo": "llama", "opt": "opt", "bert": "bert",
+               "gpt_neox": "gpt_neox", "gptj": "gptj", "phi": "phi", "falcon": "falcon", "bloom": "bloom",
+               "gemma2": "gemma2", "gemma3_text": "gemma2", "olmo2": "olmo2", "mixtral": "moe", "qwen3_moe": "moe",
+               "olmoe": "moe"}
+
+
+def _falcon_form(config) -> str:
+    if not config.parallel_attn:
+        return "falcon_seq"
+    if config.new_decoder_architecture and config.num_ln_in_parallel_attn in (None, 2):
+        return "falcon_new"
+    return "falcon"
+
+
+# model_type -> the entry for this config, where one model_type has several block forms
+VARIANTS = {"gpt_neox": lambda c: "gpt_neox" if c.use_parallel_residual else "gpt_neox_seq",
+            "falcon": _falcon_form}
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path``, or None where it is absent (a layerlab block without that sublayer)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _first(x):
+    """The hidden states of a module output that may be a tensor or a tuple."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@dataclass
+class BlockView:
+    index: int
+    module: nn.Module
+    parts: dict[str, nn.Module]
+    attn_out: nn.Module | None  # None: the block has no attention sublayer
+    mlp_out: nn.Module | None
+
+    def __getattr__(self, name: str) -> nn.Module | None:
+        parts = self.__dict__.get("parts", {})
+        if name in ("ln1", "attn", "ln2", "mlp"):
+            return parts.get(name)
+        raise AttributeError(name)
+
+
+@dataclass
+class Trace:
+    """What one traced forward recorded: lists indexed by block.
+
+    ``resid_in[l]`` (B, T, C) enters block l, ``resid_out[l]`` leaves it, ``attn[l]`` and
+    ``mlp[l]`` are what each sublayer adds (where a sublayer's output is normalised, as in Gemma 2 or
+    OLMo 2, its output norm's output; in BLOOM, whose modules add the residual themselves, the output
+    projection's), ``mid[l]`` is the stream the MLP's residual branch starts from (after attention was
+    added, and normalised in Post-LN). In a parallel block (GPT-J, Pythia, Phi-1/2, Falcon) the MLP
+    reads ``resid_in[l]``, not ``mid[l]``; ``mid[l]`` is then defined as ``resid_in[l] + attn[l]``, the
+    stream with attention added as if the block were sequential, so that ``resid_out = mid + mlp`` holds
+    in every form and the sublayer metrics read (resid_in, mid) for attention and (mid, resid_out) for
+    the MLP. Entries are replaced on every forward; a metric reduces them to running statistics before
+    the next batch.
+    """
+
+    resid_in: list[torch.Tensor | None] = field(default_factory=list)
+    resid_out: list[torch.Tensor | None] = field(default_factory=list)
+    attn: list[torch.Tensor | None] = field(default_factory=list)
+    mlp: list[torch.Tensor | None] = field(default_factory=list)
+    mid: list[torch.Tensor | None] = field(default_factory=list)  # the stream between attention and MLP
+    final: torch.Tensor | None = None  # the final norm's output
+    tuple_out: bool = False  # whether blocks return tuples (older Hugging Face layers) rather than tensors
+
+
+class LayerView:
+    """An ordered list of blocks with named parts, over any supported model."""
+
+    def __init__(self, model: nn.Module, arch_name: str, arch: Arch | None = None):
+        """``arch`` describes the model where it is not the registered ``ARCHS[arch_name]`` (a structure
+        discovered from the module tree, say)."""
+        self.model, self.arch_name = model, arch_name
+        arch = ARCHS[arch_name] if arch is None else arch
+        self.arch = arch
+        root = model
+        if arch_name == "bert" and hasattr(model, "bert"):  # BertFor* heads wrap a BertModel
+            root = model.bert
+        self.root = root
+        blocks = _get(root, arch.blocks)
+        self.blocks: list[BlockView] = []
+        for i, b in enumerate(blocks):
+            parts = {name: m for name, path in arch.parts.items() if (m := _find(b, path)) is not None}
+            attn_out, mlp_out = _find(b, arch.attn_out), _find(b, arch.mlp_out)
+            if arch_name == "layerlab" and PLACEMENTS[b.placement].out_norms:  # the output norms are what is added
+                attn_out, mlp_out = b.ln1_out, b.ln2_out
+            self.blocks.append(BlockView(i, b, parts, attn_out, mlp_out))
+        self.embed = _get(root, arch.embed)
+        self.final_norm = _get(model, arch.final_norm) if arch.final_norm else None
+        self.unembed = _get(model, arch.unembed) if arch.unembed else None
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def causal(self) -> bool:
+        return self.arch.causal
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def has_lm_head(self) -> bool:
+        return self.unembed is not None
+
+    def placements(self) -> list[str]:
+        """The norm placement of each block."""
+        if self.arch_name == "layerlab":
+            return [b.module.placement for b in self.blocks]
+        return [self.arch.placement] * self.num_layers
+
+    # whether the view knows the sublayers inside each block (a discovered structure does not)
+    sublayers_known = True
+
+    def require_sublayers(self, what: str = "this operation") -> None:
+        """Raise a one-line refusal where the view does not know the sublayers (nothing to do here)."""
+
+    @property
+    def form(self) -> str:
+        """How the sublayers meet the residual stream: "sequential", "parallel" or "output-norm" (:data:`FORMS`)."""
+        return self.arch.form
+
+    def out_proj_path(self, index: int, unit: str) -> str:
+        """The path inside block ``index`` of what removing its ``unit`` sublayer zeroes: the output projection,
+        or a mixture-of-experts block's experts (all their weights)."""
+        if unit == "mlp" and self.arch.experts and _find(self.blocks[index].module, self.arch.experts) is not None:
+            return self.arch.experts
+        return self.arch.out_proj[unit]
+
+    def router(self, index: int) -> nn.Module | None:
+        """Block ``index``'s mixture-of-experts router, None for a dense block."""
+        return _find(self.blocks[index].module, self.arch.router) if self.arch.router else None
+
+    # ------------------------------------------------------------------ running
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """One forward in eval mode, no cache. Returns the model's output object."""
+        kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        if self.causal:
+            kw["use_cache"] = False
+        return self.model(input_ids=input_ids, **kw)
+
+    def logits_from_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and unembedding applied to a residual state (the logit lens)."""
+        if self.unembed is None:
+            raise LayerlabError(f"{self.arch_name} models have no language-model head")
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        logits = self.unembed(h)
+        cap = getattr(self.model.config, self.arch.logit_softcap, None) if self.arch.logit_softcap else None
+        if cap:  # Gemma 2's final soft-cap, as the model's own head applies it
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @contextmanager
+    def trace(self, sublayers: bool = True) -> Iterator[Trace]:
+        """Hook the residual stream around every block (and each sublayer's output) during forwards."""
+        n = self.num_layers
+        t = Trace([None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
+        handles = []
+
+        def pre(store, i):
+            def fn(module, args, kwargs):
+                store[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+            return fn
+
+        def post(store, i, copy=False):
+            def fn(module, args, output):
+                out = _first(output).detach()
+                store[i] = out.clone() if copy else out  # copy: the block goes on to change it in place
+
+            return fn
+
+        def block_post(i, mid_is_out):
+            def fn(module, args, output):
+                t.resid_out[i] = _first(output).detach()
+                t.tuple_out = isinstance(output, tuple)
+                if self.arch.flat_mlp:  # recorded as (B*T, C) rows inside the block
+                    for store in (t.mid, t.mlp):
+                        if store[i] is not None and store[i].dim() == 2 < t.resid_out[i].dim():
+                            store[i] = store[i].view(*t.resid_out[i].shape[:-1], store[i].shape[-1])
+                if mid_is_out:
+                    t.mid[i] = t.resid_out[i]
+                elif sublayers and self.arch.parallel:  # the stream with attention added, as if sequential
+                    t.mid[i] = t.resid_in[i] if t.attn[i] is None else t.resid_in[i] + t.attn[i]
+
+            return fn
+
+        for b, placement in zip(self.blocks, self.placements(), strict=True):
+            handles.append(b.module.register_forward_pre_hook(pre(t.resid_in, b.index), with_kwargs=True))
+            if self.arch.flat_mlp and b.mlp_out is not None:
+                # the MLP's output projection reads (B, T, hidden) while traced, first of any pre-hook (so that
+                # one hooked on it, as analyze's MLP gates, sees tokens by row), and gives back (B*T, C) rows
+                handles.append(b.mlp_out.register_forward_pre_hook(_unflatten(t, b.index), prepend=True))
+                handles.append(b.mlp_out.register_forward_hook(_flatten))
+            # a block without an MLP (and so without ln2): the stream after attention is the block's output
+            # an unknown placement (a discovered structure, whose blocks have no named parts): nothing inside
+            residual = PLACEMENTS[placement].residual_sublayers if placement in PLACEMENTS else False
+            mid_is_out = sublayers and residual and b.ln2 is None and b.mlp_out is None
+            handles.append(b.module.register_forward_hook(block_post(b.index, mid_is_out)))
+            if sublayers:
+                for out, store, copy in ((b.attn_out, t.attn, False),
+                                         (b.mlp_out, t.mlp, self.arch.inplace_mlp_out)):
+                    if out is not None:
+                        handles.append(out.register_forward_hook(post(store, b.index, copy)))
+                mid = _find(b.module, self.arch.mid) if self.arch.mid else b.ln2
+                if self.arch.parallel:  # mid is computed when the block returns
+                    pass
+                elif not residual and b.ln1 is not None:  # Post-LN: the normalised sum feeds the MLP
+                    handles.append(b.ln1.register_forward_hook(post(t.mid, b.index)))
+                elif mid is not None:  # otherwise the second norm's input (OLMo 2: the MLP's) is the stream
+                    handles.append(mid.register_forward_pre_hook(pre(t.mid, b.index), with_kwargs=True))
+        if self.final_norm is not None:
+            handles.append(self.final_norm.register_forward_hook(
+                lambda m, a, o: setattr(t, "final", _first(o).detach())))
+        try:
+            yield t
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def skip(self, *indices: int, replay: Trace | None = None) -> Iterator[None]:
+        """Run with the given blocks removed: each passes its input through unchanged.
+
+        The block still runs (its output is replaced by a forward hook), so nothing is copied
+        and the model is left exactly as it was. With ``replay``, a trace of a forward on the
+        same inputs, nothing is computed twice: for the duration, the blocks before the first
+        skipped one are swapped for stand-ins that return the recorded outputs, and the skipped
+        ones for stand-ins that return their input. That more than halves the cost of measuring
+        every block's removal.
+        """
+        handles = []
+        container = self.root.get_submodule(self.arch.blocks)
+        swapped = []
+        if replay is None:
+            for i in indices:
+                handles.append(self.blocks[i].module.register_forward_hook(_passthrough, with_kwargs=True))
+        elif indices:  # the trace says how blocks return their output, so skipped blocks need not run either
+            for j in range(min(indices)):
+                swapped.append((j, container[j]))
+                container[j] = _Replay(replay.resid_out[j], replay.tuple_out)
+            for i in indices:
+                swapped.append((i, container[i]))
+                container[i] = _Identity(replay.tuple_out)
+        try:
+            yield
+        finally:
+            for j, block in swapped:
+                container[j] = block
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def skip_sublayers(self, unit: str, *indices: int) -> Iterator[None]:
+        """Run with the attention (``unit="attn"``) or MLP (``"mlp"``) of the given blocks adding nothing.
+
+        As :meth:`skip`, a forward hook replaces what the sublayer adds to the residual stream (its
+        output; in Peri-LN, its output norm's) by zeros, so the model is left exactly as it was.
+        That removes the sublayer only where the block is ``x + F(...)``: Post-LN blocks are refused.
+        Gradients do not reach a skipped sublayer, so training under this context leaves it unchanged.
+        A block that already lacks the sublayer is left alone.
+        """
+        if unit not in SUBLAYERS:
+            raise choices_error("sublayer", unit, SUBLAYERS)
+        placements = self.placements()
+        handles = []
+        for i in indices:
+            if not PLACEMENTS[placements[i]].residual_sublayers:
+                raise LayerlabError(f"block {i} is {placements[i]}: only a block that adds each sublayer to the "
+                                    f"residual stream ({', '.join(residual_placement_names())}) can skip one")
+            out = self.blocks[i].attn_out if unit == "attn" else self.blocks[i].mlp_out
+            if out is not None:
+                handles.append(out.register_forward_hook(_zero_output))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # ------------------------------------------------------------------ editing
+    def linears(self, index: int) -> dict[str, torch.Tensor]:
+        """Every 2-d weight of block ``index`` as an (out, in) matrix, keyed by its path in the block."""
+        out = {}
+        for name, m in self.blocks[index].module.named_modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            # GPT-2's Conv1D stores (in, out); every other linear stores (out, in)
+            out[name] = w.detach().t() if type(m).__name__ == "Conv1D" else w.detach()
+        return out
+
+    def replace(self, index: int, part: str, new: nn.Module) -> nn.Module:
+        """Put ``new`` in place of part ``part`` of block ``index``; return the old module."""
+        path = self.arch.parts.get(part)
+        if path is None:
+            raise LayerlabError(f"unknown part {part!r}; valid: {', '.join(self.arch.parts)}")
+        if part not in self.blocks[index].parts:
+            raise LayerlabError(f"block {index} has no {part}")
+        parent_path, _, attr = path.rpartition(".")
+        parent = _get(self.blocks[index].module, parent_path) if parent_path else self.blocks[index].module
+        old = getattr(parent, attr)
+        setattr(parent, attr, new)
+        self.blocks[index].parts[part] = new
+        return old
+
+
+class _Replay(nn.Module):
+    """A block stand-in that returns a recorded output, whatever it is given."""
+
+    def __init__(self, output: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.output, self.as_tuple = output, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.output,) if self.as_tuple else self.output
+
+
+class _Identity(nn.Module):
+    """A block stand-in that passes the residual stream through."""
+
+    def __init__(self, as_tuple: bool):
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return (hidden_states,) if self.as_tuple else hidden_states
+
+
+def _unflatten(t: Trace, i: int):
+    """Forward pre-hook: (B*T, F) rows into (B, T, F), B and T those of the stream entering block ``i``."""
+    def fn(module, args):
+        x, lead = args[0], t.resid_in[i].shape[:-1]
+        if x.dim() == 2 and len(lead) == 2 and x.shape[0] == lead[0] * lead[1]:
+            return (x.view(*lead, x.shape[-1]), *args[1:])
+        return None
+
+    return fn
+
+
+def _flatten(module, args, output):
+    """Forward hook: (B, T, C) back into the (B*T, C) rows the block computes with."""
+    return output.reshape(-1, output.shape[-1]) if output.dim() == 3 else None
+
+
+def _zero_output(module, args, output):
+    """Forward hook: the module outputs zeros (of its hidden states; the rest of a tuple is kept)."""
+    if isinstance(output, tuple):
+        return (torch.zeros_like(output[0]), *output[1:])
+    return torch.zeros_like(output)
+
+
+def _passthrough(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]
+    if isinstance(output, tuple):
+        return (x, *output[1:])
+    return x
+
+
+@contextmanager
+def router_load(v: LayerView) -> Iterator[list[torch.Tensor | None]]:
+    """Count, per block, how often the mixture-of-experts router picks each expert, over the real tokens.
+
+    Yields one int64 tensor (E,) per block (None for a dense block), to which every forward inside the
+    context adds: each real token (``attention_mask`` 1) adds one to each of its top-k experts, so a
+    block's counts sum to k x tokens. The router's own selection is read (a forward hook on it takes the
+    ``top_k_index`` it returns), so the counts are those the model ran with. Where the mask does not match
+    the routed rows (a forward with a cache), every routed row counts. :func:`router_stats` reduces the
+    counts to a load measure.
+    """
+    counts: list[torch.Tensor | None] = []
+    for i in range(v.num_layers):
+        r = v.router(i)
+        counts.append(None if r is None else torch.zeros(r.weight.shape[0], dtype=torch.long))
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+    handles = []
+
+    def model_pre(module, args, kwargs):
+        state["mask"] = kwargs.get("attention_mask")
+
+    def hook(i: int):
+        def fn(module, args, output):
+            index = output[2].detach()  # (rows, k): the experts each routed row is sent to
+            mask = state["mask"]
+            if mask is not None and mask.numel() == index.shape[0]:
+                index = index[mask.reshape(-1).bool()]
+            counts[i] += torch.bincount(index.reshape(-1), minlength=counts[i].numel()).cpu()
+
+        return fn
+
+    handles.append(v.model.register_forward_pre_hook(model_pre, with_kwargs=True))
+    for i, c in enumerate(counts):
+        if c is not None:
+            handles.append(v.router(i).register_forward_hook(hook(i)))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def router_stats(counts: torch.Tensor) -> dict[str, float | None]:
+    """The load over experts of one block's accumulated router counts (:func:`router_load`).
+
+    With p_e = count_e / sum of counts (the share of token-assignments expert e received):
+    ``router_entropy`` = -sum p_e ln p_e in nats (ln E for a perfectly balanced router, 0 when one expert
+    takes everything; divide by ln E for a 0..1 scale), ``router_max_share`` = max_e p_e (1/E when
+    balanced). The load-balance view of Shazeer et al., 2017 and Fedus et al., 2022 (Switch Transformer),
+    measured rather than used as a loss. None for both where nothing was counted.
+    """
+    total = float(counts.sum())
+    if total <= 0:
+        return {"router_entropy": None, "router_max_share": None}
+    p = counts.double() / total
+    nz = p[p > 0]
+    return {"router_entropy": float(-(nz * nz.log()).sum()), "router_max_share": float(p.max())}
+
+
+def unsupported_error(model_type) -> LayerlabError:
+    """The one-line refusal of a ``model_type`` with no adapter entry that cannot be discovered either."""
+    return LayerlabError(f"unsupported architecture {model_type!r}; supported: {', '.join(sorted(MODEL_TYPES))}, "
+                         "or any causal LM of the installed transformers (its block structure discovered)")
+
+
+def arch_of(model: nn.Module) -> str:
+    """The adapter entry for ``model``, or an error listing the supported architectures."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise unsupported_error(model_type)
+    if model_type == "opt" and (not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size
+                                or getattr(config, "_remove_final_layer_norm", False)):
+        raise LayerlabError("this OPT variant (as OPT-350m: Post-LN blocks, do_layer_norm_before=False, or "
+                            "project_in/project_out around the blocks) is not supported; only Pre-LN OPT is")
+    if model_type == "bloom" and (config.apply_residual_connection_post_layernorm
+                                  or (config.pretraining_tp > 1 and config.slow_but_exact)):
+        raise LayerlabError("this BLOOM variant (apply_residual_connection_post_layernorm, or slow_but_exact with "
+                            "pretraining_tp > 1) is not supported")
+    if model_type in VARIANTS:
+        return VARIANTS[model_type](config)
+    return MODEL_TYPES[model_type]
