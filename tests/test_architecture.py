@@ -17,7 +17,7 @@ LAYERS = [
     {"errors", "version", "registry", "defaults", "io"},
     {"config", "presets", "recipe"},
     {"norms", "packed", "model"},
-    {"adapters"},
+    {"adapters", "offload"},
     {"tokenizer"},
     {"data"},
     {"evaluate", "generate"},

@@ -37,7 +37,7 @@ REPORT_KEYS = [
     "relative_contribution", "attn_relative_contribution", "attn_cosine", "mlp_relative_contribution", "mlp_cosine",
     "hidden_rms", "variance_growth", "max_abs_activation", "max_abs", "effective_rank", "prompt_entropy",
     "curvature", "intrinsic_dimension", "anisotropy", "logit_lens_loss", "logit_lens_kl", "removal_loss_delta",
-    "removal_effect", "esd_alpha", "stable_rank",
+    "removal_effect", "router_entropy", "router_max_share", "esd_alpha", "stable_rank",
 ]
 
 
@@ -106,11 +106,13 @@ def test_layer_keys_are_the_report_contract(entry):
 def test_table_and_figures_follow_the_registry(entry):
     page = render_html({"models": [entry]})
     expanded = [f"max_abs.{p}" for p in ("resid", "attn", "mlp", "gate")]
-    want = [k for key in REPORT_KEYS for k in (expanded if key == "max_abs" else [key])]
+    want = [k for key in REPORT_KEYS if key not in METRICS or METRICS[key].table
+            for k in (expanded if key == "max_abs" else [key])]
     assert _headers(page) == [k for k in want if k != "removal_effect"]  # a causal LM: no removal effect at all
     titles = re.findall(r"<h3>([^<]*)</h3>", page)
     drawn = [t for t in FAMILIES if t in titles or f"<h2>{t}</h2>" in page]
-    assert drawn == list(FAMILIES)  # every family has a finite series for this model, in registry order
+    # every family with a finite series for this (dense) model is drawn, in registry order; routing is MoE only
+    assert drawn == [t for t in FAMILIES if t != "Expert routing"]
 
 
 @pytest.mark.parametrize("key", list(METRICS))
@@ -120,7 +122,7 @@ def test_every_metric_is_declared_in_full_and_measured(key, entry):
     assert all(p.family in FAMILIES for p in m.plots)
     assert f"`{key}`" in metrics_table() and any(f'"{key}": ' in line for line in layer_entry_lines())
     values = [layer[key] for layer in entry["layers"]]
-    if key == "removal_effect":  # encoders only
+    if key in ("removal_effect", "router_entropy", "router_max_share"):  # encoders only; MoE blocks only
         assert values == [None] * 3
         return
     for v in values:

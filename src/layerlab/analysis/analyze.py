@@ -5,14 +5,20 @@ paper); this module runs the accumulators they read and fills the entries.
 Fixed sample sizes (documented in docs/report-format.md):
 - ``SAMPLE_TOKENS`` tokens feed effective rank, intrinsic dimension and anisotropy;
 - ``SAMPLE_SEQUENCES`` whole sequences feed prompt entropy and curvature;
-- layer removal runs on the first ``removal_tokens`` tokens (one extra forward per block).
+- layer removal runs on the first ``removal_tokens`` tokens (whole batches): while each block runs, the
+  skip-streams of the earlier blocks' removals advance through it (:class:`~layerlab.analysis.stats.RemovalSums`).
+
+A model is measured in its checkpoint's own dtype (``dtype="auto"``; bf16 stays bf16) and every statistic
+accumulates in float32 or float64. A checkpoint larger than ``max_memory`` (or any, with ``offload=True``) is
+streamed block by block from its safetensors (:mod:`layerlab.offload`); the report is the same.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..adapters import load_model, view
+from ..adapters import load_model, router_load, router_stats, view
 from ..data import batches, default_split, describe_slice, split_ids, window_length
 from ..defaults import ANALYZE_TOKENS, REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from ..errors import LayerlabError
-from ..io import cache_dir, progress_bar, versions
+from ..io import atomic_write_json, cache_dir, progress_bar, read_json, versions
 from .metrics import layer_results, measure_layer, stream_sums
 from .report import Report
 from .stats import RemovalSums, StreamStats, TokenSample, one_thread
@@ -53,21 +59,25 @@ class _Pass:
     removal: RemovalSums
     hidden_size: int = 0
     fidelity: dict | None = None
+    router: list[torch.Tensor | None] | None = None  # per block, how often the MoE router picked each expert
 
 
 @torch.no_grad()
 def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, tokens: int = DEFAULT_TOKENS,
                   seq_len: int | None = None, batch_size: int = 8, removal_tokens: int = REMOVAL_TOKENS,
                   spectra: bool = True, intrinsic: bool = True, progress: bool = True,
-                  model_dir: Path | None = None) -> dict:
+                  model_dir: Path | None = None, offloaded=None) -> dict:
     """All measurements of one loaded model; returns its entry of the report (see docs/report-format.md).
 
     Each layer's entry holds every metric of the registry (:mod:`layerlab.analysis.metrics`), in its order;
     ``spectra=False`` and ``intrinsic=False`` turn off the metrics that name those switches (their values are
-    None)."""
+    None). ``offloaded`` is the :class:`~layerlab.offload.Offloaded` that ``model`` belongs to, when its blocks
+    are streamed from the checkpoint."""
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
-    v = view(model)
+    v = offloaded.view if offloaded is not None else view(model)
+    device = offloaded.device if offloaded is not None else next(model.parameters()).device
+    dtype = offloaded.dtype if offloaded is not None else next(model.parameters()).dtype
     seq_len = window_length(model.config, v.causal, seq_len)
     split = default_split(data)
     split_tokens = split_ids(tokenizer, data, split)
@@ -79,21 +89,34 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     if available < 4:
         raise LayerlabError("data too short: fewer than 4 tokens to analyze")
     acc = _stream_pass(v, tokenizer, ids, name=name, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
-                       removal_tokens=removal_tokens, progress=progress)
+                       removal_tokens=removal_tokens, progress=progress, device=device)
     found = None
-    if spectra:
+    if spectra and offloaded is not None:
+        found = offloaded_spectra(offloaded, model_dir, progress=progress)
+    elif spectra:
         from .spectra import spectra_cached
 
         found = spectra_cached(v, model_dir, cache_dir(), progress=progress)
     res = {**acc.stream.results(), "removal": acc.removal.results()}
+    if not v.sublayers_known:  # a discovered structure: what attention and the MLP add is unknown, not zero
+        for key in ("attn_relative_contribution", "attn_cosine", "mlp_relative_contribution", "mlp_cosine"):
+            res[key] = None
+    router = [router_stats(c) if c is not None else {} for c in acc.router or [None] * v.num_layers]
+    for key in ("router_entropy", "router_max_share"):
+        res[key] = [r.get(key) for r in router] if any(router) else None
     off = {switch for switch, on in (("spectra", spectra), ("intrinsic", intrinsic)) if not on}
     placements = v.placements()
-    with one_thread():  # the token-sample measures run small decompositions
-        layers = [{"index": r.index, "placement": placements[r.index], **measure_layer(r, off)}
-                  for r in layer_results(res, v.num_layers, v.causal, sample=acc.sample, spectra=found)]
+    rows = layer_results(res, v.num_layers, v.causal, sample=acc.sample, spectra=found)
+    workers = min(torch.get_num_threads(), len(rows))  # the cores the forwards used
+    # the token-sample measures run small decompositions, each on one thread (see one_thread: a worker thread sets
+    # its own), so the layers are measured side by side, as many at once as torch had threads
+    with one_thread(), ThreadPoolExecutor(max(workers, 1), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        measured = list(pool.map(lambda r: measure_layer(r, off), rows))
+    layers = [{"index": r.index, "placement": placements[r.index], **m} for r, m in zip(rows, measured, strict=True)]
     return {
         "name": name, "path": path, "arch": v.arch_name, "causal": v.causal, "num_layers": v.num_layers,
-        "hidden_size": acc.hidden_size, "placements": placements, "loss": res["loss"],
+        "dtype": str(dtype).removeprefix("torch."), "offload": offloaded is not None,
+        "hidden_size": acc.hidden_size, "placements": placements, "form": v.form, "loss": res["loss"],
         "data_slice": describe_slice(data, split, min(tokens, len(split_tokens)), len(split_tokens)), "layers": layers,
         "embedding": {"hidden_rms": res["rms"][0], "max_abs_activation": res["max_resid"][0]},
         "final_norm_max_abs": res["max_final"],
@@ -109,9 +132,8 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
 
 
 def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_len: int, batch_size: int,
-                 removal_tokens: int, progress: bool) -> _Pass:
+                 removal_tokens: int, progress: bool, device: torch.device) -> _Pass:
     """One traced forward per batch, folded into the running sums, the token sample and layer removal."""
-    device = next(v.model.parameters()).device
     L = v.num_layers
     acc = _Pass(StreamStats(L, sums=stream_sums()), TokenSample(L + 1, SAMPLE_TOKENS, SAMPLE_SEQUENCES),
                 RemovalSums(L, removal_tokens, v.causal))
@@ -120,8 +142,11 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
         task = bar.add_task(f"analyze {name}", total=n_batches)
         for input_ids, mask in batches(tokenizer, ids, tokens, seq_len, batch_size, causal=v.causal):
             input_ids, mask = input_ids.to(device), mask.to(device)
-            with v.trace() as t, trace_gates(v) as gates:
+            with v.trace() as t, trace_gates(v) as gates, router_load(v) as load, acc.removal.streams(v):
                 out = v.forward(input_ids, mask)
+            # the main forward's routing only: the fidelity check's plain forward runs outside the context, and
+            # the removal streams silence the hooks inside a block
+            acc.router = load if acc.router is None else [a if a is None else a + b for a, b in zip(acc.router, load)]
             states = [t.resid_in[0], *t.resid_out]  # x_0..x_L, each (B, T, C)
             if acc.fidelity is None:  # the first batch only: one extra, plain forward
                 acc.fidelity = check_fidelity(v, input_ids, mask, states, out)
@@ -129,7 +154,7 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
             acc.sample.update(states, mask)
             if v.has_lm_head:
                 acc.stream.update_lens(states, v.logits_from_hidden, out.logits, input_ids, mask)
-            acc.removal.update(v, t, out, input_ids, mask)  # on the first removal_tokens tokens
+            acc.removal.update(v, out, input_ids, mask)  # on the first removal_tokens tokens
             acc.hidden_size = int(states[0].shape[-1])
             bar.advance(task)
         bar.update(task, completed=n_batches)
@@ -148,13 +173,17 @@ def fidelity_tolerance(dtype: torch.dtype) -> float:
     return FIDELITY_TOLERANCE.get(dtype, FIDELITY_TOLERANCE_DEFAULT)
 
 
-def _rel_diff(hooked: torch.Tensor, plain: torch.Tensor, real: torch.Tensor) -> tuple[float, float]:
+def _rel_diff(hooked: torch.Tensor, plain: torch.Tensor, real: torch.Tensor,
+              chunk: int = 1 << 22) -> tuple[float, float]:
     """max |hooked - plain| over the real tokens, and that relative to max |plain| there (finite values; equal
-    infinities or NaN on both sides count as agreeing). Row by row, so that no second (B, T, vocab) float copy
-    of the logits is made."""
+    infinities or NaN on both sides count as agreeing). A few rows at a time, at most ``chunk`` values of a row
+    block, so that no second (B, T, vocab) float copy of the logits is made while hidden states go in one piece."""
     diff = scale = 0.0
-    for h, p, m in zip(hooked, plain, real, strict=True):
-        a, b = h[m].float(), p[m].float()
+    per_row = max(int(hooked[0].numel()), 1) if hooked.shape[0] else 1
+    step = max(chunk // per_row, 1)
+    for start in range(0, hooked.shape[0], step):
+        m = real[start:start + step]
+        a, b = hooked[start:start + step][m].float(), plain[start:start + step][m].float()
         if not b.numel():
             continue
         d = (a - b).abs()
@@ -275,11 +304,18 @@ def trace_gates(v) -> Iterator[list[torch.Tensor | None]]:
 
 def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKENS,
             spectra: bool = True, seq_len: int | None = None, batch_size: int = 8,
-            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True) -> Report:
+            removal_tokens: int = REMOVAL_TOKENS, progress: bool = True, dtype: str = "auto",
+            offload: bool | None = None, max_memory: str | int | None = None,
+            announce: Callable[[str], None] | None = None) -> Report:
     """Measure every layer of one or more models (paths or loaded (model, tokenizer) pairs).
 
     Several models are overlaid in one report. Writing it is the report layer's
     (:func:`layerlab.report.write_report`; :func:`layerlab.analyze` does both).
+
+    A path loads in ``dtype`` (``"auto"``: the checkpoint's own). It is streamed block by block
+    (:mod:`layerlab.offload`) with ``offload=True``, or with ``offload=None`` when its weights exceed
+    ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM, the GPU's memory on
+    CUDA). ``announce`` receives one line per path saying which mode it used and why.
     """
     if not models:
         raise LayerlabError("give at least one model to analyze")
@@ -288,8 +324,9 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     entries = []
     names: set[str] = set()
     for m in models:
+        offloaded = None
         if isinstance(m, (str, Path)):
-            model, tok, _ = load_model(m)
+            model, tok, offloaded = _open(Path(m), dtype, offload, max_memory, announce)
             name, path, model_dir = model_label(Path(m)), str(m), Path(m)
         else:
             model, tok = m
@@ -299,10 +336,63 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
         names.add(name)
         entries.append(analyze_model(model, tok, name=name, path=path, data=data, tokens=tokens, seq_len=seq_len,
                                      batch_size=batch_size, removal_tokens=removal_tokens, spectra=spectra,
-                                     progress=progress, model_dir=model_dir))
+                                     progress=progress, model_dir=model_dir, offloaded=offloaded))
+        del model, offloaded
     report = Report({
         "format": "layerlab-report/1", "models": entries,
         "provenance": {"data": str(data) if data else "embedded (validation split)", "tokens": tokens,
                        "versions": versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     })
     return report
+
+
+def _open(path: Path, dtype: str, offload: bool | None, max_memory, announce) -> tuple:
+    """(model, tokenizer, Offloaded or None) of a model directory, in memory or streamed (see :func:`analyze`)."""
+    from ..adapters import MODEL_TYPES, load_tokenizer
+    from ..io import check_model_dir, check_weights
+    from ..offload import choose_offload, open_offloaded, resolve_dtype
+
+    # an unknown --dtype is one line, before anything loads
+    load_dtype = dtype if dtype == "auto" else resolve_dtype(dtype, None, None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_model_dir(path)
+    use, reason = choose_offload(path, offload, max_memory, dtype, device)
+    if not use:
+        model, tok, _ = load_model(path, dtype=load_dtype)
+        if announce is not None:  # once the checks passed, so that a refusal stays one line
+            announce(f"{path}: {reason}")
+        return model, tok, None
+    model_type = read_json(path / "config.json").get("model_type")
+    if model_type not in MODEL_TYPES:  # discovery runs a probe forward, which needs the whole model
+        raise LayerlabError(f"offload needs a family with an adapter entry ({', '.join(sorted(MODEL_TYPES))}); "
+                            f"{model_type!r} has none (a discovered structure is measured in memory: --no-offload)")
+    check_weights(path)
+    tok = load_tokenizer(path, True)
+    om = open_offloaded(path, dtype=dtype, device=device)
+    if announce is not None:
+        announce(f"{path}: {reason}")
+    return om.model, tok, om
+
+
+def offloaded_spectra(om, model_dir: Path | None, progress: bool = False) -> list:
+    """The weight spectra of an offloaded model, one block materialised at a time
+    (:func:`~layerlab.analysis.spectra.block_spectra` while :meth:`~layerlab.offload.Offloaded.block` holds it).
+    Cached as :func:`~layerlab.analysis.spectra.spectra_cached` caches, under the same key (the safetensors
+    files' hash), so an in-memory run and an offloaded one of the same checkpoint share the file."""
+    from . import spectra as sp
+
+    key = sp.spectra_key(om.view, model_dir)
+    file = cache_dir() / f"spectra-{key[:16]}.json"
+    cached = sp._read_cache(file, key)
+    if cached is not None:
+        return cached
+    found = []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("spectra", total=om.view.num_layers)
+        for i in range(om.view.num_layers):
+            with om.block(i):
+                found += sp.block_spectra(om.view, i)
+            bar.advance(task)
+    atomic_write_json(file, {"format": "layerlab-spectra", "method": sp.METHOD_VERSION, "key": key,
+                             "spectra": [sp._to_json(s) for s in found]})
+    return found

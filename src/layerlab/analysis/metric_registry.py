@@ -50,7 +50,8 @@ class Kind:
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("stream", "running sums over every token"),
     Kind("sample", "the token sample: the first {sample_tokens} tokens, or the first {sample_sequences} sequences"),
-    Kind("removal", "one forward per skipped block, over the first --removal-tokens tokens ({removal_tokens})"),
+    Kind("removal", "a skip-stream per block, carried through the later blocks in the same pass (L(L-1)/2 block "
+                    "forwards), over the first --removal-tokens tokens ({removal_tokens})"),
     Kind("weights", "the block's weight matrices, once per checkpoint", switch="spectra"),
 )}
 

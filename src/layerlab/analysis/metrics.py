@@ -83,6 +83,11 @@ for _family in (
            "log scale, with the embedding output (“emb”) and the final norm (diamond); massive activations show "
            "up as spikes orders of magnitude above their neighbours (Sun et al., 2024; Dettmers et al., 2022).",
            ncols=1, row_height=3.4, own_section=True),
+    Family("Expert routing",
+           "Mixture-of-experts blocks only: how evenly the router spreads the real tokens' top-k assignments over "
+           "the experts, as the entropy of the load shares (ln E when balanced) and the largest share any one "
+           "expert receives (1/E when balanced); a collapsed router shows low entropy and a high max share "
+           "(Shazeer et al., 2017; Fedus et al., 2022).", ncols=2),
 ):
     register_family(_family)
 
@@ -198,6 +203,15 @@ for _metric in (
            "Painters)", None,
            (Plot(_REM, "Removal effect (encoders)", "removal effect", ylabel="1 − cos (pooled output)",
                  hline=0.0),)),
+    # stream: the MoE router's selections (adapters.router_load), None for dense blocks and models
+    Metric("router_entropy", "stream", lambda r: r.block["router_entropy"],
+           "MoE blocks: entropy (nats) of the share of top-k token assignments per expert; ln E when balanced",
+           "Shazeer et al., 2017 (Outrageously Large Neural Networks); Fedus et al., 2022 (Switch Transformers)",
+           None, (Plot("Expert routing", "Router load entropy", "entropy", ylabel="entropy (nats)"),), table=False),
+    Metric("router_max_share", "stream", lambda r: r.block["router_max_share"],
+           "MoE blocks: largest share of the top-k token assignments that one expert receives; 1/E when balanced",
+           "Fedus et al., 2022 (Switch Transformers)", None,
+           (Plot("Expert routing", "Router max share", "max share", ylabel="share of assignments"),), table=False),
     # weights: the block's weight matrices (spectra.weight_spectra, cached per checkpoint)
     Metric("esd_alpha", "weights", _over_matrices("esd_alpha"),
            "mean heavy-tail exponent over the block's matrices", "Martin & Mahoney, 2021 (HT-SR)", 3.4,

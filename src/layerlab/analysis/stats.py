@@ -91,38 +91,99 @@ class StreamStats:
         ``attn``, ``mlp`` and ``mids`` are per block (B, T, C) or None (see :class:`StreamBatch`); ``gates`` per
         block the (B, T) max |.| of each token's MLP gate (:func:`layerlab.analysis.analyze.trace_gates`), None
         where a block has no MLP; ``final`` (B, T, C) the final norm's output. Every max |.| is taken over the
-        real tokens only. The work runs on the states' device; only the reduced sums come back to the CPU.
+        real tokens only. The work runs on the states' device; only the reduced sums come back to the CPU, in
+        one transfer.
+
+        Each tensor is read once as its real tokens' rows (a view, without a copy, when the batch has no
+        padding); the cosine of every pair of states comes from one batched product of the normalised states;
+        a state's norms serve its angular distances, its
+        relative change and its block's attention ratio.
         """
         m = mask.bool()
-        X = torch.stack([s.float() for s in states])  # (S, B, T, C)
-        C = X.shape[-1]
-        Xn = X[:, m]  # (S, N, C): non-padding tokens only
-        N = Xn.shape[1]
-        U = F.normalize(Xn, dim=-1)
-        # all pairwise cosines between states, per token: (S, S, N) -> angular distances summed over tokens
-        self.ang_sum += angular(torch.einsum("snc,tnc->stn", U, U)).sum(-1).double().cpu()
+        B, T = m.shape
+        flat = m.reshape(-1)
+        idx = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # the real tokens' rows of (B*T, ...)
+
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            """(N, ...) float32: the real tokens of ``x`` (B, T, ...)."""
+            x = x.reshape(B * T, *x.shape[2:])
+            return (x if idx is None else x.index_select(0, idx)).float()
+
+        Xn = torch.stack([rows(s) for s in states])  # (S, N, C): non-padding tokens only
+        S, N, C = Xn.shape
+        norms = torch.linalg.vector_norm(Xn, dim=-1)  # (S, N)
+        U = Xn / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize's formula
+        # all pairwise cosines between states, per token: (N, S, S), one batched product
+        G = torch.bmm(U.transpose(0, 1), U.permute(1, 2, 0))
+        ang = angular(G).sum(0)  # (S, S) angular distances summed over tokens
+        # cos(x_l, x_l+1) as an elementwise product: 1 - cos is small, and the product's own rounding keeps it
+        # as it was (the matmul's first off-diagonal differs by ~1e-7 of cos)
+        cos_next = (U[:-1] * U[1:]).sum(-1).sum(-1)  # (L,)
+        del U, G
         last = last_token_index(mask)  # (B,)
-        Ul = F.normalize(X[:, torch.arange(X.shape[1]), last], dim=-1)  # (S, B, C)
-        self.ang_last_sum += angular(torch.einsum("sbc,tbc->stb", Ul, Ul)).sum(-1).double().cpu()
-        self.cos_next_sum += (U[:-1] * U[1:]).sum(-1).sum(-1).double().cpu()
-        norms = Xn.norm(dim=-1).clamp_min(1e-12)  # (S, N)
-        self.rel_sum += ((Xn[1:] - Xn[:-1]).norm(dim=-1) / norms[:-1]).sum(-1).double().cpu()
+        rows_b = torch.arange(B, device=m.device)
+        Ul = F.normalize(torch.stack([s[rows_b, last] for s in states]).float(), dim=-1)  # (S, B, C)
+        ang_last = angular(torch.einsum("sbc,tbc->stb", Ul, Ul)).sum(-1)
+        rel = (torch.linalg.vector_norm(Xn[1:] - Xn[:-1], dim=-1) / norms[:-1].clamp_min(1e-12)).sum(-1)
+        # the sublayers: |part| / |its input| and cos(part, input), per block that has both
+        sub_rel: list[torch.Tensor] = []
+        sub_cos: list[torch.Tensor] = []
+        where: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (rel sums, cos sums, block) per entry
+        tops: list[torch.Tensor] = []  # every max |.| below, in the order of ``slots``
+        slots: list[tuple[str, int]] = []
         for i in range(self.L):
-            for part, inp, rel, cos in ((attn[i], states[i], self.attn_rel_sum, self.attn_cos_sum),
-                                        (mlp[i], mids[i], self.mlp_rel_sum, self.mlp_cos_sum)):
-                if part is None or inp is None:
+            for name, part, inp, rel_acc, cos_acc in (
+                    ("max_attn", attn[i], states[i], self.attn_rel_sum, self.attn_cos_sum),
+                    ("max_mlp", mlp[i], mids[i], self.mlp_rel_sum, self.mlp_cos_sum)):
+                if part is None:
                     continue
-                p, x = part.float()[m], inp.float()[m]  # (N, C)
-                rel[i] += float((p.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum())
-                cos[i] += float(F.cosine_similarity(p, x, dim=-1).sum())
-            self.max_attn[i] = _running_max(self.max_attn[i], attn[i], m)
-            self.max_mlp[i] = _running_max(self.max_mlp[i], mlp[i], m)
-            self.max_gate[i] = _running_max(self.max_gate[i], gates[i] if gates is not None else None, m)
-        self.max_final = _running_max(self.max_final, final, m)
-        self.sum_x += Xn.sum(dim=(1, 2)).double().cpu()
-        self.sum_x2 += Xn.pow(2).sum(dim=(1, 2)).double().cpu()
-        self.max_resid = torch.maximum(self.max_resid, Xn.abs().amax(dim=(1, 2)).double().cpu())
+                p = rows(part)  # (N, C)
+                if N:
+                    tops.append(_max_abs(p))
+                    slots.append((name, i))
+                if inp is None:
+                    continue
+                j = next((j for j in (i, i + 1) if inp is states[j]), None)  # a state: its rows and norms exist
+                x = Xn[j] if j is not None else rows(inp)
+                xn = norms[j] if j is not None else torch.linalg.vector_norm(x, dim=-1)
+                pn = torch.linalg.vector_norm(p, dim=-1)
+                sub_rel.append((pn / xn.clamp_min(1e-12)).sum())
+                sub_cos.append(F.cosine_similarity(p, x, dim=-1).sum())
+                where.append((rel_acc, cos_acc, i))
+            g = gates[i] if gates is not None else None
+            if g is not None and N:
+                tops.append(_max_abs(rows(g)))
+                slots.append(("max_gate", i))
+        if final is not None and N:
+            tops.append(_max_abs(rows(final)))
+            slots.append(("max_final", -1))
+        # one transfer of everything reduced, in float64
+        lo, hi = torch.aminmax(Xn.reshape(S, -1), dim=1) if N else (Xn.new_zeros(S), Xn.new_zeros(S))
+        parts = [ang.reshape(-1), ang_last.reshape(-1), cos_next, rel, Xn.sum(dim=(1, 2)), norms.square().sum(-1),
+                 torch.maximum(hi, -lo), *(torch.stack(x) for x in (sub_rel, sub_cos, tops) if x)]
+        sizes = [p.numel() for p in parts]
+        out = torch.cat([p.double() for p in parts]).cpu().split(sizes)
+        self.ang_sum += out[0].view(S, S)
+        self.ang_last_sum += out[1].view(S, S)
+        self.cos_next_sum += out[2]
+        self.rel_sum += out[3]
+        self.sum_x += out[4]
+        self.sum_x2 += out[5]
+        self.max_resid = torch.maximum(self.max_resid, out[6])
+        k = 7
+        if sub_rel:
+            for (rel_acc, cos_acc, i), r, c in zip(where, out[k].tolist(), out[k + 1].tolist(), strict=True):
+                rel_acc[i] += r
+                cos_acc[i] += c
+            k += 2
+        for (name, i), top in zip(slots, out[k].tolist() if tops else [], strict=True):
+            if name == "max_final":
+                self.max_final = top if self.max_final is None else max(self.max_final, top)
+            else:
+                store = getattr(self, name)
+                store[i] = top if store[i] is None else max(store[i], top)
         if self.sums:
+            X = torch.stack([s.float() for s in states])  # (S, B, T, C)
             batch = StreamBatch(X, Xn, m, attn, mlp, mids)
             for name, fn in self.sums.items():
                 total = fn(batch).double().cpu()
@@ -136,16 +197,22 @@ class StreamStats:
                     mask: torch.Tensor) -> None:
         """Logit lens: CE of each block's output read through ``read`` (final norm + head), and KL
         to the model's own prediction ``logits`` (which is ``read`` of the last state). One layer's
-        logits exist at a time, so a large vocabulary fits."""
+        logits exist at a time, so a large vocabulary fits; ``read`` sees only the predicting positions'
+        states (it acts on each token alone), so no logits of padding or of the last position are made."""
         valid = mask[:, 1:].bool() & mask[:, :-1].bool()  # position t predicts t+1
         y = labels[:, 1:][valid]
         final = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # (N, V)
-        p_final = final.exp()
+        p_final = final.exp().reshape(-1)
+        ce, kl = [], []
         for i, s in enumerate(states[1:]):
-            logp = final if i == self.L - 1 else F.log_softmax(read(s)[:, :-1][valid].float(), dim=-1)
-            self.lens_ce_sum[i] += float(F.nll_loss(logp, y, reduction="sum"))
-            self.lens_kl_sum[i] += float((p_final * (final - logp)).sum())
-        self.loss_sum += float(F.nll_loss(final, y, reduction="sum"))
+            logp = final if i == self.L - 1 else F.log_softmax(read(s[:, :-1][valid]).float(), dim=-1)
+            ce.append(F.nll_loss(logp, y, reduction="sum"))
+            kl.append(torch.dot(p_final, (final - logp).reshape(-1)))
+        ce.append(F.nll_loss(final, y, reduction="sum"))
+        out = torch.stack([*ce, *kl]).double().cpu()
+        self.lens_ce_sum += out[: self.L]
+        self.loss_sum += float(out[self.L])
+        self.lens_kl_sum += out[self.L + 1:]
         self.lens_tokens += int(y.numel())
 
     def results(self) -> dict:
@@ -178,13 +245,10 @@ class StreamStats:
         }
 
 
-def _running_max(current: float | None, x: torch.Tensor | None, mask: torch.Tensor) -> float | None:
-    """The larger of ``current`` and max |x| over the real tokens (``x`` (B, T, ...) and ``mask`` (B, T));
-    None while neither exists (a block without that part)."""
-    if x is None or not bool(mask.any()):
-        return current
-    top = float(x[mask].abs().amax())
-    return top if current is None else max(current, top)
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """max |x| (a 0-dim tensor) from one min-max pass, without an |x| copy; NaN if x holds one."""
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(hi, -lo)
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -195,9 +259,16 @@ def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class RemovalSums:
     """Per block, how much the output changes when that block is skipped, over the first ``limit`` tokens:
-    the loss increase (nats/token) for causal LMs, 1 - cos of the mean-pooled output for encoders.
+    the loss increase (nats/token) for causal LMs, 1 - cos of the mean-pooled output for encoders
+    (Gromov et al., 2024; Men et al., 2024, ShortGPT).
 
-    One extra forward per block and batch, each replaying the traced prefix before the skipped block.
+    One pass over the blocks serves every removal: within :meth:`streams`, each block j, right after its own
+    forward and with the arguments it was called with (masks, rotary tables, ALiBi), also runs on every
+    skip-stream s_i (i < j), the residual stream of the model with block i removed, and then starts s_j as its
+    own input passed through. After the last block each s_i is read through the final norm and the head. That
+    is L(L-1)/2 block forwards per batch, as many as replaying the traced prefix per skipped block, and every
+    block is used while it is loaded, so an offloaded model (:mod:`layerlab.offload`) reads each block once.
+    Extra memory: L streams of the removal batch, (L, B, T, C) in the model's dtype.
     """
 
     def __init__(self, num_layers: int, limit: int, causal: bool):
@@ -206,24 +277,59 @@ class RemovalSums:
         self.seen = 0  # tokens measured so far
         self.norm = 0  # what the sums are divided by: predicted tokens (causal) or sequences (encoders)
         self.full = 0.0  # the unskipped model's loss sum (causal)
+        self._streams: list[torch.Tensor] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether the next batch is measured (fewer than ``limit`` tokens were)."""
+        return self.seen < self.limit
+
+    @contextmanager
+    def streams(self, view) -> Iterator[None]:
+        """Advance the skip-streams through each block during the forwards in the block (a no-op once ``limit``
+        tokens were measured). The hooks run first among a block's forward hooks, while its weights are there."""
+        self._streams = []
+        if not self.active:
+            yield
+            return
+        handles = [b.module.register_forward_hook(self._advance, with_kwargs=True, prepend=True)
+                   for b in view.blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _advance(self, module, args, kwargs, output) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        with _observers_off(module):
+            for i, s in enumerate(self._streams):
+                if args:
+                    out = module.forward(s, *args[1:], **kwargs)
+                else:
+                    out = module.forward(**{**kwargs, "hidden_states": s})
+                self._streams[i] = out[0] if isinstance(out, (tuple, list)) else out
+        self._streams.append(x.detach())  # s_j: block j removed, its input passes through
 
     @torch.no_grad()
-    def update(self, view, trace, out, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Fold one batch in, while fewer than ``limit`` tokens were measured; ``out`` is the traced forward's."""
-        if self.seen >= self.limit:
+    def update(self, view, out, input_ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fold in the batch whose forward ran within :meth:`streams`; ``out`` is that forward's output."""
+        streams, self._streams = self._streams, []
+        if not self.active:
             return
+        if len(streams) != len(self.sums):
+            raise RuntimeError(f"layer removal saw {len(streams)} of {len(self.sums)} blocks run")
         if self.causal:
             full, n = masked_loss_sum(out.logits, input_ids, mask)
             self.full += full
         else:
             base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
-        for i in range(len(self.sums)):
-            with view.skip(i, replay=trace):
-                o = view.forward(input_ids, mask)
+        for i, s in enumerate(streams):
             if self.causal:
-                self.sums[i] += masked_loss_sum(o.logits, input_ids, mask)[0]
+                self.sums[i] += masked_loss_sum(view.logits_from_hidden(s), input_ids, mask)[0]
             else:
-                self.sums[i] += float((1 - F.cosine_similarity(_pooled(o.last_hidden_state, mask), base)).sum())
+                last = view.final_norm(s) if view.final_norm is not None else s
+                self.sums[i] += float((1 - F.cosine_similarity(_pooled(last, mask), base)).sum())
         self.seen += int(mask.sum())
         self.norm += n
 
@@ -231,6 +337,26 @@ class RemovalSums:
         """The mean change per block."""
         shift = self.full if self.causal else 0.0
         return ((self.sums - shift) / max(self.norm, 1)).tolist()
+
+
+@contextmanager
+def _observers_off(block: torch.nn.Module) -> Iterator[None]:
+    """Silence the forward hooks inside ``block`` (a trace's, the MLP gates') while it runs a skip-stream: they
+    observe the model's own forward, and a skip-stream must not overwrite what they recorded."""
+    saved = []
+    for m in block.modules():
+        if m is block:
+            continue
+        for attr in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(m, attr)
+            if hooks:
+                saved.append((hooks, dict(hooks)))
+                hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in saved:
+            hooks.update(items)
 
 
 class TokenSample:
@@ -248,7 +374,7 @@ class TokenSample:
         if self.count < self.size:
             take = self.size - self.count
             for i, s in enumerate(states):
-                self.rows[i].append(s.float()[m][:take].cpu())
+                self.rows[i].append(s[m][:take].float().cpu())
             self.count += min(take, int(m.sum()))
         if len(self.seqs[0]) < self.max_sequences:
             for b in range(m.shape[0]):
@@ -323,19 +449,29 @@ def anisotropy(Z: torch.Tensor) -> float:
     if n < 2:
         return float("nan")
     U = F.normalize(Z.double(), dim=-1)
-    G = U @ U.T
-    return float((G.sum() - G.diagonal().sum()) / (n * (n - 1)))
+    # the sum of the Gram matrix U U^T without forming it: sum_ij u_i.u_j = |sum_i u_i|^2, its trace sum_i |u_i|^2
+    total = U.sum(0)
+    return float((total @ total - (U * U).sum()) / (n * (n - 1)))
 
 
 def intrinsic_dimension(Z: torch.Tensor) -> float:
-    """TwoNN intrinsic dimension (Facco et al., 2017) through scikit-dimension."""
+    """TwoNN intrinsic dimension (Facco et al., 2017) through scikit-dimension.
+
+    skdim's ``TwoNN`` fits the ratio of each point's second to first nearest-neighbour distance; those two
+    distances are computed here and passed in (``dist=True``), as skdim computes them for wide data (squared
+    distances |x|^2 + |y|^2 - 2 x.y in float64, clipped at 0) but with the two nearest picked by ``topk``
+    instead of sorting every row of the (n, n) distance matrix, which was most of the time."""
     import skdim  # slow to import (numba): only when asked
 
-    X = Z.double().numpy()
-    X = np.unique(X, axis=0)  # TwoNN needs distinct points
+    X = np.unique(Z.double().numpy(), axis=0)  # TwoNN needs distinct points
     if X.shape[0] < 10:
         return float("nan")
+    Y = torch.from_numpy(X)
+    sq = (Y * Y).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * (Y @ Y.T)).clamp_min_(0)
+    d2.fill_diagonal_(math.inf)  # a point is not its own neighbour
+    r = d2.topk(2, dim=1, largest=False).values.sqrt_()  # (n, 2): r1 <= r2
     try:
-        return float(skdim.id.TwoNN().fit(X).dimension_)
+        return float(skdim.id.TwoNN(dist=True).fit(r.numpy()).dimension_)
     except (ValueError, FloatingPointError):
         return float("nan")
