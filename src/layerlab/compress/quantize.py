@@ -29,6 +29,10 @@ training split of ``--data`` (the token stream that ``train`` sees, less its las
 perplexities read the validation split, the rest of that stream, as ``eval`` does, so the choice is
 never fitted on the text it is judged on. ZD reads the weights only. Embeddings, the unembedding,
 norms and MoE routers stay in full precision.
+
+The model loads in the checkpoint's own dtype by default. With ``lim`` or ``zd``, a checkpoint larger than
+``max_memory`` (or any, with ``offload=True``) is streamed block by block (:mod:`layerlab.offload`) and written
+one block at a time (:func:`_quantize_offloaded`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from __future__ import annotations
 import copy
 import math
 import random
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from fractions import Fraction
 from pathlib import Path
 
@@ -61,7 +67,16 @@ from ..packed import (
     set_module,
 )
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
-from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .common import (
+    copy_tokenizer,
+    input_mode,
+    loss_columns,
+    open_input,
+    open_offloaded_input,
+    param_bytes,
+    staged_output,
+    table,
+)
 from .heal import train_ids, train_slice
 
 DEFAULT_WIDTHS, DEFAULT_GROUP = QUANT_WIDTHS, QUANT_GROUP
@@ -131,13 +146,48 @@ class Quantizer:
         self.apply(q, widths)
         return q
 
+    def rest_bytes(self) -> int:
+        """Bytes of the parameters kept in full precision (everything outside the quantizable layers); shapes
+        and dtypes only, so an offloaded model's ``meta`` parameters count too."""
+        packed_ids = {id(p) for m in self.original.values() for p in m.parameters()}
+        return sum(p.numel() * p.element_size()
+                   for p in {id(p): p for p in self.model.parameters()}.values() if id(p) not in packed_ids)
+
     def storage_bytes(self, widths: list[int]) -> int:
         """Bytes of the whole model with ``widths``: packed layers plus everything kept in full precision."""
-        packed_ids = {id(p) for m in self.original.values() for p in m.parameters()}
-        rest = sum(p.numel() * p.element_size()
-                   for p in {id(p): p for p in self.model.parameters()}.values() if id(p) not in packed_ids)
-        return rest + sum(self.packed(name, bits).storage_bytes()
-                          for b, bits in zip(self.blocks, widths, strict=True) for name in b)
+        return self.rest_bytes() + sum(self.packed(name, bits).storage_bytes()
+                                       for b, bits in zip(self.blocks, widths, strict=True) for name in b)
+
+    def forget(self, block: int) -> None:
+        """Drop block ``block``'s cached packed layers."""
+        names = set(self.blocks[block])
+        for key in [k for k in self._cache if k[0] in names]:
+            del self._cache[key]
+
+    @contextmanager
+    def streamed(self, om, widths: list[int]) -> Iterator[dict[str, tuple[int, dict]]]:
+        """While inside, every block of the offloaded model ``om`` (:class:`~layerlab.offload.Offloaded`, whose
+        model this quantizer was built on) runs quantized at ``widths``: right after a block is read its layers
+        are packed (:meth:`packed`, the in-memory path's code) and put in place, and right before it is freed
+        the originals go back and the packed layers are dropped, so one block's packed layers are held at a
+        time. Yields {module path: (storage bytes, spec)} of the layers packed so far."""
+        seen: dict[str, tuple[int, dict]] = {}
+
+        def after_load(i: int) -> None:
+            for name in self.blocks[i]:
+                p = self.packed(name, widths[i])
+                seen[name] = (p.storage_bytes(), p.spec())
+                set_module(om.model, name, p)
+
+        def before_free(i: int) -> None:
+            self.restore(om.model, [i])
+            self.forget(i)
+
+        om.after_load, om.before_free = after_load, before_free
+        try:
+            yield seen
+        finally:
+            om.after_load = om.before_free = None
 
 
 # ---------------------------------------------------------------------------- importance
@@ -184,18 +234,20 @@ def lim_scores(model, held) -> list[float]:
     return [1 - s / count for s in sums]
 
 
-def zd_scores(q: Quantizer) -> list[float]:
+def zd_scores(q: Quantizer, hold: Callable[[int], AbstractContextManager] | None = None) -> list[float]:
     """ZD per block: the share of the block's linear weights more than one std from their matrix's mean. An
     experts module's 3-d weight is standardised per expert: each expert's (out, in) matrix by its own mean and
-    std, as a linear layer's is (the experts are separate linear maps, and their scales can differ)."""
+    std, as a linear layer's is (the experts are separate linear maps, and their scales can differ). ``hold(i)``
+    (an offloaded model's :meth:`~layerlab.offload.Offloaded.block`) holds block i's weights while they are read."""
     out = []
-    for b in q.blocks:
+    for i, b in enumerate(q.blocks):
         outliers, total = 0, 0
-        for w in (matrix.float() for m in b.values() for matrix in weight_matrices(m)):
-            std = w.std()
-            if std > 0:
-                outliers += int(((w - w.mean()).abs() > std).sum())
-            total += w.numel()
+        with hold(i) if hold is not None else nullcontext():
+            for w in (matrix.float() for m in b.values() for matrix in weight_matrices(m)):
+                std = w.std()
+                if std > 0:
+                    outliers += int(((w - w.mean()).abs() > std).sum())
+                total += w.numel()
         out.append(outliers / max(total, 1))
     return out
 
@@ -353,17 +405,38 @@ def average_bits(sizes: list[int], alloc: list[int]) -> float:
 def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance: str = "lim",
              widths: tuple[int, ...] = DEFAULT_WIDTHS, group: int = DEFAULT_GROUP, data: str | Path | None = None,
              tokens: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS, seed: int = 0,
-             baselines: bool = True, progress: bool = False) -> dict:
+             baselines: bool = True, progress: bool = False, dtype: str = "auto", offload: bool | None = None,
+             max_memory: str | int | None = None, announce: Callable[[str], None] | None = None) -> dict:
     """Quantize every block to one of ``widths`` within an average of ``bits``, chosen by ``importance``; write
     the packed model to ``out``. Returns the record (also in ``out/layerlab.json``) with every allocation's
     size, average width and loss; ``budget_bits`` is ``bits``, ``after["avg_bits"]`` the average used (below
     the budget only for ``loss``, see :func:`allocate`), ``chosen_on`` the text the importance was measured
-    on (None for ``zd``, which reads the weights only); :func:`quantize_lines` lays out its table."""
+    on (None for ``zd``, which reads the weights only); :func:`quantize_lines` lays out its table.
+
+    The model loads in ``dtype`` (``"auto"``: the checkpoint's own). With ``offload=True``, or ``None`` and
+    weights larger than ``max_memory`` (as ``analyze`` decides; ``announce`` gets the line saying which), it is
+    streamed block by block and never built: :func:`_quantize_offloaded`. ``offload`` in the record says which
+    mode ran."""
     widths = _check(bits, importance, widths, group)
-    model, tok, v = open_input(model_dir, "quantize", causal="reports language-model perplexity")
+    streamed, reason = input_mode(model_dir, dtype=dtype, offload=offload, max_memory=max_memory)
     args = {"model": str(model_dir), "bits": bits, "importance": importance, "widths": list(widths), "group": group,
             "seed": seed, "data": str(data) if data else "embedded", "tokens": tokens,
-            "calibration_tokens": calibration_tokens}
+            "calibration_tokens": calibration_tokens, "dtype": dtype, "offload": streamed}
+    if streamed:
+        if importance not in OFFLOAD_IMPORTANCE:
+            raise LayerlabError(f"quantize in offload mode ranks blocks by {' or '.join(OFFLOAD_IMPORTANCE)}; "
+                                f"--importance {importance} runs a quantized forward of the whole model per block "
+                                "and width: use --no-offload")
+        (_, tok, _), om = open_offloaded_input(model_dir, "quantize", causal="reports language-model perplexity",
+                                               dtype=dtype)
+        if announce is not None:
+            announce(f"{model_dir}: {reason}")
+        return _quantize_offloaded(om, tok, model_dir=model_dir, out=out, bits=bits, importance=importance,
+                                   widths=widths, group=group, data=data, tokens=tokens,
+                                   calibration_tokens=calibration_tokens, seed=seed, baselines=baselines, args=args)
+    model, tok, v = open_input(model_dir, "quantize", causal="reports language-model perplexity", dtype=dtype)
+    if announce is not None:
+        announce(f"{model_dir}: {reason}")
     with staged_output(model_dir, out, "quantize", args) as stage:  # --out checked before the slow work starts
         q = Quantizer(model, group)
         sizes = q.sizes()
@@ -385,11 +458,78 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
                                                                 avg_bits=average_bits(sizes, chosen))
         stage.save_model(final)
         rows[importance]["disk_bytes"] = _disk(stage.dir)
-        chosen_on = train_slice(tok, data, sum(ids.numel() for ids, _ in held)) if held else None
-        stage.record = {"importance": importance, "chosen_on": chosen_on, "scores": scores, "allocation": chosen,
-                        "budget_bits": bits, "widths": list(widths), "group": group, "weights_per_block": sizes,
-                        "runs": rows, "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir)}
+        stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
+                               model_dir, offload=False)
     return stage.record
+
+
+OFFLOAD_IMPORTANCE = ("lim", "zd")  # one streamed pass (LIM) or one read of each block's weights (ZD)
+
+
+def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str, widths: tuple[int, ...],
+                        group: int, data, tokens: int | None, calibration_tokens: int, seed: int, baselines: bool,
+                        args: dict) -> dict:
+    """:func:`quantize` of a checkpoint streamed block by block (:class:`~layerlab.offload.Offloaded`): the model
+    is never built, and at most one block (with its packed layers) is in memory.
+
+    LIM is :func:`lim_scores` on the offloaded model (each traced forward streams the blocks: one pass over the
+    calibration tokens); ZD is :func:`zd_scores` with each block held while its weights are read; then the same
+    :func:`allocate`. Each allocation's loss is measured by a streamed forward in which every block, once read,
+    has its layers packed by :meth:`Quantizer.packed` (the in-memory code) and put in place
+    (:meth:`Quantizer.streamed`), so it computes what the in-memory quantized copy computes; its size is the
+    full-precision rest plus the packed layers' storage. The output is written block by block: the tensors
+    outside the blocks copied from the checkpoint, then per block its packed layers and other tensors, one
+    shard per block (:func:`layerlab.offload.write_shards`), with the ``quantization_config`` the in-memory path
+    writes. Packing runs once per block each time a block is read, so each evaluated allocation packs every
+    block once per evaluation batch (the in-memory path packs once and caches)."""
+    from ..offload import outside_blocks, tensor_entry, write_config, write_shards
+
+    model, v = om.model, om.view
+    q = Quantizer(model, group)
+    sizes = q.sizes()
+    rest = q.rest_bytes()
+    with staged_output(model_dir, out, "quantize", args) as stage:
+        held = _calibration(model, tok, data, calibration_tokens) if importance != "zd" else []
+        scores, cost = _importance(q, model, held, importance, bits, widths, False, hold=om.block)
+        chosen = allocate(sizes, bits, widths, cost, fill=True)
+        runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
+        before = {"avg_bits": None, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+        rows = {"original": before}
+        for name, alloc in runs.items():
+            with q.streamed(om, alloc) as seen:  # every forward reads every block, so all are packed
+                loss = lm_loss(model, tok, data, tokens)
+            rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc),
+                          "bytes": rest + sum(b for b, _ in seen.values()), **loss}
+        specs: dict[str, dict] = {}
+
+        def shards():
+            yield outside_blocks(om)
+            with q.streamed(om, chosen) as seen:
+                for i in range(v.num_layers):
+                    with om.block(i) as block:
+                        specs.update({n: seen[n][1] for n in q.blocks[i]})
+                        prefix = f"{om.blocks_prefix}.{i}."
+                        yield [tensor_entry(prefix + k, t) for k, t in block.state_dict().items()]
+
+        write_shards(stage.dir, shards(), count=1 + v.num_layers)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = quant_config_class()(modules=specs, group=group, budget_bits=bits,
+                                                          avg_bits=average_bits(sizes, chosen))
+        write_config(model, stage.dir, config, om.dtype)
+        copy_tokenizer(model_dir, stage.dir)
+        rows[importance]["disk_bytes"] = _disk(stage.dir)
+        stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
+                               model_dir, offload=True)
+    return stage.record
+
+
+def _record(tok, data, held, importance: str, scores, chosen: list[int], bits: float, widths, group: int,
+            sizes: list[int], rows: dict, before: dict, model_dir, *, offload: bool) -> dict:
+    """quantize's record (both modes)."""
+    chosen_on = train_slice(tok, data, sum(ids.numel() for ids, _ in held)) if held else None
+    return {"importance": importance, "chosen_on": chosen_on, "scores": scores, "allocation": chosen,
+            "budget_bits": bits, "widths": list(widths), "group": group, "weights_per_block": sizes, "runs": rows,
+            "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir), "offload": offload}
 
 
 def _check(bits: float, importance: str, widths: tuple[int, ...], group: int) -> tuple[int, ...]:
@@ -408,12 +548,13 @@ def _check(bits: float, importance: str, widths: tuple[int, ...], group: int) ->
 
 
 def _importance(q: Quantizer, model, held, importance: str, bits: float, widths: tuple[int, ...],
-                progress: bool) -> tuple[dict, list]:
-    """The ordering's scores, and the per-block, per-width cost the allocator minimises."""
+                progress: bool, hold: Callable[[int], AbstractContextManager] | None = None) -> tuple[dict, list]:
+    """The ordering's scores, and the per-block, per-width cost the allocator minimises (``hold``: see
+    :func:`zd_scores`)."""
     if importance == "loss":
         deltas = loss_deltas(q, held, widths, progress)
         return {"loss_delta": [{str(b): d for b, d in row.items()} for row in deltas]}, deltas
-    scores = {importance: lim_scores(model, held) if importance == "lim" else zd_scores(q)}
+    scores = {importance: lim_scores(model, held) if importance == "lim" else zd_scores(q, hold)}
     # higher LIM is more important; for ZD smaller is (LWQ)
     imp = scores["lim"] if importance == "lim" else [1 - z for z in scores["zd"]]
     return scores, ranked_cost(imp, bits, widths)
