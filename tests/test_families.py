@@ -572,3 +572,72 @@ def test_a_view_takes_an_explicit_arch():
     for i in range(3):
         for a, b in ((t.resid_out, ref.resid_out), (t.mid, ref.mid), (t.mlp, ref.mlp)):
             torch.testing.assert_close(a[i], b[i])
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_analyze_reports_the_router_load_of_its_own_batches(family, monkeypatch):
+    """analyze's ``router_entropy`` / ``router_max_share`` per block are the load of the main forwards over
+    the analysed windows: equal to ``router_stats`` of counts gathered here by ``router_load`` over plain forwards
+    of the same batches (so neither the fidelity check's forward nor the removal streams are counted), within
+    ln E and [1/E, 1]; None for qwen3_moe's dense block and in a dense model."""
+    from conftest import FakeTok, measure_fake_ids
+
+    from layerlab.adapters import router_load, router_stats
+    from layerlab.data import batches
+
+    module = measure_fake_ids(monkeypatch)
+    model = _build(family)
+    tok = FakeTok(V)
+    entry = module.analyze_model(model, tok, name="m", path=None, tokens=96, seq_len=16, batch_size=2,
+                                 removal_tokens=48, spectra=False, intrinsic=False, progress=False)
+    v = view(model)
+    with torch.no_grad(), router_load(v) as counts:
+        for ids, mask in batches(tok, tok.ids[:192], 96, 16, 2):
+            v.forward(ids, mask)
+    E = 4
+    for i, layer in enumerate(entry["layers"]):
+        if counts[i] is None:  # a dense block
+            assert layer["router_entropy"] is None and layer["router_max_share"] is None
+            continue
+        expect = router_stats(counts[i])
+        assert layer["router_entropy"] == pytest.approx(expect["router_entropy"], abs=1e-9)
+        assert layer["router_max_share"] == pytest.approx(expect["router_max_share"], abs=1e-9)
+        assert 0 < layer["router_entropy"] <= math.log(E) + 1e-9 and 1 / E <= layer["router_max_share"] <= 1
+    assert any(c is None for c in counts) == (family == "qwen3_moe")
+    assert entry["form"] == "sequential"
+
+
+def test_offload_gives_the_in_memory_report_or_refuses_in_one_line(saved, tmp_path, monkeypatch):
+    """``analyze --offload`` on every family: blocks read from the safetensors one at a time give the in-memory
+    report (every numeric field within 1e-4; no spectra, which tests/test_offload.py covers); the MoE families,
+    whose expert tensors transformers fuses on load, are refused in one line."""
+    from layerlab.analysis.analyze import analyze
+    from layerlab.errors import LayerlabError
+
+    family, src = saved
+    monkeypatch.setenv("LAYERLAB_CACHE", str(tmp_path / "cache"))
+    kw = dict(tokens=256, removal_tokens=128, spectra=False, progress=False)
+    mem = analyze(src, offload=False, **kw).models[0]
+    if family in ("mixtral", "qwen3_moe", "olmoe"):
+        with pytest.raises(LayerlabError, match="offload cannot read") as e:
+            analyze(src, offload=True, **kw)
+        assert "\n" not in str(e.value)
+        return
+    off = analyze(src, offload=True, **kw).models[0]
+    assert off["offload"] is True and mem["offload"] is False and off["fidelity"]["passed"]
+
+    def numbers(x, path=""):
+        if isinstance(x, dict):
+            for k, val in x.items():
+                if k not in ("offload", "path", "name"):
+                    yield from numbers(val, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, val in enumerate(x):
+                yield from numbers(val, f"{path}[{i}]")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            yield path, float(x)
+
+    a, b = dict(numbers(mem)), dict(numbers(off))
+    assert a.keys() == b.keys() and len(a) > 50
+    for k in a:
+        assert (math.isnan(a[k]) and math.isnan(b[k])) or abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), k
