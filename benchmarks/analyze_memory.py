@@ -195,7 +195,7 @@ def timed(owner, attr, phase):
             times[phase] = times.get(phase, 0.0) + time.perf_counter() - t
     setattr(owner, attr, wrapper)
 
-timed(A, "_open", "load")
+timed(A, "open_model", "load")
 timed(A, "_stream_pass", "pass")
 timed(ST.RemovalSums, "_advance", "removal")
 timed(ST.RemovalSums, "update", "removal")

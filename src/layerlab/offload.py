@@ -436,11 +436,11 @@ def open_offloaded(path: str | Path, *, dtype: str | torch.dtype = "auto",
 def checkpoint_bytes(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[int, torch.dtype, Checkpoint]:
     """The weights' bytes of a safetensors directory in the dtype a load with ``dtype`` gives."""
     ckpt = Checkpoint(path)
-    dt = resolve_dtype(dtype, _raw_config(path), ckpt)
+    dt = resolve_dtype(dtype, raw_config(path), ckpt)
     return ckpt.nbytes(dtype=dt), dt, ckpt
 
 
-def _raw_config(path: str | Path):
+def raw_config(path: str | Path):
     """config.json's fields as attributes, without transformers (which may not know the model type)."""
     from types import SimpleNamespace
 
@@ -488,7 +488,7 @@ def choose_offload(path: str | Path, offload: bool | None, max_memory: str | int
 def _largest_block(ckpt: Checkpoint, dtype, path) -> tuple[int, int] | None:
     """(index, bytes) of the largest block, from the checkpoint's tensor names: a block is a ``...<n>.`` group
     under the longest common prefix that numbered tensors share (``model.layers.``, ``transformer.h.``)."""
-    dt = resolve_dtype(dtype, _raw_config(path), ckpt)
+    dt = resolve_dtype(dtype, raw_config(path), ckpt)
     sizes: dict[tuple[str, int], list[str]] = {}
     for name in ckpt.info:
         m = re.match(r"(.*?\.)(\d+)\.", name)

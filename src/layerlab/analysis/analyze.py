@@ -326,7 +326,7 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     for m in models:
         offloaded = None
         if isinstance(m, (str, Path)):
-            model, tok, offloaded = _open(Path(m), dtype, offload, max_memory, announce)
+            model, tok, offloaded = open_model(Path(m), dtype, offload, max_memory, announce)
             name, path, model_dir = model_label(Path(m)), str(m), Path(m)
         else:
             model, tok = m
@@ -346,7 +346,7 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     return report
 
 
-def _open(path: Path, dtype: str, offload: bool | None, max_memory, announce) -> tuple:
+def open_model(path: Path, dtype: str, offload: bool | None, max_memory, announce) -> tuple:
     """(model, tokenizer, Offloaded or None) of a model directory, in memory or streamed (see :func:`analyze`)."""
     from ..adapters import MODEL_TYPES, load_tokenizer
     from ..io import check_model_dir, check_weights

@@ -44,8 +44,6 @@ def input_mode(model_dir: str | Path, *, dtype: str = "auto", offload: bool | No
     says why: with ``offload=True``, or with ``offload=None`` when the weights (in ``dtype``; ``"auto"``, the
     checkpoint's own) exceed ``max_memory``, exactly as ``analyze`` decides (:func:`layerlab.offload.choose_offload`).
     An unknown ``--dtype`` or a ``--max-memory`` below one block is one line."""
-    import torch
-
     from ..io import check_model_dir
     from ..offload import choose_offload, resolve_dtype
 
@@ -57,26 +55,21 @@ def input_mode(model_dir: str | Path, *, dtype: str = "auto", offload: bool | No
 
 
 def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dtype: str = "auto"):
-    """``(Loaded, Offloaded)``: the input streamed block by block, as ``analyze`` opens it (its ``_open``: a
+    """``(Loaded, Offloaded)``: the input streamed block by block, as ``analyze`` opens it (its ``open_model``: a
     family with an adapter entry, safetensors, the tokenizer); its parameters are on ``meta`` except the
     embedding, final norm and head, and its forward streams the blocks. A quantized model and an encoder are
     refused as :func:`open_input` refuses them."""
-    from ..analysis.analyze import _open
+    from ..analysis.analyze import open_model
+    from ..offload import raw_config
 
-    if (getattr(_raw_config(model_dir), "quantization_config", None)) is not None:
+    if getattr(raw_config(model_dir), "quantization_config", None) is not None:
         raise LayerlabError(f"{model_dir} is already quantized" + (
             "" if command == "quantize" else f"; {command} the full-precision model, then quantize"))
-    model, tok, om = _open(Path(model_dir), dtype, True, None, None)
+    model, tok, om = open_model(Path(model_dir), dtype, True, None, None)
     refuse_quantized(model, model_dir, command)
     if not om.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return Loaded(model, tok, om.view), om
-
-
-def _raw_config(model_dir):
-    from ..offload import _raw_config as raw
-
-    return raw(model_dir)
 
 
 def param_bytes(model) -> int:
