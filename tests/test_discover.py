@@ -333,6 +333,9 @@ def test_cli_analyze_and_block_prune_a_discovered_family(family, tmp_path):
     assert r.exit_code == 0, r.output
     entry = json.loads((tmp_path / "r" / "report.json").read_text())["models"][0]
     assert entry["arch"] == "discovered" and entry["fidelity"]["passed"] and entry["num_layers"] == L
+    for layer in entry["layers"]:  # what attention and the MLP add is unknown here, not zero
+        assert layer["attn_relative_contribution"] is None and layer["mlp_cosine"] is None
+        assert layer["block_influence"] is not None and layer["removal_loss_delta"] is not None
 
     r = run(app, ["prune", str(src), "--remove", "1", "--measure-tokens", "256", "--tokens", "256",
                   "--out", str(tmp_path / "p")])
