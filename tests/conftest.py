@@ -102,3 +102,19 @@ def measure_fake_ids(monkeypatch):
     monkeypatch.setattr(module, "split_ids", lambda tok, data, split: np.asarray(tok.ids) if isinstance(
         tok, FakeTok) else real(tok, data, split))
     return module
+
+
+def watch_block_loads(monkeypatch) -> list[tuple]:
+    """Record, right after every block that any :class:`layerlab.offload.Offloaded` materialises,
+    ``(the Offloaded, blocks held, resident parameter bytes)``: what the offload tests bound."""
+    import layerlab.offload as off
+
+    seen = []
+    load = off.Offloaded.load
+
+    def watched(self, i):
+        load(self, i)
+        seen.append((self, len(self.held), self.resident_bytes()))
+
+    monkeypatch.setattr(off.Offloaded, "load", watched)
+    return seen

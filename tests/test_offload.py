@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import perturb
+from conftest import perturb, watch_block_loads
 from typer.testing import CliRunner
 
 import layerlab
@@ -163,43 +163,17 @@ def test_a_checkpoint_fused_on_load_is_refused_in_one_line(tmp_path):
         open_offloaded(d)
 
 
-def _held_counter(om):
-    held, peak = set(), [0]
-
-    def on_load(i, loaded):
-        (held.add if loaded else held.discard)(i)
-        peak[0] = max(peak[0], len(held))
-
-    om.on_load = on_load
-    return peak
-
-
 @pytest.mark.parametrize("layers", [3, 6])
 def test_at_most_one_block_is_materialised(layers, tmp_path, monkeypatch):
     d = _save(_build("llama", layers), tmp_path / "m")
-    opened = []
-    import layerlab.offload as off  # analyze imports open_offloaded from here when it needs it
-
-    def spy(*a, **k):
-        om = off.Offloaded(*a, **k)
-        opened.append((om, _held_counter(om), []))
-        om_resident = opened[-1][2]
-        inner = om.on_load
-
-        def on_load(i, loaded):
-            inner(i, loaded)
-            om_resident.append(om.resident_bytes())
-
-        om.on_load = on_load
-        return om
-
-    monkeypatch.setattr(off, "open_offloaded", spy)
+    loads = watch_block_loads(monkeypatch)
     analyze(d, tokens=TOKENS, progress=False, offload=True)
-    om, peak, resident = opened[0]
-    assert peak[0] == 1
+    om = loads[0][0]
+    assert {o for o, _, _ in loads} == {om}
+    assert max(held for _, held, _ in loads) == 1
     non_block = sum(p.numel() * p.element_size() for n, p in _build("llama", layers).named_parameters()
                     if ".layers." not in n)
-    assert max(resident) == non_block + max(om.block_bytes)
+    assert max(resident for _, _, resident in loads) == non_block + max(om.block_bytes)
     assert om.resident_bytes() == non_block  # every block freed at the end
     assert all(p.device.type == "meta" for b in om.view.blocks for p in b.module.parameters())
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import perturb
+from conftest import perturb, watch_block_loads
 from safetensors.torch import load_file
 
 import layerlab
@@ -196,14 +196,7 @@ def test_offload_prune_holds_one_block_and_one_tensor(dtype, tmp_path, monkeypat
     src = _save("llama", tmp_path / "src")
     sizes = [t.numel() * t.element_size() for t in _tensors(src).values()]
     assert sum(sizes) > max(sizes) + 150_000
-    peak = [0]
-    load = off.Offloaded.load
-
-    def counting_load(self, i):
-        load(self, i)
-        peak[0] = max(peak[0], len(self.held))
-
-    monkeypatch.setattr(off.Offloaded, "load", counting_load)
+    loads = watch_block_loads(monkeypatch)
     alive, most, writing, traced = [], [0], [False], [0]
     get = off.Checkpoint.get
 
@@ -229,7 +222,7 @@ def test_offload_prune_holds_one_block_and_one_tensor(dtype, tmp_path, monkeypat
 
     monkeypatch.setattr(off, "write_pruned", watched)
     rec = prune(src, out=tmp_path / "out", remove=1, offload=True, dtype=dtype, **RUN)
-    assert peak[0] == 1
+    assert loads and max(held for _, held, _ in loads) == 1
     assert rec["after"]["layers"] == 3
     assert traced[0] < max(sizes) + 40_000, traced[0]
     if dtype == "auto":
@@ -281,21 +274,13 @@ def _zd_by_hand(src: Path, family: str) -> list[float]:
 
 @pytest.mark.parametrize("family,importance", [("llama", "lim"), ("gpt2", "zd"), ("opt", "lim")])
 def test_offload_quantize_equals_in_memory(family, importance, tmp_path, monkeypatch):
-    import layerlab.offload as off
     from layerlab.adapters import load_model
 
     src = _save(family, tmp_path / "src")
     mem = quantize(src, out=tmp_path / "mem", importance=importance, offload=False, **QUANT)
-    peak = [0]
-    load = off.Offloaded.load
-
-    def counting_load(self, i):
-        load(self, i)
-        peak[0] = max(peak[0], len(self.held))
-
-    monkeypatch.setattr(off.Offloaded, "load", counting_load)
+    loads = watch_block_loads(monkeypatch)
     q = quantize(src, out=tmp_path / "off", importance=importance, offload=True, **QUANT)
-    assert peak[0] == 1  # one block at a time, with its packed layers
+    assert loads and max(held for _, held, _ in loads) == 1  # one block at a time, with its packed layers
     assert q["offload"] is True and mem["offload"] is False
     assert q["allocation"] == mem["allocation"] and sorted(set(q["allocation"])) == [3, 4]
     assert _numbers(q["scores"]) == pytest.approx(_numbers(mem["scores"]), abs=1e-6)

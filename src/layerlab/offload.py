@@ -238,10 +238,9 @@ def _shared(module: nn.Module, prefix: str = "") -> list[list[str]]:
 class Offloaded:
     """A model whose blocks live in the checkpoint and are materialised one at a time (see the module doc).
 
-    ``model`` is the Hugging Face model; ``view`` its :class:`~layerlab.adapters.LayerView`. ``on_load``, when
-    set, is called with (block index, True) when a block is materialised and (index, False) when it is freed
-    (tests count the blocks held at once); ``after_load`` / ``before_free`` are called with the index right
-    after a block is materialised and right before it is freed."""
+    ``model`` is the Hugging Face model; ``view`` its :class:`~layerlab.adapters.LayerView`. ``after_load`` /
+    ``before_free`` are called with the index right after a block is materialised and right before it is
+    freed; ``held`` is the set of blocks materialised now."""
 
     def __init__(self, path: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"):
         import transformers
@@ -260,7 +259,6 @@ class Offloaded:
             model = auto.from_config(config, dtype=self.dtype)
         self.model = model.eval()
         self.view = view(self.model)
-        self.on_load: Callable[[int, bool], None] | None = None
         # called with the block index right after a block is materialised and right before it is freed: quantize
         # swaps a block's linear layers for packed ones there, so a forward runs the quantized block
         self.after_load: Callable[[int], None] | None = None
@@ -348,8 +346,6 @@ class Offloaded:
         self.held.add(i)
         if self.after_load is not None:
             self.after_load(i)
-        if self.on_load is not None:
-            self.on_load(i, True)
 
     def free(self, i: int) -> None:
         """Put block ``i``'s parameters back on ``meta``."""
@@ -361,8 +357,6 @@ class Offloaded:
         for n, p in self._meta[i].items():
             _set_param(module, n, p)
         self.held.discard(i)
-        if self.on_load is not None:
-            self.on_load(i, False)
 
     @contextmanager
     def block(self, i: int) -> Iterator[nn.Module]:
