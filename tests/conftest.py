@@ -1,4 +1,5 @@
 import importlib
+import math
 import os
 
 # Idle OpenMP threads sleep instead of spinning: with spinning, two threads on a loaded 2-core
@@ -118,3 +119,31 @@ def watch_block_loads(monkeypatch) -> list[tuple]:
 
     monkeypatch.setattr(off.Offloaded, "load", watched)
     return seen
+
+
+def _report_numbers(x, path=""):
+    """Every numeric leaf of a report entry, by its path (timings and paths are not numbers here)."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _report_numbers(v, f"{path}.{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _report_numbers(v, f"{path}[{i}]")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield path, float(x)
+
+
+def assert_reports_close(a: dict, b: dict, tol: float, skip=("offload", "path", "name")) -> int:
+    """Two report entries (report.json's ``models[i]``) hold the same numeric leaves, each within ``tol`` relative
+    (NaN on both sides agrees), top-level keys ``skip`` aside; returns how many were compared."""
+    a = {k: v for k, v in a.items() if k not in skip}
+    b = {k: v for k, v in b.items() if k not in skip}
+    na, nb = dict(_report_numbers(a)), dict(_report_numbers(b))
+    assert na.keys() == nb.keys()
+    for k in na:
+        x, y = na[k], nb[k]
+        if math.isnan(x) or math.isnan(y):
+            assert math.isnan(x) and math.isnan(y), k
+        else:
+            assert abs(x - y) <= tol * max(1.0, abs(x)), (k, x, y)
+    return len(na)

@@ -27,7 +27,7 @@ import re
 import pytest
 import torch
 import transformers
-from conftest import perturb, save_model
+from conftest import assert_reports_close, perturb, save_model
 from transformers import AutoModelForCausalLM
 
 from layerlab.adapters import view
@@ -625,19 +625,4 @@ def test_offload_gives_the_in_memory_report_or_refuses_in_one_line(saved, tmp_pa
         return
     off = analyze(src, offload=True, **kw).models[0]
     assert off["offload"] is True and mem["offload"] is False and off["fidelity"]["passed"]
-
-    def numbers(x, path=""):
-        if isinstance(x, dict):
-            for k, val in x.items():
-                if k not in ("offload", "path", "name"):
-                    yield from numbers(val, f"{path}.{k}")
-        elif isinstance(x, list):
-            for i, val in enumerate(x):
-                yield from numbers(val, f"{path}[{i}]")
-        elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            yield path, float(x)
-
-    a, b = dict(numbers(mem)), dict(numbers(off))
-    assert a.keys() == b.keys() and len(a) > 50
-    for k in a:
-        assert (math.isnan(a[k]) and math.isnan(b[k])) or abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])), k
+    assert assert_reports_close(mem, off, 1e-4) > 50

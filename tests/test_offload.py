@@ -16,14 +16,13 @@ sharded safetensors (``max_shard_size``) so that the shard index is read; nothin
 import copy
 import importlib
 import json
-import math
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import perturb, watch_block_loads
+from conftest import assert_reports_close, perturb, watch_block_loads
 from typer.testing import CliRunner
 
 import layerlab
@@ -84,30 +83,6 @@ def fresh_cache(tmp_path, monkeypatch):
     return use
 
 
-def _numbers(x, path=""):
-    """Every numeric leaf of a report entry, by its path (timings and paths are not numbers here)."""
-    if isinstance(x, dict):
-        for k, v in x.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            yield from _numbers(v, f"{path}[{i}]")
-    elif isinstance(x, (int, float)) and not isinstance(x, bool):
-        yield path, float(x)
-
-
-def _compare(a: dict, b: dict, tol: float, skip=("offload", "path", "name")) -> int:
-    a = {k: v for k, v in a.items() if k not in skip}
-    b = {k: v for k, v in b.items() if k not in skip}
-    na, nb = dict(_numbers(a)), dict(_numbers(b))
-    assert na.keys() == nb.keys()
-    for k in na:
-        x, y = na[k], nb[k]
-        if math.isnan(x) or math.isnan(y):
-            assert math.isnan(x) and math.isnan(y), k
-        else:
-            assert abs(x - y) <= tol * max(1.0, abs(x)), (k, x, y)
-    return len(na)
 
 
 @pytest.mark.parametrize("family", ["layerlab", "gpt2", "llama"])
@@ -125,7 +100,7 @@ def test_offload_report_equals_in_memory(family, tmp_path, fresh_cache):
     assert mem["dtype"] == off["dtype"] == "float32"
     assert off["weights"] and all(w["esd_alpha"] is not None for w in off["weights"])  # spectra were computed
     assert all(lay["removal_loss_delta"] is not None for lay in off["layers"])
-    assert _compare(mem, off, 1e-4) > 100
+    assert assert_reports_close(mem, off, 1e-4) > 100
 
 
 def test_offload_of_the_pretrained_minilm_equals_in_memory(fresh_cache):
@@ -135,7 +110,7 @@ def test_offload_of_the_pretrained_minilm_equals_in_memory(fresh_cache):
     mem = analyze(minilm.get_model_path(), tokens=128, progress=False, offload=False, spectra=False).models[0]
     off = analyze(minilm.get_model_path(), tokens=128, progress=False, offload=True, spectra=False).models[0]
     assert off["offload"] and off["arch"] == "bert" and off["num_layers"] == 6
-    assert _compare(mem, off, 1e-4) > 100
+    assert assert_reports_close(mem, off, 1e-4) > 100
 
 
 def test_a_checkpoint_renamed_on_load_is_read_through_the_conversion_mapping(tmp_path, fresh_cache):
@@ -149,7 +124,7 @@ def test_a_checkpoint_renamed_on_load_is_read_through_the_conversion_mapping(tmp
     mem = analyze(d, tokens=256, progress=False, offload=False, spectra=False).models[0]
     fresh_cache("offload")
     off = analyze(d, tokens=256, progress=False, offload=True, spectra=False).models[0]
-    assert _compare(mem, off, 1e-4) > 100
+    assert assert_reports_close(mem, off, 1e-4) > 100
 
 
 def test_a_checkpoint_fused_on_load_is_refused_in_one_line(tmp_path):
@@ -268,7 +243,7 @@ def test_bf16_checkpoint_runs_in_bf16_and_matches_float32(tmp_path, fresh_cache,
                   "relative_contribution", "anisotropy"):
             assert a[k] == pytest.approx(b[k], rel=2e-2, abs=1e-3), k
     # the streamed bf16 run gives the in-memory bf16 run's report
-    assert _compare(native, streamed, 1e-4) > 100
+    assert assert_reports_close(native, streamed, 1e-4) > 100
 
 
 def test_tied_head_shares_the_embedding(tmp_path):
@@ -358,4 +333,4 @@ def test_offload_on_cuda_equals_in_memory(tmp_path, fresh_cache):
     mem = analyze(d, tokens=TOKENS, progress=False, offload=False).models[0]
     fresh_cache("offload")
     off = analyze(d, tokens=TOKENS, progress=False, offload=True).models[0]
-    assert _compare(mem, off, 1e-4) > 100
+    assert assert_reports_close(mem, off, 1e-4) > 100
