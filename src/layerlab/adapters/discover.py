@@ -26,6 +26,7 @@ measured.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -272,6 +273,14 @@ class DiscoveredView(LayerView):
         self.require_sublayers(f"removing the {unit} sublayer")
 
 
+# each model's discovered structure, so that the commands' many view() calls run the probe forward once per model
+_DISCOVERED: weakref.WeakKeyDictionary[nn.Module, Arch] = weakref.WeakKeyDictionary()
+
+
 def discovered_view(model: nn.Module) -> DiscoveredView:
-    """The block-level view of a causal LM with no adapter entry (:func:`discover`), labelled ``"discovered"``."""
-    return DiscoveredView(model, discover(model))
+    """The block-level view of a causal LM with no adapter entry (:func:`discover`, once per model object),
+    labelled ``"discovered"``."""
+    arch = _DISCOVERED.get(model)
+    if arch is None:
+        arch = _DISCOVERED[model] = discover(model)
+    return DiscoveredView(model, arch)

@@ -378,9 +378,10 @@ def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[in
 
 
 def _stage(model, tok, data, tokens: int | None, om=None) -> dict:
-    known = view(model).sublayers_known  # a discovered structure: how many sublayers is not known
+    v = view(model)
+    known = v.sublayers_known  # a discovered structure: how many sublayers is not known
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u, om)) if known else None for u in SUBLAYERS}
-    return {"layers": view(model).num_layers, **counts, "bytes": param_bytes(model),
+    return {"layers": v.num_layers, **counts, "bytes": param_bytes(model),
             **lm_loss(model, tok, data, tokens)}
 
 
