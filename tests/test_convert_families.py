@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from layerlab.adapters import load_model
 from layerlab.compress import convert
-from layerlab.compress.convert import norm_readers, recenter_family, use_rmsnorm
+from layerlab.compress.recenter import norm_readers, recenter_family, use_rmsnorm
 from layerlab.norms import CRMSNorm, RMSNorm
 
 V = 320  # the byte tokenizer's 257 ids fit
@@ -290,7 +290,7 @@ def test_a_conversion_that_is_not_exact_is_an_error_and_writes_nothing(tmp_path,
 
     from layerlab.errors import LayerlabError
 
-    module = importlib.import_module("layerlab.compress.convert")  # the package re-exports a function of that name
+    module = importlib.import_module("layerlab.compress.recenter")  # where recentring lives
 
     src = save_model(_build("gpt_neox"), tmp_path / "in")
     monkeypatch.setattr(module, "_center_", lambda t, dim: None)
