@@ -127,17 +127,6 @@ def test_a_checkpoint_renamed_on_load_is_read_through_the_conversion_mapping(tmp
     assert assert_reports_close(mem, off, 1e-4) > 100
 
 
-def test_a_checkpoint_fused_on_load_is_refused_in_one_line(tmp_path):
-    """Mixtral's experts are stored one by one and stacked by transformers on load: offload says it cannot."""
-    config = transformers.MixtralConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                        num_key_value_heads=2, intermediate_size=64, num_local_experts=2,
-                                        num_experts_per_tok=1, max_position_embeddings=64)
-    d = _save(transformers.AutoModelForCausalLM.from_config(config), tmp_path / "moe")
-    with pytest.raises(LayerlabError, match=r"^offload cannot read mixtral checkpoints yet: transformers fuses their "
-                                            r"tensors on load \(.*\); use --no-offload$"):
-        open_offloaded(d)
-
-
 @pytest.mark.parametrize("layers", [3, 6])
 def test_at_most_one_block_is_materialised(layers, tmp_path, monkeypatch):
     d = _save(_build("llama", layers), tmp_path / "m")

@@ -12,6 +12,13 @@ The idea of building on ``meta`` and materialising weights on demand is accelera
 (parameters only, ``include_buffers=False``) and its CPU/disk offload hooks; this is layerlab's own, reduced to
 one block at a time. Peak memory: the non-block parameters, one block, the activations.
 
+Checkpoint names are read as ``from_pretrained`` reads them, through the model's conversion mapping
+(``transformers.conversion_mapping``): renamed tensors (GPT-NeoX's ``embed_out``), and tensors that transformers
+builds from several stored ones: a mixture-of-experts layer's experts (Mixtral, Qwen3-MoE, OLMoE), stored one
+tensor per expert and projection and stacked into ``mlp.experts.gate_up_proj`` / ``down_proj``, are built from
+their parts when their block is read (:class:`_Fusion`); a checkpoint that stores the stacked tensors is read as
+it is.
+
 Sizes on the command line (``--max-memory 8GB``) are decimal (1 GB = 10^9 bytes); ``GiB``/``MiB`` are binary.
 """
 
@@ -267,6 +274,10 @@ class Offloaded:
         self.blocks_prefix = next(n for n, m in self.model.named_modules() if m is container)
         self._prefix = getattr(self.model, "base_model_prefix", "")
         self._renamed, self._fused = _renames(self.model, self.checkpoint)
+        # a MoE's stacked experts, built from their parts; the renamings this checkpoint's names went through
+        self._fusions, self._saved_renamings = _fusions(self.model, self.checkpoint)
+        for fusion in self._fusions.values():
+            fusion.check(self)
         for b in self.model.buffers():  # computed buffers are created on the CPU
             b.data = b.data.to(self.device)
         # everything outside the blocks: embedding, positions, final norm, head (tied groups share one tensor)
@@ -278,8 +289,9 @@ class Offloaded:
         self._persistent_buffers()
         self._meta = [{n: p for n, p in b.module.named_parameters(remove_duplicate=False)}
                       for b in self.view.blocks]
-        self.block_bytes = [self.checkpoint.nbytes([self._key(f"{self.blocks_prefix}.{i}.{n}") for n in meta],
-                                                   self.dtype) for i, meta in enumerate(self._meta)]
+        self.block_bytes = [
+            self.checkpoint.nbytes([k for n in meta for k in self._keys(f"{self.blocks_prefix}.{i}.{n}")], self.dtype)
+            for i, meta in enumerate(self._meta)]
         self.held: set[int] = set()
         for b in self.view.blocks:
             b.module.register_forward_pre_hook(self._pre(b.index), prepend=True)
@@ -293,18 +305,47 @@ class Offloaded:
             return name
         if name in self._renamed:
             return self._renamed[name]
-        if self._fused:
-            raise LayerlabError(f"offload cannot read {self.model.config.model_type} checkpoints yet: transformers "
-                                f"fuses their tensors on load ({self._fused}, for {name}); use --no-offload")
+        if name in self._fusions:
+            raise LayerlabError(f"{name} is built from {len(self._fusions[name].sources)} checkpoint tensors, "
+                                "not stored as one")  # callers that can take several ask _keys
         p = self._prefix
         for alt in (f"{p}.{name}", name[len(p) + 1:] if p and name.startswith(p + ".") else None):
             if alt and alt in self.checkpoint:
                 return alt
+        fusion = next((how for target, how in self._fused.items() if target in name), None)
+        if fusion is not None:  # a fused tensor none of whose parts the checkpoint holds under the mapping's names
+            raise LayerlabError(f"offload cannot read {name} of this {self.model.config.model_type} checkpoint: "
+                                f"transformers builds it on load ({fusion}), and the checkpoint holds none of "
+                                "those tensors; use --no-offload")
         raise LayerlabError(f"{self.path} has no tensor {name} in its safetensors, which this "
                             f"{self.model.config.model_type} model needs")
 
+    def _keys(self, name: str) -> list[str]:
+        """The checkpoint's names of the tensors the model's tensor ``name`` is read from: one, or a fused
+        tensor's parts (a MoE's experts, stored one tensor per expert and projection)."""
+        if name not in self.checkpoint and name not in self._renamed and name in self._fusions:
+            return [key for _, key in self._fusions[name].sources]
+        return [self._key(name)]
+
     def _read(self, name: str) -> torch.Tensor:
-        t = self.checkpoint.get(self._key(name))
+        if name not in self.checkpoint and name not in self._renamed and name in self._fusions:
+            return self._fusions[name].read(self)
+        return self._cast(self.checkpoint.get(self._key(name)))
+
+    def saved_name(self, name: str) -> str:
+        """The name ``save_pretrained`` of the in-memory model (loaded from this checkpoint) writes for the model's
+        tensor ``name``: transformers' renamings that this checkpoint's names went through on load, reversed
+        (Mixtral's ``.mlp.`` back to ``.block_sparse_moe.``; a checkpoint already stored under the model's
+        names keeps them). Meant for tensors no reverse converter claims (a MoE's packed experts, say); a fused
+        tensor that ``save_pretrained`` would split per expert is not renamed into its parts here."""
+        if not self._saved_renamings:
+            return name
+        from transformers.core_model_loading import apply_renamings
+
+        return apply_renamings(name, self._saved_renamings)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor as read from the checkpoint, floating ones in the model's dtype, on its device."""
         if t.is_floating_point():
             t = t.to(self.dtype)
         return t.to(self.device)
@@ -319,7 +360,7 @@ class Offloaded:
 
     def _has(self, name: str) -> bool:
         try:
-            self._key(name)
+            self._keys(name)
         except LayerlabError:
             return False
         return True
@@ -395,22 +436,24 @@ class Offloaded:
         return total
 
 
-def _renames(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, str], str]:
+def _renames(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, str], dict[str, str]]:
     """The checkpoint's names of tensors that transformers renames on load (GPT-NeoX's ``embed_out`` is its
     ``lm_head``), as {model name: checkpoint name}, from the model's conversion mapping (transformers' own
     table, ``transformers.conversion_mapping``); and, where the mapping also fuses tensors (the experts of
-    Mixtral-style MoE layers, read as one stacked tensor), a description of the first fusion, else ''."""
+    Mixtral-style MoE layers, read as one stacked tensor: :func:`_fusions`), {target pattern: a description of
+    its fusion}, which names a fused tensor whose parts the checkpoint lacks."""
     try:
         from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
 
         mapping = get_model_conversion_mapping(model) or []
     except Exception:  # noqa: BLE001  (an internal API: without it, names are taken as they are)
-        return {}, ""
-    renamed, fused = {}, ""
+        return {}, {}
+    renamed, fused = {}, {}
     for rule in mapping:
         sources, targets = list(rule.source_patterns), list(rule.target_patterns)
         if not isinstance(rule, WeightRenaming):
-            fused = fused or f"{', '.join(sources)} -> {', '.join(targets)}"
+            for tgt in targets:
+                fused.setdefault(tgt, f"{', '.join(sources)} -> {', '.join(targets)}")
             continue
         for i, src in enumerate(sources):
             tgt = targets[i] if len(targets) == len(sources) else targets[0]
@@ -418,6 +461,151 @@ def _renames(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, str], 
                 if re.search(src, key):
                     renamed.setdefault(re.sub(src, tgt, key), key)
     return renamed, fused
+
+
+class _Fusion:
+    """A model tensor that transformers builds on load from several checkpoint tensors (a ``WeightConverter`` of
+    its conversion mapping): a MoE layer's experts, stored one tensor per expert and projection
+    (``...experts.3.w1.weight``, ``...experts.3.gate_proj.weight``) and stacked into one 3-d parameter
+    (``mlp.experts.gate_up_proj``, (E, 2I, H); ``mlp.experts.down_proj``, (E, H, I)). ``sources`` are
+    (the converter's source pattern, checkpoint name) in transformers' reading order (``dot_natural_key``:
+    expert 10 after expert 9), which is the order the experts are stacked in."""
+
+    __slots__ = ("name", "converter", "shape", "sources")
+
+    def __init__(self, name: str, converter, shape: tuple[int, ...]):
+        self.name, self.converter, self.shape = name, converter, shape
+        self.sources: list[tuple[str, str]] = []
+
+    def read(self, om: Offloaded) -> torch.Tensor:
+        """The fused tensor, in ``om``'s dtype on its device. Transformers' two expert fusions (stack the experts
+        of each source pattern along dim 0: ``MergeModulelist(dim=0)``; then, with several patterns, concatenate
+        the stacks along ``dim``: ``Concatenate(dim)``) are written straight into the result, one expert's
+        matrix read at a time, so the peak is the fused tensor plus one expert's matrix; any other chain of
+        operations runs through the converter itself (transformers' code) on the tensors read."""
+        dim = _stack_then_concat(self.converter)
+        return self._place(om, dim) if dim is not None else self._convert(om)
+
+    def _fail(self, why: str) -> LayerlabError:
+        return LayerlabError(f"offload cannot build {self.name} from its {len(self.sources)} checkpoint tensors "
+                             f"({', '.join(self.converter.source_patterns)}): {why}; use --no-offload")
+
+    def check(self, om: Offloaded) -> None:
+        """One line now, before any block runs, if the parts cannot stack into the model's tensor (an expert
+        missing, a shape that differs); only the fusions written straight into the result are checked here."""
+        dim = _stack_then_concat(self.converter)
+        if dim is not None:
+            self._plan(om, dim)
+
+    def _plan(self, om: Offloaded, dim: int) -> tuple[list[list[str]], list[int], torch.dtype]:
+        """(each source pattern's checkpoint names, in stacking order; each pattern's size along ``dim``; the
+        result's dtype), or one line if the parts cannot stack into the model's tensor."""
+        patterns = list(self.converter.source_patterns)
+        groups = [[key for p, key in self.sources if p == pattern] for pattern in patterns]
+        info = om.checkpoint.info
+        experts, rest = self.shape[0], list(self.shape[1:])  # (E, *rest)
+        if any(len(g) != experts for g in groups):
+            raise self._fail(f"{[len(g) for g in groups]} tensors per pattern for {experts} experts")
+        sizes = []
+        for g in groups:
+            shapes = {tuple(info[key][1]) for key in g}
+            shape = next(iter(shapes))
+            if len(shapes) != 1 or len(shape) != len(rest) or any(
+                    a != b for d, (a, b) in enumerate(zip(shape, rest)) if d != dim):
+                raise self._fail(f"shapes {sorted(shapes)} do not stack into {list(self.shape)}")
+            sizes.append(shape[dim])
+        if sum(sizes) != rest[dim]:
+            raise self._fail(f"shapes along dim {dim + 1} add up to {sum(sizes)}, not {rest[dim]}")
+        st = info[groups[0][0]][0]
+        dtype = om.dtype if st in _TORCH else _ST_DTYPES.get(st)
+        if dtype is None:
+            raise self._fail(f"dtype {st}")
+        return groups, sizes, dtype
+
+    def _place(self, om: Offloaded, dim: int) -> torch.Tensor:
+        groups, sizes, dtype = self._plan(om, dim)
+        out = torch.empty(self.shape, dtype=dtype, device=om.device)
+        start = 0
+        for g, size in zip(groups, sizes):
+            for e, key in enumerate(g):  # expert e's slice of this pattern: (E, ..., start:start+size, ...)
+                out[e].narrow(dim, start, size).copy_(om.checkpoint.get(key))
+            start += size
+        return out
+
+    def _convert(self, om: Offloaded) -> torch.Tensor:
+        import copy
+        from functools import partial
+
+        converter = copy.deepcopy(self.converter)
+        for pattern, key in self.sources:  # read when the converter asks (transformers' synchronous loading)
+            converter.add_tensor(self.name, key, pattern, partial(lambda k: om._cast(om.checkpoint.get(k)), key))
+        try:
+            out = converter.convert(self.name, model=om.model, config=om.model.config)
+        except Exception as e:  # noqa: BLE001  (transformers' operations, any error)
+            raise self._fail((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+        t = out.get(self.name) if isinstance(out, dict) else None
+        t = t[0] if isinstance(t, list) else t
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != self.shape:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else "nothing"
+            raise self._fail(f"{[type(op).__name__ for op in self.converter.operations]} gave {got}, "
+                             f"not {list(self.shape)}")
+        return t.to(om.device)
+
+
+def _stack_then_concat(converter) -> int | None:
+    """The per-expert dim along which ``converter`` joins its source patterns' tensors, when its operations are
+    ``MergeModulelist(dim=0)`` (one pattern: 0, nothing to join) optionally followed by ``Concatenate(dim=d)``,
+    d >= 1 (dim d - 1 of each expert's matrix); None for any other chain."""
+    try:
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+    except ImportError:
+        return None
+    ops, patterns = list(converter.operations), list(converter.source_patterns)
+    if not ops or type(ops[0]) is not MergeModulelist or ops[0].dim != 0:
+        return None
+    if len(ops) == 1 and len(patterns) == 1:
+        return 0
+    if len(ops) == 2 and type(ops[1]) is Concatenate and ops[1].dim >= 1 and len(converter.target_patterns) == 1:
+        return ops[1].dim - 1
+    return None
+
+
+def _fusions(model: nn.Module, checkpoint: Checkpoint) -> tuple[dict[str, _Fusion], list]:
+    """{model tensor name: :class:`_Fusion`} for every model tensor that transformers would build on load from
+    several of ``checkpoint``'s tensors: each checkpoint name is renamed as ``from_pretrained`` renames it
+    (``transformers.core_model_loading.rename_source_key``, with the model's conversion mapping: its
+    renamings, then at most one converter), and those a converter claims are grouped by the model tensor they
+    become. A checkpoint that already stores the fused tensor (``mlp.experts.gate_up_proj``) has no claimed
+    names, so it is read as it is. Also the reverse of the renamings that matched a checkpoint name, in the
+    order ``save_pretrained`` applies them (``revert_weight_conversion``), for :meth:`Offloaded.saved_name`."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            dot_natural_key,
+            rename_source_key,
+        )
+
+        mapping = get_model_conversion_mapping(model) or []
+    except Exception:  # noqa: BLE001  (an internal API: without it, nothing is fused)
+        return {}, []
+    renamings = [r for r in mapping if isinstance(r, WeightRenaming)]
+    converters = [r for r in mapping if isinstance(r, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}  # on meta: names and shapes only
+    fusions: dict[str, _Fusion] = {}
+    for key in sorted(checkpoint.info, key=dot_natural_key):
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, shapes)
+        if pattern is None or name not in shapes:  # as from_pretrained: claimed by a converter, and a tensor
+            continue
+        fusions.setdefault(name, _Fusion(name, by_pattern[pattern], shapes[name])).sources.append((pattern, key))
+    try:  # rename_source_key marked the renamings it applied (was_used), as from_pretrained records them
+        saved = [r.reverse_transform() for r in renamings[::-1] if r.was_used() and not isinstance(r, PrefixChange)]
+    except Exception:  # noqa: BLE001
+        saved = []
+    return fusions, saved
 
 
 def open_offloaded(path: str | Path, *, dtype: str | torch.dtype = "auto",
@@ -628,8 +816,8 @@ def write_pruned(om: Offloaded, out_dir: str | Path, *, keep: list[int], zeroed:
     ckpt = om.checkpoint
     prefix = _checkpoint_blocks_prefix(om)
     renumber = {old: new for new, old in enumerate(keep)}
-    zero = {om._key(n) for n in zeroed}
-    drop_names = {om._key(n) for n in dropped if not n.endswith(".")}
+    zero = {k for n in zeroed for k in om._keys(n)}  # a fused tensor: every part (each expert's matrices)
+    drop_names = {k for n in dropped if not n.endswith(".") for k in om._keys(n)}
     drop_prefixes = tuple(n for n in dropped if n.endswith("."))
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
     shards: dict[Path, list[_Entry]] = {}
@@ -651,7 +839,8 @@ def write_pruned(om: Offloaded, out_dir: str | Path, *, keep: list[int], zeroed:
 
 def _checkpoint_blocks_prefix(om: Offloaded) -> str:
     """How the checkpoint spells the blocks' prefix (``model.layers.``), from block 0's first tensor."""
-    name = next(iter(om._meta[0]))
+    # a tensor the checkpoint stores as one (a MoE's fused experts are stored per expert, under other names)
+    name = next((n for n in om._meta[0] if f"{om.blocks_prefix}.0.{n}" not in om._fusions), next(iter(om._meta[0])))
     key = om._key(f"{om.blocks_prefix}.0.{name}")
     tail = f"0.{name}"
     if not key.endswith("." + tail):

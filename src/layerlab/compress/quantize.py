@@ -509,7 +509,7 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
                     with om.block(i) as block:
                         specs.update({n: seen[n][1] for n in q.blocks[i]})
                         prefix = f"{om.blocks_prefix}.{i}."
-                        yield [tensor_entry(prefix + k, t) for k, t in block.state_dict().items()]
+                        yield [tensor_entry(om.saved_name(prefix + k), t) for k, t in block.state_dict().items()]
 
         write_shards(stage.dir, shards(), count=1 + v.num_layers)
         config = copy.deepcopy(model.config)
