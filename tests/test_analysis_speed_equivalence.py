@@ -10,6 +10,7 @@ import torch
 from conftest import FakeTok, measure_fake_ids, tiny_cfg
 
 import layerlab
+from layerlab.analysis import stats
 from layerlab.analysis.analyze import _rel_diff, analyze_model
 from layerlab.analysis.stats import StreamStats, anisotropy, intrinsic_dimension
 
@@ -90,11 +91,15 @@ def _reference(batches) -> dict:
             "rms": np.sqrt(mean_x2), "var": mean_x2 - mean_x**2, **mx, "tokens": n, "sequences": seqs}
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["one-chunk", "chunks-of-3-tokens"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_stream_update_matches_a_per_token_reference(dtype):
+def test_stream_update_matches_a_per_token_reference(dtype, chunk, monkeypatch):
     """Two batches folded in give every streaming measure as the per-token float64 reference; padding (which
     holds the largest values) counts nowhere, a missing part stays None, and a block's input that is a state
-    (block 2's MLP reads its own output) is read as that state."""
+    (block 2's MLP reads its own output) is read as that state. With ``chunk``, the states are reduced 3 tokens
+    at a time (as a large model's are, CHUNK_VALUES at a time), which must change nothing."""
+    if chunk is not None:
+        monkeypatch.setattr(stats, "CHUNK_VALUES", chunk * 5 * 16)  # S = 5 states of width 16
     batches = [_batch(dtype), _batch(dtype, seed=1)]
     s = StreamStats(4)
     for states, attn, mlp, mids, gates, final, mask in batches:
@@ -119,10 +124,14 @@ def test_stream_update_matches_a_per_token_reference(dtype):
     assert got["max_attn"][1] is None and got["max_gate"][3] is None
 
 
-def test_logit_lens_matches_a_per_token_reference():
+@pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunks-of-4-rows"])
+def test_logit_lens_matches_a_per_token_reference(chunk, monkeypatch):
     """CE of each block's output read through the head, KL to the model's own prediction, and the loss, against a
     float64 loop over the predicting positions; ``read`` sees those positions' states only (no logits of padding
-    or of each row's last position are made, a (B, T, vocab) tensor less per block on a large vocabulary)."""
+    or of each row's last position are made, a (B, T, vocab) tensor less per block on a large vocabulary), with
+    ``chunk`` a few rows at a time, as a large vocabulary's are."""
+    if chunk is not None:
+        monkeypatch.setattr(stats, "CHUNK_VALUES", chunk * 11)  # V = 11
     g = torch.Generator().manual_seed(3)
     L, B, T, C, V = 3, 3, 6, 8, 11
     head = torch.nn.Sequential(torch.nn.LayerNorm(C), torch.nn.Linear(C, V))
@@ -165,7 +174,9 @@ def test_logit_lens_matches_a_per_token_reference():
     np.testing.assert_allclose(got["lens_ce"], ce / n, rtol=1e-5)
     np.testing.assert_allclose(got["lens_kl"], kl / n, rtol=1e-5, atol=1e-7)
     assert got["lens_kl"][-1] == 0 and got["loss"] == pytest.approx(loss / n, rel=1e-6)
-    assert seen == [(n, C)] * (L - 1)  # the last block's logits are the model's own
+    # the last block's logits are the model's own
+    sizes = [n] if chunk is None else [chunk] * (n // chunk) + [n % chunk] * bool(n % chunk)
+    assert seen == [(k, C) for k in sizes for _ in range(L - 1)]
 
 
 def test_anisotropy_is_the_mean_cosine_over_distinct_pairs():

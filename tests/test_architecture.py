@@ -14,7 +14,7 @@ SRC = Path(layerlab.__file__).parent
 
 # Lower layers first; a module may import its own layer and those below it, never one above.
 LAYERS = [
-    {"errors", "version", "registry", "defaults", "io"},
+    {"errors", "version", "registry", "defaults", "io", "allocator"},
     {"config", "presets", "recipe"},
     {"norms", "packed", "model"},
     {"adapters", "offload"},

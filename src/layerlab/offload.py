@@ -253,7 +253,9 @@ class Offloaded:
         import transformers
 
         from .adapters import MODEL_TYPES, view
+        from .allocator import return_freed_memory
 
+        return_freed_memory()  # each block's weights are freed for the next: give them back to the system
         self.path = check_model_dir(path)
         self.checkpoint = Checkpoint(self.path)
         config = transformers.AutoConfig.from_pretrained(self.path)

@@ -5,7 +5,7 @@ builds on this module (:mod:`layerlab.adapters.discover`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -313,8 +313,11 @@ class LayerView:
         return logits
 
     @contextmanager
-    def trace(self, sublayers: bool = True) -> Iterator[Trace]:
-        """Hook the residual stream around every block (and each sublayer's output) during forwards."""
+    def trace(self, sublayers: bool = True, on_block: Callable[[Trace, int], None] | None = None) -> Iterator[Trace]:
+        """Hook the residual stream around every block (and each sublayer's output) during forwards.
+
+        ``on_block(trace, i)`` is called as block i returns, once its entries are recorded: a consumer that reduces
+        them there and drops them (sets them to None) keeps one block's sublayer outputs alive, not all L."""
         n = self.num_layers
         t = Trace([None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
         handles = []
@@ -344,6 +347,8 @@ class LayerView:
                     t.mid[i] = t.resid_out[i]
                 elif sublayers and self.arch.parallel:  # the stream with attention added, as if sequential
                     t.mid[i] = t.resid_in[i] if t.attn[i] is None else t.resid_in[i] + t.attn[i]
+                if on_block is not None:
+                    on_block(t, i)
 
             return fn
 

@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 from ..adapters import load_model, router_load, router_stats, view
+from ..allocator import return_freed_memory
 from ..data import batches, default_split, describe_slice, split_ids, window_length
 from ..defaults import ANALYZE_TOKENS, REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from ..errors import LayerlabError
@@ -75,6 +77,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     are streamed from the checkpoint."""
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    return_freed_memory()  # the per-batch buffers are freed batch after batch (layerlab.allocator)
     v = offloaded.view if offloaded is not None else view(model)
     device = offloaded.device if offloaded is not None else next(model.parameters()).device
     dtype = offloaded.dtype if offloaded is not None else next(model.parameters()).dtype
@@ -111,7 +114,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     # the token-sample measures run small decompositions, each on one thread (see one_thread: a worker thread sets
     # its own), so the layers are measured side by side, as many at once as torch had threads
     with one_thread(), ThreadPoolExecutor(max(workers, 1), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        measured = list(pool.map(lambda r: measure_layer(r, off), rows))
+        measured = list(pool.map(lambda r: _measure(r, off), rows))
     layers = [{"index": r.index, "placement": placements[r.index], **m} for r, m in zip(rows, measured, strict=True)]
     return {
         "name": name, "path": path, "arch": v.arch_name, "causal": v.causal, "num_layers": v.num_layers,
@@ -131,6 +134,14 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
     }
 
 
+def _measure(row, off: set[str]) -> dict:
+    """One layer's metrics; the layer's float32 token sample, cached while its metrics read it, is freed after."""
+    try:
+        return measure_layer(row, off)
+    finally:
+        row.__dict__.pop("tokens", None)  # LayerResult.tokens is a cached_property
+
+
 def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_len: int, batch_size: int,
                  removal_tokens: int, progress: bool, device: torch.device) -> _Pass:
     """One traced forward per batch, folded into the running sums, the token sample and layer removal."""
@@ -142,20 +153,33 @@ def _stream_pass(v, tokenizer, ids: list[int], *, name: str, tokens: int, seq_le
         task = bar.add_task(f"analyze {name}", total=n_batches)
         for input_ids, mask in batches(tokenizer, ids, tokens, seq_len, batch_size, causal=v.causal):
             input_ids, mask = input_ids.to(device), mask.to(device)
-            with v.trace() as t, trace_gates(v) as gates, router_load(v) as load, acc.removal.streams(v):
+            acc.stream.begin(mask)
+            # each block's sublayer outputs are reduced as the block returns and then dropped, so one block's are
+            # alive at a time; only metrics with their own running sums (``Metric.sums``) read the whole batch's
+            keep = bool(acc.stream.sums)
+
+            def reduce_block(t, i: int) -> None:
+                acc.stream.update_block(i, t.resid_in[i], t.attn[i], t.mlp[i], t.mid[i], gates[i])
+                gates[i] = None
+                if not keep:
+                    t.attn[i] = t.mlp[i] = t.mid[i] = None
+
+            with (v.trace(on_block=reduce_block) as t, trace_gates(v) as gates, router_load(v) as load,
+                  acc.removal.streams(v)):
                 out = v.forward(input_ids, mask)
             # the main forward's routing only: the fidelity check's plain forward runs outside the context, and
             # the removal streams silence the hooks inside a block
             acc.router = load if acc.router is None else [a if a is None else a + b for a, b in zip(acc.router, load)]
             states = [t.resid_in[0], *t.resid_out]  # x_0..x_L, each (B, T, C)
-            if acc.fidelity is None:  # the first batch only: one extra, plain forward
-                acc.fidelity = check_fidelity(v, input_ids, mask, states, out)
-            acc.stream.update(states, t.attn, t.mlp, t.mid, mask, gates=gates, final=t.final)
+            acc.removal.update(v, out, input_ids, mask)  # on the first removal_tokens tokens; frees the streams
+            if acc.fidelity is None:  # the first batch only: one extra, plain forward of one or two rows
+                acc.fidelity = check_fidelity(v, input_ids, mask, states, out, rows=fidelity_rows(mask))
+            acc.stream.finish(states, t.final, attn=t.attn, mlp=t.mlp, mids=t.mid)
             acc.sample.update(states, mask)
             if v.has_lm_head:
                 acc.stream.update_lens(states, v.logits_from_hidden, out.logits, input_ids, mask)
-            acc.removal.update(v, out, input_ids, mask)  # on the first removal_tokens tokens
             acc.hidden_size = int(states[0].shape[-1])
+            del t, out, states
             bar.advance(task)
         bar.update(task, completed=n_batches)
     return acc
@@ -174,35 +198,52 @@ def fidelity_tolerance(dtype: torch.dtype) -> float:
 
 
 def _rel_diff(hooked: torch.Tensor, plain: torch.Tensor, real: torch.Tensor,
-              chunk: int = 1 << 22) -> tuple[float, float]:
+              chunk: int = 1 << 20) -> tuple[float, float]:
     """max |hooked - plain| over the real tokens, and that relative to max |plain| there (finite values; equal
-    infinities or NaN on both sides count as agreeing). A few rows at a time, at most ``chunk`` values of a row
-    block, so that no second (B, T, vocab) float copy of the logits is made while hidden states go in one piece."""
+    infinities or NaN on both sides count as agreeing). ``hooked`` and ``plain`` are (B, T, ...), ``real`` (B, T);
+    the real tokens are read a few at a time, at most ``chunk`` values each (4 MiB in float32), so that a batch's
+    logits never get a float copy, whatever the vocabulary."""
+    B, T = real.shape
+    H, P = hooked.reshape(B * T, -1), plain.reshape(B * T, -1)
+    idx = real.reshape(-1).nonzero().squeeze(1)
+    step = max(chunk // max(H.shape[1], 1), 1)
     diff = scale = 0.0
-    per_row = max(int(hooked[0].numel()), 1) if hooked.shape[0] else 1
-    step = max(chunk // per_row, 1)
-    for start in range(0, hooked.shape[0], step):
-        m = real[start:start + step]
-        a, b = hooked[start:start + step][m].float(), plain[start:start + step][m].float()
-        if not b.numel():
-            continue
-        d = (a - b).abs()
-        d = torch.where((a == b) | (a.isnan() & b.isnan()), torch.zeros_like(d), d)
+    for start in range(0, int(idx.numel()), step):
+        rows = idx[start:start + step]
+        a, b = H.index_select(0, rows).float(), P.index_select(0, rows).float()
+        agree = (a == b) | (a.isnan() & b.isnan())
+        d = (a - b).abs_().masked_fill_(agree, 0)
         diff = max(diff, math.inf if bool(d.isnan().any()) else float(d.max()))  # NaN on one side only: diverged
-        finite = b[b.isfinite()]
-        scale = max(scale, float(finite.abs().max()) if finite.numel() else 0.0)
+        del d, agree
+        top = b.abs_().masked_fill_(~b.isfinite(), 0).max()
+        scale = max(scale, float(top))
     return diff, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
 
 
-def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[torch.Tensor], out) -> dict:
+def fidelity_rows(mask: torch.Tensor) -> torch.Tensor:
+    """The rows of a (B, T) batch that the fidelity check runs again: the first, and the last where it holds
+    padding (the data's last window is the short one), so that padding is checked whenever the batch has any.
+    One or two rows cost a fraction of the batch's forward and memory."""
+    B = mask.shape[0]
+    last_padded = B > 1 and not bool(mask[-1].bool().all())
+    return torch.tensor([0, B - 1] if last_padded else [0], device=mask.device)
+
+
+def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[torch.Tensor], out,
+                   rows: torch.Tensor | None = None) -> dict:
     """Compare a traced forward with the model's plain forward of the same batch (no hooks,
     ``output_hidden_states=True``): the residual stream x_0..x_L the trace recorded against Hugging Face's
     hidden states, and the logits (causal LMs) against the plain logits, on real (non-padded) tokens.
+    ``rows`` (indices into the batch) limits the check, and the plain forward, to those rows.
 
     Hidden state l (l < L) is x_l; the last one has the final norm applied where the model has one, so it is
     compared with final_norm(x_L) (x_L itself for an encoder). Each figure is max |Δ| relative to max |.| of
     the plain value; any above :func:`fidelity_tolerance` raises :class:`LayerlabError` naming the first
     point (embedding, block, logits) that diverged. Returns the report's ``fidelity`` entry."""
+    if rows is not None:
+        input_ids, mask, states = input_ids[rows], mask[rows], [s[rows] for s in states]
+        out = SimpleNamespace(logits=out.logits[rows] if v.has_lm_head else None,
+                              last_hidden_state=_rows_of(getattr(out, "last_hidden_state", None), rows))
     kw = {"use_cache": False} if v.causal else {}
     plain = v.model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, **kw)
     hs = plain.hidden_states
@@ -236,6 +277,10 @@ def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[
                                 f"forward's ({rel:.3g} of its scale, tolerance {tol:g})")
     return {"max_abs_logit_diff": logit_diff, "max_rel_hidden_diff": worst, "layers_checked": L,
             "tolerance": tol, "passed": True}
+
+
+def _rows_of(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if x is None else x[rows]
 
 
 def _best_blocks(matrix: list[list], num_layers: int) -> dict[str, dict]:

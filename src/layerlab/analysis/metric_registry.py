@@ -127,7 +127,7 @@ class LayerResults:
     @property
     def sequences(self) -> list[torch.Tensor]:
         """The sampled whole sequences of x_l+1, each (T, C)."""
-        return self.sample.seqs[self.index + 1] if self.sample is not None else []
+        return self.sample.sequences(self.index + 1) if self.sample is not None else []
 
 
 # A metric's own running sum: from one traced batch, an (S,) per-state or (L,) per-block sum over its tokens.

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import masked_loss_sum
+# The most float32 values a streaming reduction makes at once (a chunk of tokens of every state, or of the logits):
+# 2^22 values, 16 MiB, whatever the batch, width, depth or vocabulary.
+CHUNK_VALUES = 1 << 22
 
 
 def angular(cos: torch.Tensor) -> torch.Tensor:
@@ -34,6 +36,30 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     T = mask.shape[1]
     pos = torch.arange(T, device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), pos, -1).amax(dim=1)
+
+
+def predicting_rows(mask: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The positions (b, t) of a (B, T) batch whose token and next token are both real (t predicts t + 1), in
+    row-major order, as chunks of index tensors of at most :data:`CHUNK_VALUES` // ``vocab`` rows each: a
+    chunk's float32 logits take at most 16 MiB."""
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    b, t = valid.nonzero(as_tuple=True)
+    step = max(CHUNK_VALUES // max(vocab, 1), 1)
+    for start in range(0, int(b.numel()), step):
+        yield b[start:start + step], t[start:start + step]
+
+
+def chunked_loss_sum(read: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                     mask: torch.Tensor, vocab: int) -> tuple[float, int]:
+    """(sum of next-token cross-entropy, number of predictions) of the logits ``read(hidden[b, t])`` over the
+    real tokens of a (B, T) batch, as :func:`layerlab.evaluate.masked_loss_sum` of the whole (B, T, V) logits
+    gives it, computed a chunk of rows at a time (:func:`predicting_rows`)."""
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    n = 0
+    for b, t in predicting_rows(mask, vocab):
+        total += F.cross_entropy(read(hidden[b, t]).float(), labels[b, t + 1], reduction="sum").double()
+        n += int(b.numel())
+    return float(total), n
 
 
 @dataclass(frozen=True)
@@ -94,73 +120,107 @@ class StreamStats:
         real tokens only. The work runs on the states' device; only the reduced sums come back to the CPU, in
         one transfer.
 
-        Each tensor is read once as its real tokens' rows (a view, without a copy, when the batch has no
-        padding); the cosine of every pair of states comes from one batched product of the normalised states;
-        a state's norms serve its angular distances, its
-        relative change and its block's attention ratio.
+        This is :meth:`begin`, :meth:`update_block` for every block and :meth:`finish`; the streaming pass calls
+        those three itself, reducing each block's sublayer outputs as the block returns, so that they need not
+        all be held at once.
         """
+        self.begin(mask)
+        for i in range(self.L):
+            self.update_block(i, states[i], attn[i], mlp[i], mids[i], gates[i] if gates is not None else None)
+        self.finish(states, final, attn=attn, mlp=mlp, mids=mids)
+
+    def begin(self, mask: torch.Tensor) -> None:
+        """Start a batch whose real tokens ``mask`` (B, T) marks."""
         m = mask.bool()
-        B, T = m.shape
         flat = m.reshape(-1)
-        idx = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # the real tokens' rows of (B*T, ...)
+        self._mask = m
+        self._idx = None if bool(flat.all()) else flat.nonzero().squeeze(1)  # the real tokens' rows of (B*T, ...)
+        self._n = int(flat.sum())
+        self._sub: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # per block entry: (|p|/|x| sum, cos sum, i)
+        self._tops: list[torch.Tensor] = []  # every max |.| of the blocks, in the order of ``_slots``
+        self._slots: list[tuple[str, int]] = []
 
-        def rows(x: torch.Tensor) -> torch.Tensor:
-            """(N, ...) float32: the real tokens of ``x`` (B, T, ...)."""
-            x = x.reshape(B * T, *x.shape[2:])
-            return (x if idx is None else x.index_select(0, idx)).float()
+    def _rows(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """(n, ...) float32: the real tokens ``start:stop`` of ``x`` (B, T, ...), in order (a view, without a copy,
+        when the batch has no padding and ``x`` is float32)."""
+        B, T = self._mask.shape
+        x = x.reshape(B * T, *x.shape[2:])
+        x = x[start:stop] if self._idx is None else x.index_select(0, self._idx[start:stop])
+        return x.float()
 
-        Xn = torch.stack([rows(s) for s in states])  # (S, N, C): non-padding tokens only
-        S, N, C = Xn.shape
-        norms = torch.linalg.vector_norm(Xn, dim=-1)  # (S, N)
-        U = Xn / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize's formula
-        # all pairwise cosines between states, per token: (N, S, S), one batched product
-        G = torch.bmm(U.transpose(0, 1), U.permute(1, 2, 0))
-        ang = angular(G).sum(0)  # (S, S) angular distances summed over tokens
-        # cos(x_l, x_l+1) as an elementwise product: 1 - cos is small, and the product's own rounding keeps it
-        # as it was (the matmul's first off-diagonal differs by ~1e-7 of cos)
-        cos_next = (U[:-1] * U[1:]).sum(-1).sum(-1)  # (L,)
-        del U, G
-        last = last_token_index(mask)  # (B,)
+    @torch.no_grad()
+    def update_block(self, i: int, inp: torch.Tensor | None, attn: torch.Tensor | None, mlp: torch.Tensor | None,
+                     mid: torch.Tensor | None, gate: torch.Tensor | None = None) -> None:
+        """Fold in block ``i`` of the batch :meth:`begin` started: the attention output ``attn`` against the
+        block's input ``inp``, the MLP output ``mlp`` against the stream ``mid`` it starts from (|part| / |input|
+        and cos(part, input) per token, each part's max |.|), and the gate's max (any may be None). What it
+        keeps are 0-dim tensors on the batch's device, brought to the CPU by :meth:`finish`."""
+        N = self._n
+        for name, part, x in (("attn", attn, inp), ("mlp", mlp, mid)):
+            if part is None:
+                continue
+            p = self._rows(part)  # (N, C)
+            if N:
+                self._tops.append(_max_abs(p))
+                self._slots.append((f"max_{name}", i))
+            if x is None:
+                continue
+            x = self._rows(x)
+            pn = torch.linalg.vector_norm(p, dim=-1)
+            xn = torch.linalg.vector_norm(x, dim=-1)
+            self._sub.append(((pn / xn.clamp_min(1e-12)).sum(), F.cosine_similarity(p, x, dim=-1).sum(), name, i))
+        if gate is not None and N:
+            self._tops.append(_max_abs(self._rows(gate)))
+            self._slots.append(("max_gate", i))
+
+    @torch.no_grad()
+    def finish(self, states: list[torch.Tensor], final: torch.Tensor | None = None, *, attn: list | None = None,
+               mlp: list | None = None, mids: list | None = None) -> None:
+        """Fold in the residual states x_0..x_L of the batch :meth:`begin` started (after its blocks), and the
+        final norm's output ``final``; ``attn``, ``mlp`` and ``mids`` are read only by registered ``sums``.
+
+        The states are read a chunk of tokens at a time (at most :data:`CHUNK_VALUES` float32 values of all
+        states together), so no float32 copy of all L + 1 states of the batch exists at once. Within a chunk,
+        the cosine of every pair of states comes from one batched product of the normalised states, and a
+        state's norms serve its angular distances and its relative change."""
+        m = self._mask
+        B, T = m.shape
+        N, S, C = self._n, len(states), int(states[0].shape[-1])
+        dev = states[0].device
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=dev)  # noqa: E731
+        ang, cos_next, rel, sum_x, sum_x2 = z(S, S), z(S - 1), z(S - 1), z(S), z(S)
+        top = torch.full((S,), -math.inf, dtype=torch.float64, device=dev)
+        step = max(CHUNK_VALUES // max(S * C, 1), 1)
+        for start in range(0, N, step):
+            Xn = torch.stack([self._rows(s, start, start + step) for s in states])  # (S, n, C)
+            norms = torch.linalg.vector_norm(Xn, dim=-1)  # (S, n)
+            U = Xn / norms.clamp_min(1e-12).unsqueeze(-1)  # F.normalize's formula
+            # all pairwise cosines between states, per token: (n, S, S), one batched product
+            ang += angular(torch.bmm(U.transpose(0, 1), U.permute(1, 2, 0))).sum(0)
+            # cos(x_l, x_l+1) as an elementwise product: 1 - cos is small, and the product's own rounding keeps it
+            # as it was (the matmul's first off-diagonal differs by ~1e-7 of cos)
+            cos_next += (U[:-1] * U[1:]).sum(-1).sum(-1)
+            del U
+            rel += (torch.linalg.vector_norm(Xn[1:] - Xn[:-1], dim=-1) / norms[:-1].clamp_min(1e-12)).sum(-1)
+            sum_x += Xn.sum(dim=(1, 2))
+            sum_x2 += norms.square().sum(-1)
+            lo, hi = torch.aminmax(Xn.reshape(S, -1), dim=1)
+            top = torch.maximum(top, torch.maximum(hi, -lo).double())
+        if not N:
+            top.zero_()
+        last = last_token_index(m)  # (B,)
         rows_b = torch.arange(B, device=m.device)
         Ul = F.normalize(torch.stack([s[rows_b, last] for s in states]).float(), dim=-1)  # (S, B, C)
         ang_last = angular(torch.einsum("sbc,tbc->stb", Ul, Ul)).sum(-1)
-        rel = (torch.linalg.vector_norm(Xn[1:] - Xn[:-1], dim=-1) / norms[:-1].clamp_min(1e-12)).sum(-1)
-        # the sublayers: |part| / |its input| and cos(part, input), per block that has both
-        sub_rel: list[torch.Tensor] = []
-        sub_cos: list[torch.Tensor] = []
-        where: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (rel sums, cos sums, block) per entry
-        tops: list[torch.Tensor] = []  # every max |.| below, in the order of ``slots``
-        slots: list[tuple[str, int]] = []
-        for i in range(self.L):
-            for name, part, inp, rel_acc, cos_acc in (
-                    ("max_attn", attn[i], states[i], self.attn_rel_sum, self.attn_cos_sum),
-                    ("max_mlp", mlp[i], mids[i], self.mlp_rel_sum, self.mlp_cos_sum)):
-                if part is None:
-                    continue
-                p = rows(part)  # (N, C)
-                if N:
-                    tops.append(_max_abs(p))
-                    slots.append((name, i))
-                if inp is None:
-                    continue
-                j = next((j for j in (i, i + 1) if inp is states[j]), None)  # a state: its rows and norms exist
-                x = Xn[j] if j is not None else rows(inp)
-                xn = norms[j] if j is not None else torch.linalg.vector_norm(x, dim=-1)
-                pn = torch.linalg.vector_norm(p, dim=-1)
-                sub_rel.append((pn / xn.clamp_min(1e-12)).sum())
-                sub_cos.append(F.cosine_similarity(p, x, dim=-1).sum())
-                where.append((rel_acc, cos_acc, i))
-            g = gates[i] if gates is not None else None
-            if g is not None and N:
-                tops.append(_max_abs(rows(g)))
-                slots.append(("max_gate", i))
+        tops = list(self._tops)
+        slots = list(self._slots)
         if final is not None and N:
-            tops.append(_max_abs(rows(final)))
+            tops.append(_max_abs(self._rows(final)))
             slots.append(("max_final", -1))
+        sub = self._sub
         # one transfer of everything reduced, in float64
-        lo, hi = torch.aminmax(Xn.reshape(S, -1), dim=1) if N else (Xn.new_zeros(S), Xn.new_zeros(S))
-        parts = [ang.reshape(-1), ang_last.reshape(-1), cos_next, rel, Xn.sum(dim=(1, 2)), norms.square().sum(-1),
-                 torch.maximum(hi, -lo), *(torch.stack(x) for x in (sub_rel, sub_cos, tops) if x)]
+        parts = [ang.reshape(-1), ang_last.reshape(-1), cos_next, rel, sum_x, sum_x2, top,
+                 *(torch.stack(x) for x in ([e[0] for e in sub], [e[1] for e in sub], tops) if x)]
         sizes = [p.numel() for p in parts]
         out = torch.cat([p.double() for p in parts]).cpu().split(sizes)
         self.ang_sum += out[0].view(S, S)
@@ -171,49 +231,57 @@ class StreamStats:
         self.sum_x2 += out[5]
         self.max_resid = torch.maximum(self.max_resid, out[6])
         k = 7
-        if sub_rel:
-            for (rel_acc, cos_acc, i), r, c in zip(where, out[k].tolist(), out[k + 1].tolist(), strict=True):
-                rel_acc[i] += r
-                cos_acc[i] += c
+        if sub:
+            accs = {"attn": (self.attn_rel_sum, self.attn_cos_sum), "mlp": (self.mlp_rel_sum, self.mlp_cos_sum)}
+            for (_, _, name, i), r, c in zip(sub, out[k].tolist(), out[k + 1].tolist(), strict=True):
+                accs[name][0][i] += r
+                accs[name][1][i] += c
             k += 2
-        for (name, i), top in zip(slots, out[k].tolist() if tops else [], strict=True):
+        for (name, i), value in zip(slots, out[k].tolist() if tops else [], strict=True):
             if name == "max_final":
-                self.max_final = top if self.max_final is None else max(self.max_final, top)
+                self.max_final = value if self.max_final is None else max(self.max_final, value)
             else:
                 store = getattr(self, name)
-                store[i] = top if store[i] is None else max(store[i], top)
+                store[i] = value if store[i] is None else max(store[i], value)
         if self.sums:
             X = torch.stack([s.float() for s in states])  # (S, B, T, C)
-            batch = StreamBatch(X, Xn, m, attn, mlp, mids)
+            Xn = torch.stack([self._rows(s) for s in states])  # (S, N, C)
+            batch = StreamBatch(X, Xn, m, list(attn or [None] * self.L), list(mlp or [None] * self.L),
+                                list(mids or [None] * self.L))
             for name, fn in self.sums.items():
                 total = fn(batch).double().cpu()
                 self.extra[name] = self.extra[name] + total if name in self.extra else total
         self.elems += N * C
         self.tokens += N
-        self.sequences += int(m.shape[0])
+        self.sequences += B
 
     @torch.no_grad()
     def update_lens(self, states: list[torch.Tensor], read: Callable, logits: torch.Tensor, labels: torch.Tensor,
                     mask: torch.Tensor) -> None:
         """Logit lens: CE of each block's output read through ``read`` (final norm + head), and KL
-        to the model's own prediction ``logits`` (which is ``read`` of the last state). One layer's
-        logits exist at a time, so a large vocabulary fits; ``read`` sees only the predicting positions'
-        states (it acts on each token alone), so no logits of padding or of the last position are made."""
-        valid = mask[:, 1:].bool() & mask[:, :-1].bool()  # position t predicts t+1
-        y = labels[:, 1:][valid]
-        final = F.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # (N, V)
-        p_final = final.exp().reshape(-1)
-        ce, kl = [], []
-        for i, s in enumerate(states[1:]):
-            logp = final if i == self.L - 1 else F.log_softmax(read(s[:, :-1][valid]).float(), dim=-1)
-            ce.append(F.nll_loss(logp, y, reduction="sum"))
-            kl.append(torch.dot(p_final, (final - logp).reshape(-1)))
-        ce.append(F.nll_loss(final, y, reduction="sum"))
-        out = torch.stack([*ce, *kl]).double().cpu()
+        to the model's own prediction ``logits`` (which is ``read`` of the last state). ``read`` sees only the
+        predicting positions' states (it acts on each token alone), a chunk of rows at a time
+        (:func:`predicting_rows`), so no logits of padding or of the last position are made, and the float32
+        logits in memory are a few chunks' whatever the vocabulary and the batch."""
+        dev = logits.device
+        ce = torch.zeros(self.L + 1, dtype=torch.float64, device=dev)  # the last entry: the model's own loss
+        kl = torch.zeros(self.L, dtype=torch.float64, device=dev)
+        n = 0
+        for b, t in predicting_rows(mask, logits.shape[-1]):
+            y = labels[b, t + 1]
+            final = F.log_softmax(logits[b, t].float(), dim=-1)  # (n, V)
+            p_final = final.exp()
+            for i, s in enumerate(states[1:]):
+                logp = final if i == self.L - 1 else F.log_softmax(read(s[b, t]).float(), dim=-1)
+                ce[i] += F.nll_loss(logp, y, reduction="sum").double()
+                kl[i] += (p_final * (final - logp)).sum().double()
+            ce[self.L] += F.nll_loss(final, y, reduction="sum").double()
+            n += int(y.numel())
+        out = torch.cat([ce, kl]).cpu()
         self.lens_ce_sum += out[: self.L]
         self.loss_sum += float(out[self.L])
         self.lens_kl_sum += out[self.L + 1:]
-        self.lens_tokens += int(y.numel())
+        self.lens_tokens += n
 
     def results(self) -> dict:
         """Means of everything accumulated, as plain Python numbers."""
@@ -320,13 +388,15 @@ class RemovalSums:
         if len(streams) != len(self.sums):
             raise RuntimeError(f"layer removal saw {len(streams)} of {len(self.sums)} blocks run")
         if self.causal:
-            full, n = masked_loss_sum(out.logits, input_ids, mask)
+            vocab = out.logits.shape[-1]
+            full, n = chunked_loss_sum(lambda x: x, out.logits, input_ids, mask, vocab)
             self.full += full
         else:
             base, n = _pooled(out.last_hidden_state, mask), int(mask.shape[0])
         for i, s in enumerate(streams):
+            streams[i] = None  # each stream is freed once read
             if self.causal:
-                self.sums[i] += masked_loss_sum(view.logits_from_hidden(s), input_ids, mask)[0]
+                self.sums[i] += chunked_loss_sum(view.logits_from_hidden, s, input_ids, mask, vocab)[0]
             else:
                 last = view.final_norm(s) if view.final_norm is not None else s
                 self.sums[i] += float((1 - F.cosine_similarity(_pooled(last, mask), base)).sum())
@@ -360,31 +430,42 @@ def _observers_off(block: torch.nn.Module) -> Iterator[None]:
 
 
 class TokenSample:
-    """The first ``size`` non-padding tokens of each state, and whole sequences for per-prompt measures."""
+    """The first ``size`` non-padding tokens of each state, and the first ``max_sequences`` whole sequences for
+    per-prompt measures, kept on the CPU in the states' dtype (a bf16 model's sample is bf16).
+
+    Both come from the start of the stream in order, so the tokens are the sequences' tokens followed by those
+    of later rows, each token stored once: ``seqs[i]`` holds the sequences, ``rows[i]`` the tokens after them."""
 
     def __init__(self, num_states: int, size: int, max_sequences: int):
         self.size, self.max_sequences = size, max_sequences
         self.rows: list[list[torch.Tensor]] = [[] for _ in range(num_states)]
         self.seqs: list[list[torch.Tensor]] = [[] for _ in range(num_states)]
-        self.count = 0
+        self.count = 0  # sample tokens kept: min(size, tokens seen)
 
     @torch.no_grad()
     def update(self, states: list[torch.Tensor], mask: torch.Tensor) -> None:
         m = mask.bool()
-        if self.count < self.size:
-            take = self.size - self.count
+        for b in range(m.shape[0]):
+            as_sequence = len(self.seqs[0]) < self.max_sequences
+            if not as_sequence and self.count >= self.size:
+                break
+            n = int(m[b].sum())
             for i, s in enumerate(states):
-                self.rows[i].append(s[m][:take].float().cpu())
-            self.count += min(take, int(m.sum()))
-        if len(self.seqs[0]) < self.max_sequences:
-            for b in range(m.shape[0]):
-                if len(self.seqs[0]) >= self.max_sequences:
-                    break
-                for i, s in enumerate(states):
-                    self.seqs[i].append(s[b][m[b]].float().cpu())
+                x = s[b][m[b]]
+                if as_sequence:
+                    self.seqs[i].append(x.cpu())
+                else:
+                    self.rows[i].append(x[: self.size - self.count].cpu())
+            self.count = min(self.size, self.count + n)
 
     def matrix(self, i: int) -> torch.Tensor:
-        return torch.cat(self.rows[i]) if self.rows[i] else torch.zeros(0, 0)
+        """(N, C) float32: the first ``size`` sampled tokens of state ``i``."""
+        parts = self.seqs[i] + self.rows[i]
+        return torch.cat(parts)[: self.size].float() if parts else torch.zeros(0, 0)
+
+    def sequences(self, i: int) -> list[torch.Tensor]:
+        """The sampled sequences of state ``i``, each (T, C) float32."""
+        return [x.float() for x in self.seqs[i]]
 
 
 @contextmanager
