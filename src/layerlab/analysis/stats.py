@@ -38,15 +38,21 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), pos, -1).amax(dim=1)
 
 
-def predicting_rows(mask: torch.Tensor, vocab: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The positions (b, t) of a (B, T) batch whose token and next token are both real (t predicts t + 1), in
-    row-major order, as chunks of index tensors of at most :data:`CHUNK_VALUES` // ``vocab`` rows each: a
-    chunk's float32 logits take at most 16 MiB."""
-    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
-    b, t = valid.nonzero(as_tuple=True)
+def predicting_rows(mask: torch.Tensor, vocab: int) -> Iterator[torch.Tensor]:
+    """The positions of a (B, T) batch whose token and next token are both real (t predicts t + 1), as row indices
+    b * T + t of the batch flattened to (B * T, ...), in row-major order, in chunks of at most :data:`CHUNK_VALUES`
+    // ``vocab`` rows: a chunk's float32 logits take at most 16 MiB. Row r's label is row r + 1's token."""
+    valid = torch.zeros_like(mask, dtype=torch.bool)
+    valid[:, :-1] = mask[:, 1:].bool() & mask[:, :-1].bool()
+    rows = valid.reshape(-1).nonzero().squeeze(1)
     step = max(CHUNK_VALUES // max(vocab, 1), 1)
-    for start in range(0, int(b.numel()), step):
-        yield b[start:start + step], t[start:start + step]
+    for start in range(0, int(rows.numel()), step):
+        yield rows[start:start + step]
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """(B * T, ...) view of a (B, T, ...) tensor."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def chunked_loss_sum(read: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
@@ -56,9 +62,10 @@ def chunked_loss_sum(read: Callable[[torch.Tensor], torch.Tensor], hidden: torch
     gives it, computed a chunk of rows at a time (:func:`predicting_rows`)."""
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     n = 0
-    for b, t in predicting_rows(mask, vocab):
-        total += F.cross_entropy(read(hidden[b, t]).float(), labels[b, t + 1], reduction="sum").double()
-        n += int(b.numel())
+    h, y = _flat(hidden), labels.reshape(-1)
+    for rows in predicting_rows(mask, vocab):
+        total += F.cross_entropy(read(h.index_select(0, rows)).float(), y[rows + 1], reduction="sum").double()
+        n += int(rows.numel())
     return float(total), n
 
 
@@ -168,7 +175,10 @@ class StreamStats:
             x = self._rows(x)
             pn = torch.linalg.vector_norm(p, dim=-1)
             xn = torch.linalg.vector_norm(x, dim=-1)
-            self._sub.append(((pn / xn.clamp_min(1e-12)).sum(), F.cosine_similarity(p, x, dim=-1).sum(), name, i))
+            # cos(p, x) from the norms already taken (F.cosine_similarity's formula, eps 1e-8 on the product,
+            # without its second pass over both tensors)
+            cos = torch.linalg.vecdot(p, x) / (pn * xn).clamp_min(1e-8)
+            self._sub.append(((pn / xn.clamp_min(1e-12)).sum(), cos.sum(), name, i))
         if gate is not None and N:
             self._tops.append(_max_abs(self._rows(gate)))
             self._slots.append(("max_gate", i))
@@ -204,8 +214,8 @@ class StreamStats:
             rel += (torch.linalg.vector_norm(Xn[1:] - Xn[:-1], dim=-1) / norms[:-1].clamp_min(1e-12)).sum(-1)
             sum_x += Xn.sum(dim=(1, 2))
             sum_x2 += norms.square().sum(-1)
-            lo, hi = torch.aminmax(Xn.reshape(S, -1), dim=1)
-            top = torch.maximum(top, torch.maximum(hi, -lo).double())
+            flat = Xn.reshape(S, -1)  # amax and amin: torch.aminmax over a dim is ~20x slower on the CPU
+            top = torch.maximum(top, torch.maximum(flat.amax(dim=1), -flat.amin(dim=1)).double())
         if not N:
             top.zero_()
         last = last_token_index(m)  # (B,)
@@ -267,12 +277,14 @@ class StreamStats:
         ce = torch.zeros(self.L + 1, dtype=torch.float64, device=dev)  # the last entry: the model's own loss
         kl = torch.zeros(self.L, dtype=torch.float64, device=dev)
         n = 0
-        for b, t in predicting_rows(mask, logits.shape[-1]):
-            y = labels[b, t + 1]
-            final = F.log_softmax(logits[b, t].float(), dim=-1)  # (n, V)
+        flat = [_flat(x) for x in states[1:]]
+        z, labels = _flat(logits), labels.reshape(-1)
+        for rows in predicting_rows(mask, logits.shape[-1]):
+            y = labels[rows + 1]
+            final = F.log_softmax(z.index_select(0, rows).float(), dim=-1)  # (n, V)
             p_final = final.exp()
-            for i, s in enumerate(states[1:]):
-                logp = final if i == self.L - 1 else F.log_softmax(read(s[b, t]).float(), dim=-1)
+            for i, x in enumerate(flat):
+                logp = final if i == self.L - 1 else F.log_softmax(read(x.index_select(0, rows)).float(), dim=-1)
                 ce[i] += F.nll_loss(logp, y, reduction="sum").double()
                 kl[i] += (p_final * (final - logp)).sum().double()
             ce[self.L] += F.nll_loss(final, y, reduction="sum").double()
@@ -314,9 +326,8 @@ class StreamStats:
 
 
 def _max_abs(x: torch.Tensor) -> torch.Tensor:
-    """max |x| (a 0-dim tensor) from one min-max pass, without an |x| copy; NaN if x holds one."""
-    lo, hi = torch.aminmax(x)
-    return torch.maximum(hi, -lo)
+    """max |x| (a 0-dim tensor) from its max and min, without an |x| copy; NaN if x holds one."""
+    return torch.maximum(x.amax(), -x.amin())
 
 
 def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
