@@ -308,28 +308,22 @@ def test_fast_spectra_alpha_within_005_of_the_exact_fit(rows, cols, df):
     assert got.stable_rank == pytest.approx(ref_rank, rel=1e-4)
 
 
-def test_fast_spectra_are_much_faster_than_the_svd():
-    # the 5632x2048 MLP shape at half width: 2x faster here (4x at full width); the old code took the SVD
+def test_a_wide_matrix_never_takes_the_svd(monkeypatch):
+    """The 5632x2048 MLP shape at half width goes through the Gram matrix, without any SVD: the speed this buys
+    (2x here, 3.9x on a TinyLlama-shaped block) is measured by ``benchmarks/analyze_memory.py --only spectra``, not
+    by a timed test (a busy machine made the timed version of this test fail)."""
     w = (0.02 * student_t(2816, 1024, seed=20)).to(torch.bfloat16)
     v = FakeView([{"w": w}])
-    weight_spectra(v)  # warm up
 
-    def best(f) -> float:
-        out = math.inf
-        for _ in range(3):  # best of three: the machine may be busy
-            t = time.perf_counter()
-            f()
-            out = min(out, time.perf_counter() - t)
-        return out
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD was taken")
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # both on one thread: the comparison is of methods, not of free cores
-    try:
-        fast = best(lambda: weight_spectra(v))
-        svd = best(lambda: exact_fit(w))
-    finally:
-        torch.set_num_threads(n)
-    assert fast < 0.6 * svd, (fast, svd)
+    for name in ("svdvals", "svd"):
+        monkeypatch.setattr(torch.linalg, name, no_svd)
+    _, _, method = sp._eigenvalues(w)
+    assert method in ("gram32", "gram64")
+    (found,) = weight_spectra(v)
+    assert math.isfinite(found.esd_alpha)
 
 
 def test_unresolved_float32_eigenvalues_are_recomputed_in_float64():

@@ -33,9 +33,16 @@ Block removal keeps the architecture with fewer blocks: the config's layer count
 layerlab, the placement schedule; for Llama-style models, ``layer_types``) is cut to match, the
 weights are renumbered, and the model is rebuilt, so a Hugging Face GPT-2 or Llama directory stays
 loadable by plain transformers. Sublayer removal drops the sublayer's modules from a layerlab model
-(config ``drop_attn`` / ``drop_mlp``), so it shrinks; Hugging Face configs cannot express a missing
-sublayer, so there the sublayer's output projection is zeroed (weight and bias), which removes it
-exactly, keeps the directory loadable by plain transformers, and does not shrink it on disk.
+(config ``drop_attn`` / ``drop_mlp``), so it shrinks. A Hugging Face model gets transformers' heterogeneous
+per-layer configuration, ``per_layer_config = {block: {"skip": ["attention" | "mlp"]}}``
+(transformers' ``integrations/heterogeneity``), wherever the installed transformers builds that family
+without the skipped modules and the result computes what zeroing computes (:func:`sublayer_removal`, checked
+on the model itself, not on a list of versions): the modules' weights are then gone from the model and the
+directory. Where it does not, the sublayer's output projection is zeroed (weight and bias), which removes it
+exactly, keeps the directory loadable by plain transformers, and does not shrink it on disk. transformers
+5.24 (the newest release) parses, validates and saves ``skip``, but no model class reads it: every family
+still builds the skipped modules, so every Hugging Face family is zeroed there. The record's ``surgery``
+says which was done (``"removed"`` / ``"zeroed"``) and ``note`` why.
 
 The model loads in the checkpoint's own dtype by default. A checkpoint larger than ``max_memory`` (or any, with
 ``offload=True``) is never built: it is streamed block by block (:mod:`layerlab.offload`), chosen on by the same
@@ -45,6 +52,7 @@ measurements, and written tensor by tensor (:func:`_prune_offloaded`).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -75,6 +83,9 @@ from .heal import HEAL_TOKENS, train_ids, train_slice
 from .heal import heal as run_heal
 
 UNIT_NAMES = {"block": "block", "attn": "attention", "mlp": "MLP"}
+# the skip type of each sublayer in transformers' per-layer configuration (``per_layer_config`` with ``skip``, the
+# names of the skip descriptors of transformers' heterogeneity integration: "attention" and "mlp")
+SKIP_TYPES = {"attn": "attention", "mlp": "mlp"}
 # the sublayer's modules in a layerlab block; what drop_attn / drop_mlp leaves out
 _LAYERLAB_PARTS = {"attn": ("ln1", "attn", "ln1_out"), "mlp": ("ln2", "mlp", "ln2_out")}
 
@@ -107,6 +118,8 @@ def present_sublayers(model, unit: str, om=None) -> list[bool]:
             out.append(False)
         elif v.arch_name == "layerlab":  # an existing layerlab sublayer counts, even with zero weights
             out.append(True)
+        elif not _has_projection(b.module, v.out_proj_path(b.index, unit)):  # skipped: no weights to add through
+            out.append(False)
         else:
             path = v.out_proj_path(b.index, unit)
             proj = b.module.get_submodule(path)
@@ -116,6 +129,16 @@ def present_sublayers(model, unit: str, om=None) -> list[bool]:
                 names = [f"{om.blocks_prefix}.{b.index}.{path}.{n}" for n, _ in proj.named_parameters(recurse=False)]
                 out.append(any(bool(om._read(n).any()) for n in names))
     return out
+
+
+def _has_projection(block, path: str) -> bool:
+    """Whether ``block`` has the output projection at ``path`` with weights: a sublayer that transformers built
+    as skipped (``per_layer_config``) has none."""
+    try:
+        proj = block.get_submodule(path)
+    except AttributeError:
+        return False
+    return any(True for _ in proj.parameters(recurse=False))
 
 
 def _lowest(scores: list[float | None], n: int) -> list[int]:
@@ -276,15 +299,24 @@ def without_blocks(model, remove: list[int]):
                 continue
             key = f"{prefix}{renumber[int(idx)]}.{rest}"
         state[key] = value
-    dtype = next(model.parameters()).dtype
-    try:  # built in the model's dtype, as from_pretrained builds it (a bf16 model stays bf16)
-        build = getattr(type(model), "_from_config", None)
-        smaller = build(config, dtype=dtype) if build is not None else type(model)(config).to(dtype)
+    try:
+        smaller = _built_like(model, config)
     except Exception as e:  # noqa: BLE001  (a config whose per-block settings are not a plain list, say)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LayerlabError(f"cannot remove blocks from this {config.model_type!r} config: {first}") from None
+        raise LayerlabError(f"cannot remove blocks from this {config.model_type!r} config: {_first_line(e)}") from None
     _load(smaller, state)
     return smaller.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _built_like(model, config):
+    """A new model of ``model``'s class from ``config``, in ``model``'s dtype, as from_pretrained builds it (a
+    bf16 model stays bf16)."""
+    dtype = next(model.parameters()).dtype
+    build = getattr(type(model), "_from_config", None)
+    return build(config, dtype=dtype) if build is not None else type(model)(config).to(dtype)
 
 
 def _load(model, state: dict) -> None:
@@ -303,14 +335,92 @@ def _check_residual(v: LayerView, unit: str) -> None:
                             f"({', '.join(residual_placement_names())}); this model has {', '.join(bad)} blocks")
 
 
+def sublayer_removal(model, unit: str, remove: list[int], v: LayerView | None = None) -> tuple:
+    """``(config, gone, why)``: how transformers itself would leave out the ``unit`` sublayer of blocks ``remove``
+    of the Hugging Face ``model``.
+
+    ``config`` is a copy of ``model``'s with transformers' heterogeneous per-layer configuration
+    (``per_layer_config = {i: {"skip": ["attention"]}}``, or ``"mlp"``; merged with the skips it already has),
+    and ``gone`` the parameter names that the model built from it lacks. That holds only where the installed
+    transformers builds the family without those modules: the model is built on the ``meta`` device and must lack
+    parameters of blocks ``remove`` only, including the sublayer's output projection (:meth:`LayerView.out_proj_path`),
+    and gain none. Otherwise ``config`` is None and ``why`` says, in one line, what transformers does instead.
+    Whether the result also computes what zeroing computes is checked on the weights (:func:`_computes_as_skipped`).
+    """
+    import transformers
+
+    from ..offload import _parameters_on_meta
+
+    v = v if v is not None else view(model)
+    kind, mt = SKIP_TYPES[unit], model.config.model_type
+    release = f"transformers {transformers.__version__}"
+    config = copy.deepcopy(model.config)
+    try:
+        overrides = {int(k): dict(o) for k, o in (model.config.to_dict().get("per_layer_config") or {}).items()}
+        for i in remove:
+            layer = overrides.setdefault(i, {})
+            layer["skip"] = sorted(set(layer.get("skip", ())) | {kind})
+        config.per_layer_config = overrides
+    except Exception as e:  # noqa: BLE001  (a release without per-layer configurations, say)
+        return None, [], f"{release} has no per-layer skip for a {mt} config ({_first_line(e)})"
+    try:
+        with warnings.catch_warnings(), _parameters_on_meta():
+            warnings.simplefilter("ignore")
+            built = type(model)(config)
+    except Exception as e:  # noqa: BLE001
+        return None, [], f"{release} cannot build a {mt} model with a per-layer skip ({_first_line(e)})"
+    have, got = set(model.state_dict()), set(built.state_dict())
+    gone = sorted(have - got)
+    prefix = f"{v.arch.blocks}."
+    blocks = {n[len(prefix):].split(".", 1)[0] for n in gone if n.startswith(prefix)}
+    projections = [f"{prefix}{i}.{v.out_proj_path(i, unit)}." for i in remove]
+    if (got - have or any(not n.startswith(prefix) for n in gone) or blocks != {str(i) for i in remove}
+            or not all(any(n.startswith(p) for n in gone) for p in projections)):
+        return None, [], (f"{release} saves per_layer_config's skip but still builds the skipped modules of a {mt} "
+                          "model (its model classes do not read skip)")
+    return config, gone, ""
+
+
+@torch.no_grad()
+def _computes_as_skipped(model, smaller, unit: str, remove: list[int], v: LayerView | None = None) -> bool:
+    """Whether ``smaller`` computes the logits of ``model`` with the ``unit`` sublayer of blocks ``remove`` skipped
+    (:meth:`LayerView.skip_sublayers`, what zeroing computes) on one window of 16 token ids, within the rounding
+    of the dtype (``torch.testing.assert_close``'s tolerances; fewer ids where the model's window is shorter)."""
+    v = v if v is not None else view(model)
+    vocab = v.embed.num_embeddings if hasattr(v.embed, "num_embeddings") else model.config.vocab_size
+    device = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    ids = (torch.arange(min(16, window_length(model.config)), device=device) * 7919 % vocab).unsqueeze(0)
+    with v.skip_sublayers(unit, *remove):
+        expect = v.forward(ids).logits.float()
+    got = view(smaller).forward(ids).logits.float()
+    try:
+        torch.testing.assert_close(got, expect, rtol=_RTOL.get(next(model.parameters()).dtype, 1.6e-2), atol=1e-5)
+    except AssertionError:
+        return False
+    return True
+
+
+_RTOL = {torch.float32: 1.3e-6, torch.float64: 1e-7, torch.float16: 1e-3, torch.bfloat16: 1.6e-2}
+
+
 @torch.no_grad()
 def without_sublayers(model, unit: str, remove: list[int]):
-    """``(new model, zeroed weight names)``: ``model`` with the ``unit`` sublayer of blocks ``remove`` removed.
+    """``(new model, zeroed weight names)``: :func:`remove_sublayers` without its reason."""
+    smaller, zeroed, _ = remove_sublayers(model, unit, remove)
+    return smaller, zeroed
+
+
+@torch.no_grad()
+def remove_sublayers(model, unit: str, remove: list[int]):
+    """``(new model, zeroed weight names, why)``: ``model`` with the ``unit`` sublayer of blocks ``remove`` removed.
 
     A layerlab model is rebuilt without the sublayer's modules (config ``drop_attn``/``drop_mlp``) and
-    the list is empty; a Hugging Face model is copied with the sublayer's output projection zeroed,
-    weight and bias, and the list names those weights. Either way, the result computes exactly
-    what ``view(model).skip_sublayers(unit, *remove)`` computes.
+    the list is empty. A Hugging Face model is rebuilt from transformers' per-layer configuration
+    (:func:`sublayer_removal`) without the skipped modules, and the list is empty, where the installed
+    transformers builds it so and it computes what skipping computes (:func:`_computes_as_skipped`);
+    otherwise it is copied with the sublayer's output projection zeroed, weight and bias, the list names those
+    weights and ``why`` says why they were zeroed. Either way, the result computes exactly what
+    ``view(model).skip_sublayers(unit, *remove)`` computes.
     """
     if unit not in SUBLAYERS:
         raise choices_error("sublayer", unit, SUBLAYERS)
@@ -321,6 +431,16 @@ def without_sublayers(model, unit: str, remove: list[int]):
         if not 0 <= i < v.num_layers or not present[i]:
             raise LayerlabError(f"block {i} has no {UNIT_NAMES[unit]} sublayer to remove")
     if v.arch_name != "layerlab":
+        config, gone, why = sublayer_removal(model, unit, remove, v)
+        if config is not None:
+            left = set(gone)
+            smaller = _built_like(model, config)
+            _load(smaller, {k: t for k, t in model.state_dict().items() if k not in left})
+            if _computes_as_skipped(model, smaller.eval(), unit, remove, v):
+                return smaller.eval(), [], ""
+            why = (f"transformers builds the {model.config.model_type} model without the skipped modules, but it "
+                   "does not compute what zeroing them computes")
+            del smaller
         smaller = copy.deepcopy(model)
         zeroed = []
         for i in sorted(remove):
@@ -328,7 +448,7 @@ def without_sublayers(model, unit: str, remove: list[int]):
             for name, p in smaller.get_submodule(f"{v.arch.blocks}.{i}.{path}").named_parameters(recurse=False):
                 p.zero_()
                 zeroed.append(f"{v.arch.blocks}.{i}.{path}.{name}")
-        return smaller.eval(), zeroed
+        return smaller.eval(), zeroed, why
     config = copy.deepcopy(model.config)
     key = f"drop_{unit}"
     setattr(config, key, sorted(set(getattr(model.cfg, key)) | set(remove)))
@@ -339,7 +459,7 @@ def without_sublayers(model, unit: str, remove: list[int]):
     if left:
         raise LayerlabError(f"removing the {UNIT_NAMES[unit]} sublayers would also lose {left}")
     _load(smaller, {k: t for k, t in model.state_dict().items() if k in wanted})
-    return smaller.eval(), []
+    return smaller.eval(), [], ""
 
 
 @contextmanager
@@ -360,8 +480,11 @@ def _keeping_zeroed(model) -> Iterator[None]:
         yield
 
 
-def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[int], zeroed: list[str]) -> dict:
-    """The part of prune's record that says what was removed and how (both modes)."""
+def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[int], zeroed: list[str],
+            why: str = "", gone: list[str] | None = None) -> dict:
+    """The part of prune's record that says what was removed and how (both modes). ``why``: why a Hugging Face
+    sublayer was zeroed (:func:`sublayer_removal`); ``gone``: the weights left out through transformers' per-layer
+    ``skip``."""
     record = {"unit": unit, "removed": [{"block": i, "unit": unit} for i in chosen],
               "chosen_on": choosing_slice(model, tok, data, measure_tokens)}
     if unit == "block":
@@ -371,9 +494,17 @@ def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[in
     if zeroed:
         record["zeroed"] = zeroed
         paths = sorted({v.out_proj_path(i, unit) for i in chosen})
-        record["note"] = (f"a {model.config.model_type} config cannot express a missing sublayer, so its output "
-                          f"projection ({', '.join(paths)}, all its weights) is zeroed: plain transformers "
-                          "loads the model, and its size on disk does not shrink")
+        record["note"] = (f"{why or 'transformers cannot leave out a ' + model.config.model_type + ' sublayer'}; "
+                          f"so its output projection ({', '.join(paths)}, all its weights) is zeroed: plain "
+                          "transformers loads the model, and its size on disk does not shrink")
+    elif gone:
+        import transformers
+
+        record["removed_weights"] = gone
+        record["note"] = (f"the {UNIT_NAMES[unit]} modules of blocks {chosen} are left out through transformers' "
+                          f"per_layer_config (skip {SKIP_TYPES[unit]!r}): transformers {transformers.__version__} "
+                          "builds the model without them; a release that does not read skip would build them "
+                          "with random weights")
     return record
 
 
@@ -399,8 +530,11 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     default all of it) before pruning, after pruning and (with ``heal_steps``) after healing on the
     training split of ``data``. ``metric`` reads the first ``measure_tokens`` tokens of the training
     split. ``chosen_on`` (and with healing ``healed_on``) names the text read, as each stage's ``slice``
-    names the text it is scored on. Where sublayers of a Hugging Face model were zeroed rather than
-    removed, ``surgery`` is ``"zeroed"`` and ``zeroed`` names the weights; healing keeps them zero.
+    names the text it is scored on. For sublayers, ``surgery`` says how they went: ``"removed"`` (a layerlab
+    model's ``drop_attn``/``drop_mlp``; a Hugging Face model's per-layer ``skip``, :func:`remove_sublayers`, with
+    ``removed_weights`` naming the weights left out) or ``"zeroed"`` (a Hugging Face family that the installed
+    transformers cannot build without them: ``zeroed`` names the weights, ``note`` says why; healing keeps them
+    zero).
 
     The model loads in ``dtype`` (``"auto"``: the checkpoint's own; float32 when healing) and the output is
     written in it. With
@@ -430,9 +564,9 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         before = _stage(model, tok, data, tokens)
         chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
         if unit == "block":
-            smaller, zeroed = without_blocks(model, chosen), []
+            smaller, zeroed, why = without_blocks(model, chosen), [], ""
         else:
-            smaller, zeroed = without_sublayers(model, unit, chosen)
+            smaller, zeroed, why = remove_sublayers(model, unit, chosen)
         stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens)}
         if heal_steps:
             with _keeping_zeroed(smaller):
@@ -442,7 +576,10 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
             stages["healed"] = _stage(smaller, tok, data, tokens)
         stage.save_model(smaller)
-        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed)
+        kept = set(smaller.state_dict())
+        sublayers_left_out = unit != "block" and not zeroed and v.arch_name != "layerlab"
+        gone = [k for k in model.state_dict() if k not in kept] if sublayers_left_out else None
+        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
         if heal_steps:
             record["healed_on"] = train_slice(tok, data, HEAL_TOKENS)
         record.update(metric=metric, scores=scores, stages=list(stages), **stages,
@@ -520,10 +657,12 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
     block with skip-streams (:func:`_greedy_loss_streamed`); ``loss`` for sublayers and healing (training
     needs the whole model) are refused in one line. The output is
     written by :func:`layerlab.offload.write_pruned`: tensors copied shard by shard, one at a time, renamed
-    for the renumbered blocks (config from :func:`blocks_config`), or with the removed sublayers' output
-    projections written as zeros (a layerlab model's sublayer modules left out, as ``drop_attn`` /
-    ``drop_mlp`` say). The before and after losses are measured on offloaded models of the input and of
-    the output."""
+    for the renumbered blocks (config from :func:`blocks_config`), or with the removed sublayers' modules left
+    out (a layerlab model's as ``drop_attn`` / ``drop_mlp`` say; a Hugging Face model's as transformers' per-layer
+    ``skip`` says, where :func:`sublayer_removal` finds the installed transformers builds it so, and the output,
+    read back offloaded, computes what skipping computes: :func:`_computes_as_skipped`), or else with their output
+    projections written as zeros. The before and after losses are measured on offloaded models of the input and
+    of the output."""
     from ..offload import Offloaded, _parameters_on_meta, write_pruned
 
     model, v = om.model, om.view
@@ -536,7 +675,7 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
         else:
             measures = stream_measures(model, tok, data, measure_tokens, unit, present=present)
             chosen, scores = (angular_choice if metric == "angular" else bi_choice)(measures, remove, unit)
-        zeroed, dropped = [], []
+        zeroed, dropped, why, gone = [], [], "", None
         if unit == "block":
             keep = [i for i in range(v.num_layers) if i not in set(chosen)]
             config = blocks_config(model, keep, v)
@@ -549,27 +688,46 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
         else:
             _check_residual(v, unit)
             keep, config = list(range(v.num_layers)), None
-            for i in chosen:
-                path = v.out_proj_path(i, unit)
-                if v.arch_name == "layerlab":
-                    dropped += [f"{om.blocks_prefix}.{i}.{part}." for part in _LAYERLAB_PARTS[unit]]
-                else:
-                    proj = v.blocks[i].module.get_submodule(path)
-                    zeroed += [f"{v.arch.blocks}.{i}.{path}.{n}" for n, _ in proj.named_parameters(recurse=False)]
             if v.arch_name == "layerlab":
+                dropped = [f"{om.blocks_prefix}.{i}.{part}." for i in chosen for part in _LAYERLAB_PARTS[unit]]
                 config = copy.deepcopy(model.config)
                 key = f"drop_{unit}"
                 setattr(config, key, sorted(set(getattr(model.cfg, key)) | set(chosen)))
+            else:
+                config, gone, why = sublayer_removal(model, unit, chosen, v)
+                dropped = list(gone)
+                if config is None:
+                    zeroed = _zeroed_names(v, unit, chosen)
         write_pruned(om, stage.dir, keep=keep, zeroed=zeroed, dropped=dropped, config=config)
         copy_tokenizer(model_dir, stage.dir)
         pruned = Offloaded(stage.dir, dtype=om.dtype, device=om.device)
+        if gone and not _computes_as_skipped(model, pruned.model, unit, chosen, v):  # as in memory: zero instead
+            del pruned
+            why = (f"transformers builds the {model.config.model_type} model without the skipped modules, but it "
+                   "does not compute what zeroing them computes")
+            zeroed, gone = _zeroed_names(v, unit, chosen), None
+            for f in [*stage.dir.glob("*.safetensors"), *stage.dir.glob("*.safetensors.index.json")]:
+                f.unlink()
+            write_pruned(om, stage.dir, keep=keep, zeroed=zeroed)
+            pruned = Offloaded(stage.dir, dtype=om.dtype, device=om.device)
         stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned)}
         del pruned
-        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed)
+        record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
         record.update(metric=metric, scores=scores, stages=list(stages), **stages, after=stages["pruned"],
                       offload=True)
         stage.record = record
     return record
+
+
+def _zeroed_names(v: LayerView, unit: str, chosen: list[int]) -> list[str]:
+    """The parameter names of the output projections that zeroing the ``unit`` sublayer of blocks ``chosen``
+    writes as zeros."""
+    names = []
+    for i in chosen:
+        path = v.out_proj_path(i, unit)
+        proj = v.blocks[i].module.get_submodule(path)
+        names += [f"{v.arch.blocks}.{i}.{path}.{n}" for n, _ in proj.named_parameters(recurse=False)]
+    return names
 
 
 def _check_choices(unit: str, metric: str, heal: str, heal_steps: int) -> None:
