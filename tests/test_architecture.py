@@ -20,7 +20,7 @@ LAYERS = [
     {"adapters", "offload"},
     {"tokenizer"},
     {"data"},
-    {"evaluate", "generate"},
+    {"evaluate", "generate", "probes"},
     {"analysis"},
     {"compress", "train", "export"},
     {"report"},

@@ -234,10 +234,13 @@ def small(tmp_path_factory):
     return save_model(model, tmp_path_factory.mktemp("m") / "model")
 
 
-@pytest.mark.parametrize("importance", ["lim", "zd", "loss"])
-def test_quantize_writes_a_packed_model_that_loads_back(small, tmp_path, importance):
+@pytest.mark.parametrize("importance,output", [("lim", "compressed-tensors"), ("zd", "compressed-tensors"),
+                                               ("loss", "compressed-tensors"), ("lim", "layerlab")])
+def test_quantize_writes_a_packed_model_that_loads_back(small, tmp_path, importance, output):
     before = digest(small)
-    record = quantize(small, bits=3.5, out=tmp_path / "q", importance=importance, group=32, **QUIET)
+    record = quantize(small, bits=3.5, out=tmp_path / "q", importance=importance, group=32, output=output,
+                      **QUIET)
+    assert record["format"] == output and record["format_note"] is None
     assert digest(small) == before  # the input is never modified
     out = tmp_path / "q"
     manifest = json.loads((out / "layerlab.json").read_text())
@@ -254,8 +257,13 @@ def test_quantize_writes_a_packed_model_that_loads_back(small, tmp_path, importa
     runs = record["runs"]
     assert runs["uniform 3"]["bytes"] < runs["random order"]["bytes"] < runs["uniform 4"]["bytes"]
     loaded = AutoModelForCausalLM.from_pretrained(out)
-    packed = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
-    assert len(packed) == 4 * 4 and [loaded.blocks[i].mlp.fc.bits for i in range(4)] == alloc
+    if output == "layerlab":
+        packed = [m for m in loaded.modules() if isinstance(m, PackedLinear)]
+        assert len(packed) == 4 * 4 and [loaded.blocks[i].mlp.fc.bits for i in range(4)] == alloc
+    else:  # compressed-tensors' own modules, one config group (one width) per block
+        packed = [m for m in loaded.modules() if getattr(m, "quantization_scheme", None) is not None]
+        assert len(packed) == 4 * 4
+        assert [loaded.blocks[i].mlp.fc.quantization_scheme.weights.num_bits for i in range(4)] == alloc
     # the file holds the packed codes: block weights at ~3.5 bits plus group scales, the rest in fp32
     original_bytes = (small / "model.safetensors").stat().st_size
     assert (out / "model.safetensors").stat().st_size < original_bytes * 0.6

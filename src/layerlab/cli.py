@@ -28,9 +28,12 @@ from .registry import (
     HEAL_MODES,
     NORMS,
     PLACEMENTS,
+    PROBE_ITEMS,
+    PROBES,
     PRUNE_METRICS,
     PRUNE_UNITS,
     QUANT_IMPORTANCE,
+    probe_tasks,
 )
 
 app = typer.Typer(
@@ -50,6 +53,11 @@ Offload = Annotated[bool | None, typer.Option(
 MaxMemory = Annotated[str | None, typer.Option(
     help="memory the weights may take before --offload turns on, e.g. 8GB or 500MB (default: half the available "
     "RAM; the GPU's memory on CUDA)")]
+# the offline capability probes, before and after a compressor (layerlab.probes); none unless asked for
+Tasks = Annotated[str | None, typer.Option(help=f"offline probes to measure before and after, comma-separated: "
+                                           f"{' | '.join(PROBES)}, or all (default: none)")]
+ProbeItems = Annotated[int, typer.Option(help="items per probe")]
+ProbeSeed = Annotated[int, typer.Option(help="seed the probe items are generated from")]
 
 
 def _quiet_hf() -> None:
@@ -123,6 +131,8 @@ Examples:
   layerlab train --optimizer lamb --lr 3e-2                 # layer-wise optimizers: lamb lars llr noise lisa
 
   layerlab train --nproc 2 --parallel fsdp                  # several processes (or: torchrun -m layerlab train)
+
+  layerlab train --log tensorboard --keep-every 50          # scalars in RUN/tb/, weights in RUN/steps/step<N>/
 
 Any config field can be given as --field value (see presets in src/layerlab/presets/).
 """
@@ -229,6 +239,8 @@ Examples:
   layerlab analyze runs/tiny-pre-layernorm-L4-d256 runs/tiny-lns-layernorm-L4-d256 --out reports/pre-vs-lns
 
   layerlab analyze big-model --offload --max-memory 8GB     # blocks streamed from the shards, one at a time
+
+  layerlab analyze runs/tiny --trajectory    # every checkpoint in runs/tiny/steps/ (or step1000/, ...) by step
 """
 
 
@@ -248,9 +260,17 @@ def analyze(
     dtype: Dtype = "auto",
     offload: Offload = None,
     max_memory: MaxMemory = None,
+    trajectory: Annotated[bool, typer.Option(
+        "--trajectory", help="MODEL is a training run: analyze each checkpoint (RUN/steps/step<N>/, or Hugging Face "
+        "style RUN/step<N>/) one at a time and draw every per-block metric against the step; writes "
+        "trajectory.json and trajectory.html")] = False,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
     _choice("dtype", dtype, DTYPES)
+    if trajectory:
+        return _analyze_trajectory(models, out=out, overwrite=overwrite, trust_pickle=trust_pickle, data=data,
+                                   tokens=tokens, spectra=spectra, seq_len=seq_len, removal_tokens=removal_tokens,
+                                   progress=progress, dtype=dtype, offload=offload, max_memory=max_memory)
     _inputs(*models, trust_pickle=trust_pickle)
     from . import analyze as run_analyze
     from .analysis.analyze import default_report_dir
@@ -264,6 +284,32 @@ def analyze(
     for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}")
+
+
+def _analyze_trajectory(models: list[Path], *, out: Path | None, overwrite: bool, trust_pickle: bool,
+                        **kwargs: Any) -> None:
+    """``analyze RUN --trajectory``: every checkpoint of one run, written as trajectory.json and trajectory.html."""
+    if len(models) != 1:
+        raise LayerlabError(f"--trajectory reads one run directory, got {len(models)}")
+    run = models[0]
+    from .analysis.trajectory import find_checkpoints
+
+    find_checkpoints(run)  # no checkpoint is one line, before any model loads
+    out = out or Path("reports") / f"{run.resolve().name}-trajectory"
+    if trust_pickle:
+        os.environ[TRUST_PICKLE_ENV] = "1"
+    if not overwrite:  # as analyze refuses an existing report
+        check_output(out, protect=(run,), also=", or pass --overwrite to replace its trajectory")
+    from .analysis.trajectory import trajectory
+    from .report.trajectory import write_trajectory
+
+    _quiet_hf()
+    traj = trajectory(run, announce=typer.echo, **kwargs)
+    write_trajectory(traj, out)
+    for step in traj["steps"]:
+        loss = f", loss {step['loss']:.4f} nats/token" if step["loss"] is not None else ""
+        typer.echo(f"step {step['step']}: {step['num_layers']} layers{loss}")
+    typer.echo(f"trajectory: {out / 'trajectory.html'}")
 
 
 PRUNE_EXAMPLE = """
@@ -302,6 +348,9 @@ def prune(
     dtype: Dtype = "auto",
     offload: Offload = None,
     max_memory: MaxMemory = None,
+    tasks: Tasks = None,
+    probe_items: ProbeItems = PROBE_ITEMS,
+    probe_seed: ProbeSeed = 0,
 ) -> None:
     """Remove whole blocks, or attention or MLP sublayers, chosen by a layer measurement; write the smaller
     model and a before/after table."""
@@ -309,6 +358,8 @@ def prune(
     _choice("unit", unit, PRUNE_UNITS)
     _choice("heal mode", heal, HEAL_MODES)
     _choice("dtype", dtype, DTYPES)
+    if tasks is not None:
+        probe_tasks(tasks)
     _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import prune as run_prune
     from .compress import prune_lines
@@ -316,7 +367,8 @@ def prune(
     _quiet_hf()
     record = run_prune(model, remove=remove, metric=metric, unit=unit, out=out, data=data, tokens=tokens,
                        measure_tokens=measure_tokens, heal_steps=heal_steps, heal=heal, progress=progress,
-                       dtype=dtype, offload=offload, max_memory=max_memory, announce=typer.echo)
+                       dtype=dtype, offload=offload, max_memory=max_memory, announce=typer.echo, tasks=tasks,
+                       probe_items=probe_items, probe_seed=probe_seed)
     _print(prune_lines(record), out)
 
 
@@ -329,7 +381,12 @@ Examples:
 
   layerlab quantize big-model --bits 4 --offload --out big-q4     # block by block from the shards (lim, zd)
 
-The written directory loads with AutoModelForCausalLM.from_pretrained after `import layerlab`.
+  layerlab quantize gpt2-dir --bits 3.5 --format layerlab --out gpt2-q35     # layerlab's own packing
+
+The written directory is compressed-tensors' pack-quantized format, one config group per block: plain
+transformers loads it with AutoModelForCausalLM.from_pretrained (pip install compressed-tensors), without
+layerlab. Where that format cannot hold the model (GPT-2's Conv1D layers, mixture-of-experts weights, 1-bit
+widths), and with --format layerlab, it is layerlab's packed format, which loads after `import layerlab`.
 """
 
 
@@ -356,10 +413,18 @@ def quantize(
     dtype: Dtype = "auto",
     offload: Offload = None,
     max_memory: MaxMemory = None,
+    output_format: Annotated[str, typer.Option("--format", help="compressed-tensors (symmetric codes; loads in "
+                                               "plain transformers) | layerlab (min-max codes; loads after "
+                                               "import layerlab)")] = "compressed-tensors",
+    tasks: Tasks = None,
+    probe_items: ProbeItems = PROBE_ITEMS,
+    probe_seed: ProbeSeed = 0,
 ) -> None:
     """Quantize each block's weights to its own width so the average is --bits; write the packed model."""
     _choice("importance", importance, QUANT_IMPORTANCE)
     _choice("dtype", dtype, DTYPES)
+    if tasks is not None:
+        probe_tasks(tasks)
     _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import quantize as run_quantize
     from .compress import quantize_lines
@@ -372,7 +437,8 @@ def quantize(
     record = run_quantize(model, bits=bits, out=out, importance=importance, widths=width_list, group=group,
                           data=data, tokens=tokens, calibration_tokens=calibration_tokens, seed=seed,
                           baselines=baselines, progress=progress, dtype=dtype, offload=offload,
-                          max_memory=max_memory, announce=typer.echo)
+                          max_memory=max_memory, announce=typer.echo, output=output_format, tasks=tasks,
+                          probe_items=probe_items, probe_seed=probe_seed)
     _print(quantize_lines(record), out)
 
 
@@ -404,17 +470,23 @@ def convert(
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
+    tasks: Tasks = None,
+    probe_items: ProbeItems = PROBE_ITEMS,
+    probe_seed: ProbeSeed = 0,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
     _choice("conversion target", to, CONVERT_TARGETS)
+    if tasks is not None:
+        probe_tasks(tasks)  # an unknown probe is answered before torch loads
     _inputs(model, out=out, trust_pickle=trust_pickle)
     from .compress import convert as run_convert
     from .compress import convert_lines
 
     _quiet_hf()
     record = run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed,
-                         control=control, progress=progress)
+                         control=control, progress=progress, tasks=tasks, probe_items=probe_items,
+                         probe_seed=probe_seed)
     _print(convert_lines(record), out)
 
 
@@ -466,6 +538,10 @@ Examples:
   layerlab eval runs/tiny-pre-layernorm-L4-d256 --data notes.txt   # all of your own text
 
   layerlab eval runs/my-run --data corpus/ --split validation      # the held-out 10% of text the run trained on
+
+  layerlab eval runs/tiny-pre-layernorm-L4-d256 --tasks all        # + the offline probes: add, brackets, copy, ...
+
+  layerlab eval runs/tiny-pre-layernorm-L4-d256 --lm-eval mytask --lm-eval-include tasks/   # lm-eval, offline
 """
 
 
@@ -477,19 +553,37 @@ def eval_(
                                               "layerlab trains on it); default: validation for the embedded "
                                               "corpus, all of --data")] = None,
     tokens: Annotated[int | None, typer.Option(help="evaluate only the first N tokens (default: all)")] = None,
+    tasks: Annotated[str | None, typer.Option(help=f"offline probes, comma-separated: {_names(PROBES)}, or all "
+                                              "(accuracy with a Wilson 95% interval)")] = None,
+    probe_items: ProbeItems = PROBE_ITEMS,
+    seed: ProbeSeed = 0,
+    lm_eval: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, comma-separated, run offline on "
+                                                "the loaded model (needs the lm-eval extra)")] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(help="a directory of lm-eval task YAML files (local "
+                                                         "data)")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option(help="lm-eval: the first N documents of each task")] = None,
     trust_pickle: TrustPickle = False,
 ) -> None:
-    """Loss, perplexity and bits per byte of a model directory, on a named slice of text."""
+    """Loss, perplexity and bits per byte of a model directory, on a named slice of text; with --tasks, the offline
+    capability probes, and with --lm-eval, lm-evaluation-harness tasks."""
     if split is not None and split not in ("all", "validation"):
         raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
     check_loss_tokens(tokens)
+    if tasks is not None:
+        probe_tasks(tasks)  # an unknown probe is answered before torch loads
+    if probe_items < 1:
+        raise LayerlabError(f"--probe-items must be at least 1, got {probe_items}")
     _inputs(model, trust_pickle=trust_pickle)
-    from .evaluate import evaluate
+    from .evaluate import evaluate, lm_eval_lines
+    from .probes import probe_lines
 
     _quiet_hf()
-    r = evaluate(model, data=data, tokens=tokens, split=split)
+    r = evaluate(model, data=data, tokens=tokens, split=split, tasks=tasks, probe_items=probe_items, seed=seed,
+                 lm_eval=lm_eval, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
     typer.echo(f"{model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
                f"{r['bits_per_byte']:.4f} bits/byte on the {r['slice']}")
+    for line in probe_lines(r.get("probes", {})) + lm_eval_lines(r.get("lm_eval", {})):
+        typer.echo(line)
 
 
 def main() -> None:

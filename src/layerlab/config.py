@@ -293,6 +293,11 @@ class TrainConfig(_Config):
     log_every: Int = 10
     telemetry_every: Int = 50
     save_every: Int = 100
+    # keep the weights of step 0, every keep_every-th step and the last as model directories RUN/steps/stepNNNNNNN/
+    # (safetensors, no optimizer state), for `analyze --trajectory`; 0 keeps none
+    keep_every: Int = 0
+    # a live log besides metrics.jsonl: tensorboard writes its scalars as TensorBoard events under RUN/tb/
+    log: Literal["none", "tensorboard"] = "none"
     seed: Int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
@@ -347,6 +352,8 @@ class TrainConfig(_Config):
                                          "save_every"))
         if self.lr <= 0:
             raise LayerlabError(f"lr must be positive, got {self.lr}")
+        if self.keep_every < 0:
+            raise LayerlabError(f"keep_every must be non-negative (0 keeps no steps), got {self.keep_every}")
         for name in ("input_norm_decay", "output_norm_decay"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -371,7 +378,7 @@ TRAIN_FIELDS = {**{k: f for k, f in TrainConfig.model_fields.items() if k not in
 ALL_FIELDS = {**MODEL_FIELDS, **TRAIN_FIELDS}
 # Fields that may change on --resume without breaking exact continuation checks.
 RESUMABLE_CHANGES = {"steps", "eval_every", "eval_batches", "log_every", "telemetry_every", "save_every",
-                     "device", "compile", "parallel"}
+                     "keep_every", "log", "device", "compile", "parallel"}
 
 
 def field_key(name: object) -> str:

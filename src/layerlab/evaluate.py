@@ -6,11 +6,17 @@ that training sees (:func:`layerlab.data.split_ids`), cut into consecutive windo
 ``layerlab.data.DEFAULT_SEQ_LEN`` tokens (or the context, if shorter), each predicting its next token; by default the
 whole validation split, which takes seconds for the models layerlab trains on a CPU. Every result
 carries ``slice``, the name of the text it was measured on, and the commands print it.
+
+``eval`` adds, on request, the offline capability probes (:mod:`layerlab.probes`, ``--tasks``) and
+lm-evaluation-harness tasks run offline on the loaded model (:func:`run_lm_eval`, ``--lm-eval``, the optional
+``lm-eval`` extra).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,8 @@ import torch.nn.functional as F
 
 from .adapters import load_model, view
 from .data import default_split, describe_slice, split_ids, stream_tokenizer, window_length
-from .errors import LayerlabError, check_loss_tokens
+from .errors import LayerlabError, check_loss_tokens, close_match
+from .registry import PROBE_ITEMS
 
 
 def masked_loss_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
@@ -66,9 +73,111 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
             "tokens": used, "predictions": n, "slice": describe_slice(data, split, used, available)}
 
 
+LM_EVAL_EXTRA = "pip install 'layerlab[lm-eval]' (or: pip install lm-eval)"
+OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _lm_eval_task_names(spec: str) -> list[str]:
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise LayerlabError("--lm-eval needs task names, comma-separated (e.g. --lm-eval wikitext)")
+    return names
+
+
+def run_lm_eval(model, tokenizer, tasks: str | list[str], include: str | Path | None = None,
+                limit: int | None = None, batch_size: int = 8) -> dict[str, dict]:
+    """lm-evaluation-harness (Gao et al., EleutherAI, github.com/EleutherAI/lm-evaluation-harness) on the
+    already loaded ``model``: its ``HFLM`` wraps the model object and ``tokenizer`` (no hub name, nothing loaded
+    again), ``simple_evaluate`` runs ``tasks`` (names; task YAML files under ``include`` come first), offline:
+    ``HF_DATASETS_OFFLINE``, ``HF_HUB_OFFLINE`` and ``TRANSFORMERS_OFFLINE`` are set for this process, so a task
+    reads local files (a YAML over a local jsonl, ``dataset_path: json``) or the datasets cache, and never the
+    network. ``limit``: the first documents of each task only.
+
+    Returns ``{task: {metric: value}}``, lm-eval's own metrics (``acc``, ...; its ``,none`` filter suffix
+    dropped). A ``loglikelihood_rolling`` task also gets ``tokens`` and ``token_perplexity``: lm-eval's
+    ``word_perplexity`` is exp(-LL / words), words being the whitespace-separated pieces of each document;
+    ``byte_perplexity`` is exp(-LL / UTF-8 bytes) and ``bits_per_byte`` -LL / bytes / ln 2; ``token_perplexity``
+    is exp(-LL / tokens), the per-token perplexity that layerlab's own ``eval`` reports, LL being the summed
+    log-likelihood lm-eval measured (each document scored in rolling windows after its prefix token)."""
+    for name in OFFLINE_ENV:  # before lm_eval imports datasets, which reads them once
+        os.environ[name] = "1"
+    try:
+        import datasets
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise LayerlabError(f"--lm-eval needs lm-evaluation-harness, which is not installed: {LM_EVAL_EXTRA}") \
+            from None
+    datasets.config.HF_DATASETS_OFFLINE = True  # in case datasets was imported before the variables were set
+    names = _lm_eval_task_names(tasks) if isinstance(tasks, str) else list(tasks)
+    if include is not None and not Path(include).is_dir():
+        raise LayerlabError(f"--lm-eval-include {include} is not a directory of task YAML files")
+    # lm-eval's own ~15,000 task files take seconds to index: only when a name is not under ``include``
+    manager = TaskManager(include_path=str(include), include_defaults=False) if include is not None else None
+    if manager is None or any(name not in manager.all_tasks for name in names):
+        manager = TaskManager(include_path=str(include) if include is not None else None)
+    for name in names:
+        if name not in manager.all_tasks:  # thousands of names: the closest, not the list
+            close = close_match(name, manager.all_tasks)
+            hint = f"did you mean {close!r}? " if close else ""
+            raise LayerlabError(f"unknown lm-eval task {name!r}; {hint}give a task's YAML directory with "
+                                "--lm-eval-include, or see `lm-eval ls tasks`")
+    device = next(model.parameters()).device
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(device), batch_size=batch_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=True,
+                                  bootstrap_iters=0)
+    except Exception as e:  # noqa: BLE001  (a missing dataset offline surfaces as many exception types)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LayerlabError(f"lm-eval could not run {','.join(names)} offline: {first}") from None
+    out: dict[str, dict] = {}
+    for task, metrics in res["results"].items():
+        row = {k.removesuffix(",none"): v for k, v in metrics.items()
+               if isinstance(v, int | float) and "_stderr" not in k and k != "sample_len"}
+        samples = res.get("samples", {}).get(task, [])
+        if "word_perplexity" in row and samples:  # rolling: LL summed over documents, tokens as HFLM encodes them
+            ll = sum(float(np.asarray(s["filtered_resps"]).reshape(-1)[0]) for s in samples)
+            n = sum(len(lm.tok_encode(s["target"])) for s in samples)
+            row.update(tokens=n, loglikelihood=ll, token_perplexity=math.exp(min(-ll / max(n, 1), 700)))
+        out[task] = row
+    return out
+
+
+def lm_eval_lines(results: dict[str, dict]) -> list[str]:
+    """What ``eval --lm-eval`` prints: one line per task, the perplexities named by what they divide by."""
+    def ppl(x: float) -> str:
+        return f"{x:.2f}" if x < 1e6 else f"{x:.3e}"
+
+    lines = []
+    for task, row in results.items():
+        if "word_perplexity" in row:
+            tok = f"token perplexity {ppl(row['token_perplexity'])} ({row['tokens']:,} tokens), " \
+                if "token_perplexity" in row else ""
+            lines.append(f"lm-eval {task}: {tok}word perplexity {ppl(row['word_perplexity'])}, byte perplexity "
+                         f"{row['byte_perplexity']:.4f}, {row['bits_per_byte']:.4f} bits/byte")
+        else:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+            lines.append(f"lm-eval {task}: {shown}")
+    return lines
+
+
 def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int | None = None,
-             split: str | None = None) -> dict:
-    """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``."""
+             split: str | None = None, *, tasks: str | list[str] | None = None, probe_items: int = PROBE_ITEMS,
+             seed: int = 0, lm_eval: str | list[str] | None = None, lm_eval_include: str | Path | None = None,
+             lm_eval_limit: int | None = None) -> dict:
+    """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``. With
+    ``tasks``, the record adds ``probes``, :func:`layerlab.probes.measure` of them (``probe_items`` each, from
+    ``seed``, next_token on ``data``); with ``lm_eval``, ``lm_eval``, :func:`run_lm_eval` of those tasks."""
     check_loss_tokens(tokens)
     model, tok, _ = load_model(model_dir)
-    return lm_loss(model, tok, data, tokens, split=split or default_split(data))
+    record = lm_loss(model, tok, data, tokens, split=split or default_split(data))
+    if tasks:
+        from .probes import measure
+
+        record["probes"] = measure(model, tok, tasks, seed=seed, n=probe_items, data=data)
+    if lm_eval:
+        record["lm_eval"] = run_lm_eval(model, tok, lm_eval, lm_eval_include, lm_eval_limit)
+    return record

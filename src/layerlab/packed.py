@@ -31,12 +31,32 @@ The written directory's ``config.json`` carries ``quantization_config`` with
 :class:`PackedExperts`, for a module recorded with ``"kind": "experts"``) before the
 weights load (:class:`LayerlabQuantizer`, registered with transformers' quantizer registry).
 A packed layer dequantizes its weight on each forward, so it runs on any device, CPU included.
+
+The compressed-tensors format (``fmt`` :data:`COMPRESSED`, the default output of ``layerlab quantize``) is
+the one vLLM's llm-compressor writes and transformers (with the ``compressed-tensors`` package) loads natively,
+without layerlab: per linear layer ``weight_packed`` (out, ceil(in * bits / 32)) int32,
+``weight_scale`` (out, in / group) in the model's dtype and ``weight_shape`` ([out, in], int64), the
+``pack-quantized`` layout of compressed-tensors 0.20 (``compressors/pack_quantized``): signed codes
+``q ∈ [-2^(bits-1), 2^(bits-1))`` stored as ``q + 2^(bits-1)``, each row's codes one little-endian bit stream,
+``bits`` bits per code, cut into int32 words. Its weights are *symmetric* (``w = q * scale``, no zero point),
+with compressed-tensors' min-max rule ``scale = max|w| / ((2^bits - 1) / 2)`` per group
+(``quantization/utils/helpers.py``, ``calculate_qparams``; GPTQ's symmetric grid): with
+compressed-tensors 0.20.1 and transformers 5.24 an asymmetric ``pack-quantized`` checkpoint does not load
+(transformers prepares an unpacked int8 ``weight_zero_point`` of shape (out, groups), the checkpoint holds the
+packed int32 one, and the decompressor accepts only the latter; vllm-project/llm-compressor issue 1618 reports
+the same), so layerlab's own min-max offset cannot be carried. The format holds widths 2 to 8 on plain
+``nn.Linear`` layers whose inputs are a whole number of groups. Widths of 1 bit (symmetric 1-bit codes are
+{-1, 0}), GPT-2's ``Conv1D`` layers and mixture-of-experts weights (compressed-tensors 0.20 quantizes
+``nn.Linear`` and ``nn.Embedding`` modules only), and subclasses of ``nn.Linear`` such as Falcon's
+``FalconLinear`` (whose ``_init_weights`` reads the weight that compressed-tensors removes on load) keep the
+layerlab format (:func:`compressed_tensors_unsupported` says why).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import torch
@@ -48,6 +68,9 @@ from .errors import LayerlabError
 QUANT_METHOD = "layerlab"
 TORCHAO = "torchao-int8"
 PACKED = "packed"
+COMPRESSED = "compressed-tensors"  # a PackedLinear in compressed-tensors' pack-quantized layout
+OUTPUT_FORMATS = (COMPRESSED, QUANT_METHOD)  # what ``layerlab quantize --format`` writes
+CT_WIDTHS = range(2, 9)  # the widths the compressed-tensors output holds (symmetric 1-bit codes are {-1, 0})
 
 
 # ---------------------------------------------------------------------------- bit packing
@@ -72,6 +95,28 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     word = (b << (8 * torch.arange(bits, device=packed.device))).sum(-1)
     codes = (word.unsqueeze(-1) >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
     return codes.to(torch.uint8).reshape(*lead, m // bits * 8)
+
+
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' ``pack_to_int32`` layout of the last dimension of ``codes`` (uint8 values < 2**bits, any
+    length n): code j at bits ``j * bits`` .. of the row's little-endian bit stream, cut into ceil(n * bits / 32)
+    int32 words. It is :func:`pack_bits`'s stream (code j at bit ``j * bits`` of little-endian bytes), read as
+    words: the row is padded with zero codes to a multiple of 32 and the words past ceil(n * bits / 32) dropped."""
+    *lead, n = codes.shape
+    pad = -n % 32
+    if pad:
+        codes = torch.cat([codes, codes.new_zeros(*lead, pad)], dim=-1)
+    words = pack_bits(codes, bits).view(torch.int32)  # a little-endian host, as compressed-tensors assumes
+    return words[..., :math.ceil(n * bits / 32)].contiguous()
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of :func:`pack_int32`: the first ``n`` codes (uint8) of each row of int32 words."""
+    *lead, words = packed.shape
+    full = math.ceil(n / 32) * bits  # the words of the zero-padded row
+    if full > words:
+        packed = torch.cat([packed, packed.new_zeros(*lead, full - words)], dim=-1)
+    return unpack_bits(packed.contiguous().view(torch.uint8), bits)[..., :n]
 
 
 # ---------------------------------------------------------------------------- group-wise affine codes
@@ -117,6 +162,35 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Te
     return w.reshape(*lead, -1)[..., :in_features].to(dtype)
 
 
+def quantize_symmetric(w: torch.Tensor, bits: int, group: int,
+                       scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric codes of an (out, in) weight (``in`` a multiple of ``group``), as
+    compressed-tensors' min-max observer computes them (``calculate_qparams``, symmetric branch): per group
+    ``scale = max|w| / ((2^bits - 1) / 2)`` rounded to ``scale_dtype`` (the model's dtype, which
+    compressed-tensors gives its scales), ``q = clamp(round(w / scale), -2^(bits-1), 2^(bits-1) - 1)``.
+
+    Returns the codes ``q + 2^(bits-1)`` (out, in) uint8, and the (out, in / group) scale."""
+    out_f, in_f = w.shape
+    g = w.detach().float().reshape(out_f, in_f // group, group)
+    half = 1 << (bits - 1)
+    scale = (g.abs().amax(-1) / (((1 << bits) - 1) / 2)).to(scale_dtype)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group (or one whose scale underflows): codes 0
+    q = torch.round(g / s.unsqueeze(-1)).clamp_(-half, half - 1)
+    return (q + half).to(torch.uint8).reshape(out_f, in_f), scale
+
+
+def dequantize_symmetric(codes: torch.Tensor, scale: torch.Tensor, bits: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weight compressed-tensors decompresses (``(q.to(scale.dtype) * scale).to(dtype)``): ``q * scale`` is
+    exact in float32 for the float16 and bfloat16 scales (an 8-bit code times an 8- or 11-bit significand) and is
+    compressed-tensors' own product for float32 ones, so rounding it once to ``dtype`` gives the same bits."""
+    *lead, groups = scale.shape
+    q = codes.reshape(*lead, groups, -1).to(torch.float32) - (1 << (bits - 1))
+    w = (q * scale.float().unsqueeze(-1)).reshape(*lead, -1)
+    return w.to(scale.dtype).to(dtype)
+
+
 # ---------------------------------------------------------------------------- torchao int8
 @functools.cache
 def torchao_int8():
@@ -140,7 +214,9 @@ class PackedLinear(nn.Module):
 
     Buffers (what the safetensors file holds): ``qweight`` (out, in_padded * bits / 8) uint8 and
     float16 ``scale``/``offset`` (out, groups) for the packed format; ``qdata`` (out, in) int8 and
-    ``scale`` (out, groups) for torchao's. ``bias`` stays in full precision.
+    ``scale`` (out, groups) for torchao's; ``weight_packed``, ``weight_scale`` and ``weight_shape`` for
+    compressed-tensors' (the module docstring), whose names are the ones transformers loads. ``bias`` stays in
+    full precision.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group: int, bias: bool,
@@ -149,7 +225,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.bits, self.group, self.fmt = (in_features, out_features, bits,
                                                                                 group, fmt)
         groups = padded(in_features, group) // group
-        if fmt == TORCHAO:
+        if fmt == COMPRESSED:
+            self.register_buffer("weight_packed", torch.zeros(out_features, math.ceil(in_features * bits / 32),
+                                                              dtype=torch.int32))
+            self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=dtype))
+            self.register_buffer("weight_shape", torch.tensor([out_features, in_features]))
+        elif fmt == TORCHAO:
             self.register_buffer("qdata", torch.zeros(out_features, in_features, dtype=torch.int8))
             self.register_buffer("scale", torch.zeros(out_features, groups, dtype=torch.float32))
         else:
@@ -160,14 +241,26 @@ class PackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group: int) -> PackedLinear:
-        """Quantize an (out, in) weight."""
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int, group: int,
+                    output: str = QUANT_METHOD) -> PackedLinear:
+        """Quantize an (out, in) weight for the ``output`` format: :data:`COMPRESSED` (symmetric codes, scales in
+        the weight's dtype; ``in`` must be a multiple of ``group``) or layerlab's (the packed min-max codes, or
+        torchao's int8 tensor)."""
         out_f, in_f = weight.shape
-        fmt = TORCHAO if uses_torchao(bits, in_f, group) else PACKED
+        if output == COMPRESSED:
+            fmt = COMPRESSED
+        else:
+            fmt = TORCHAO if uses_torchao(bits, in_f, group) else PACKED
         m = cls(in_f, out_f, bits=bits, group=group, bias=bias is not None, fmt=fmt,
                 dtype=bias.dtype if bias is not None else weight.dtype)
+        if fmt == COMPRESSED:  # scales in the weight's dtype, as compressed-tensors keeps them (not the bias's)
+            m.weight_scale = m.weight_scale.to(weight.dtype)
         with torch.no_grad():
-            if fmt == TORCHAO:
+            if fmt == COMPRESSED:
+                codes, scale = quantize_symmetric(weight, bits, group, weight.dtype)
+                m.weight_packed.copy_(pack_int32(codes, bits))
+                m.weight_scale.copy_(scale)
+            elif fmt == TORCHAO:
                 Int8Tensor, PerGroup = torchao_int8()
                 t = Int8Tensor.from_hp(weight.detach().float(), PerGroup(group))
                 m.qdata.copy_(t.qdata)
@@ -186,6 +279,9 @@ class PackedLinear(nn.Module):
         if self.fmt == TORCHAO:
             Int8Tensor, _ = torchao_int8()
             return Int8Tensor(self.qdata, self.scale.float(), [1, self.group], dtype)
+        if self.fmt == COMPRESSED:
+            codes = unpack_int32(self.weight_packed, self.bits, self.in_features)
+            return dequantize_symmetric(codes, self.weight_scale, self.bits, dtype)
         codes = unpack_bits(self.qweight, self.bits)
         return dequantize_groups(codes, self.scale, self.offset, self.in_features, dtype)
 
@@ -197,7 +293,9 @@ class PackedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized (out, in) weight: a fresh tensor, for code that reads ``.weight`` (initialisers,
         weight analysis). Writing into it changes nothing."""
-        return self.dequantized(self.bias.dtype if self.bias is not None else torch.float32)
+        if self.bias is not None:
+            return self.dequantized(self.bias.dtype)
+        return self.dequantized(self.weight_scale.dtype if self.fmt == COMPRESSED else torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -345,6 +443,52 @@ class PackedExperts(nn.Module):
         return ", ".join(f"{n}={tuple(s)}" for n, s in self.shapes.items()) + f", bits={self.bits}, format={self.fmt}"
 
 
+# ---------------------------------------------------------------------------- the compressed-tensors output
+def compressed_tensors_unsupported(modules: dict[str, nn.Module], widths, group: int) -> str | None:
+    """Why the quantizable ``modules`` (path -> module) at candidate ``widths`` cannot be written in the
+    compressed-tensors format (the module docstring), or None when they can."""
+    if any(is_experts(m) for m in modules.values()):
+        return "mixture-of-experts weights"
+    conv = [n for n, m in modules.items() if type(m).__name__ == "Conv1D"]
+    if conv:
+        return "GPT-2 Conv1D layers (compressed-tensors quantizes nn.Linear only)"
+    other = sorted({type(m).__name__ for m in modules.values() if type(m) is not nn.Linear})
+    if other:  # e.g. Falcon's FalconLinear, whose _init_weights reads the weight compressed-tensors removed on load
+        return f"{other[0]} layers (transformers loads compressed nn.Linear layers only)"
+    bad = [w for w in widths if w not in CT_WIDTHS]
+    if bad:
+        return f"{bad[0]}-bit widths (it holds 2 to 8)"
+    for n, m in modules.items():
+        in_f = linear_weight(m)[0].shape[1]
+        if in_f % row_group(in_f, group):
+            return f"{n} has {in_f} inputs, not a whole number of groups of {group}"
+    return None
+
+
+def compressed_tensors_config(blocks: list[dict[str, dict[str, Any]]], **extra: Any) -> dict[str, Any]:
+    """The ``quantization_config`` of a compressed-tensors checkpoint whose block ``i`` holds the packed layers
+    ``blocks[i]`` (path -> :meth:`PackedLinear.spec` of a layer in the :data:`COMPRESSED` format): one config group
+    per block (and per group size, where a block's layers differ in it), named ``block_<i>``
+    (``block_<i>_g<size>``), its ``targets`` the layers' paths as anchored regular expressions and its ``weights``
+    their width; every other module stays in full precision. ``extra`` (layerlab's record, e.g. the average
+    width) is kept beside it; compressed-tensors ignores keys it does not know."""
+    groups: dict[str, Any] = {}
+    for i, block in enumerate(blocks):
+        by_group: dict[tuple[int, int], list[str]] = {}
+        for name, spec in block.items():
+            if spec.get("format") != COMPRESSED:
+                raise LayerlabError(f"{name} is not in the compressed-tensors format")
+            by_group.setdefault((spec["bits"], spec["group"]), []).append(name)
+        for (bits, size), names in by_group.items():
+            key = f"block_{i}" if len(by_group) == 1 else f"block_{i}_g{size}"
+            groups[key] = {"targets": [f"re:^{re.escape(n)}$" for n in names],
+                           "weights": {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group",
+                                       "group_size": size, "dynamic": False, "observer": "minmax"},
+                           "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+    return {"quant_method": COMPRESSED, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": groups, "ignore": [], **extra}
+
+
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(out, in) weight and bias of an ``nn.Linear`` or GPT-2 ``Conv1D`` (which stores (in, out))."""
     if type(module).__name__ == "Conv1D":
@@ -386,6 +530,7 @@ def register_quantizer() -> None:
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
+    _wrap_compressed_tensors_quantizer()
     if QUANT_METHOD in AUTO_QUANTIZER_MAPPING:
         return
 
@@ -434,6 +579,52 @@ def register_quantizer() -> None:
     register_quantization_config(QUANT_METHOD)(LayerlabQuantConfig)
     register_hf_quantizer(QUANT_METHOD)(LayerlabQuantizer)
     assert QUANT_METHOD in AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
+_CT_BAR_MODULES = ("compressed_tensors.compressors.model_compressors.model_compressor",
+                   "compressed_tensors.quantization.lifecycle.apply", "compressed_tensors.offload.dispatch")
+
+
+def _quiet_compressed_tensors_bars() -> None:
+    """Make compressed-tensors' progress bars (applying the config, compressing and decompressing the model on
+    load) follow transformers' progress-bar switch, which layerlab's commands turn off: compressed-tensors calls
+    ``tqdm`` directly. Idempotent; modules it does not have are skipped."""
+    import importlib
+
+    from transformers.utils import logging as hf_logging
+
+    for name in _CT_BAR_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        bar = getattr(module, "tqdm", None)
+        if bar is None or getattr(bar, "_layerlab_quiet", False):
+            continue
+
+        def quiet(*args, _bar=bar, **kwargs):
+            kwargs["disable"] = kwargs.get("disable", False) or not hf_logging.is_progress_bar_enabled()
+            return _bar(*args, **kwargs)
+
+        quiet._layerlab_quiet = True
+        module.tqdm = quiet
+
+
+def _wrap_compressed_tensors_quantizer() -> None:
+    """transformers' compressed-tensors quantizer, with :func:`_quiet_compressed_tensors_bars` run when it starts
+    (compressed-tensors is imported then, not at layerlab's import)."""
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    base = AUTO_QUANTIZER_MAPPING.get(COMPRESSED)
+    if base is None or getattr(base, "_layerlab_quiet", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        _quiet_compressed_tensors_bars()
+
+    AUTO_QUANTIZER_MAPPING[COMPRESSED] = type(base.__name__, (base,), {"__init__": __init__, "_layerlab_quiet": True,
+                                                                      "__module__": base.__module__})
 
 
 def quant_config_class():

@@ -152,6 +152,26 @@ QUANT_IMPORTANCE = ("lim", "zd", "loss")
 CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
 EXPORT_TARGETS = ("gpt2", "folded")  # layerlab export --to: plain HF GPT-2, or its batch norms folded away
 
+# The capability probes (layerlab.probes, where each is defined and cited), each built as
+# ``PROBES[name](tokenizer, n, seed, data) -> items``; ``--tasks`` takes a comma-separated list of them, or ``all``.
+PROBES = Registry("probe", {
+    "add": "layerlab.probes:add",
+    "brackets": "layerlab.probes:brackets",
+    "copy": "layerlab.probes:copy",
+    "recall": "layerlab.probes:recall",
+    "next_token": "layerlab.probes:next_token",
+})
+PROBE_ITEMS = 200  # items per probe (next_token: positions of the held-out text)
+
+
+def probe_tasks(spec: str | None) -> list[str]:
+    """The probe names of a ``--tasks`` value: comma-separated names, or ``all`` (every probe); an empty or
+    unknown name is the registry's one-line error."""
+    names = [t.strip() for t in (spec or "").split(",")]
+    if names == ["all"]:
+        return list(PROBES)
+    return list(dict.fromkeys(PROBES.check(t) for t in names))
+
 __all__ = ["CONVERT_TARGETS", "EXPORT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS",
-           "PLACEMENT_ALIASES", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE", "SUBLAYERS", "Placement",
-           "Registry", "block_placement_names", "residual_placement_names"]
+           "PLACEMENT_ALIASES", "PROBES", "PROBE_ITEMS", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE",
+           "SUBLAYERS", "Placement", "Registry", "block_placement_names", "probe_tasks", "residual_placement_names"]

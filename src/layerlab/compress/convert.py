@@ -57,7 +57,9 @@ from ..evaluate import lm_loss
 from ..io import progress_bar
 from ..model import LayerlabForCausalLM, carry_ids, num_params, rebuild
 from ..norms import CRMSNormWithBias, LayerNorm, RMSNormWithBias
+from ..probes import measure, stage_lines
 from ..registry import CONVERT_TARGETS as TARGETS
+from ..registry import PROBE_ITEMS, PROBES, probe_tasks
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import lm_step, train_ids
 from .recenter import (
@@ -360,13 +362,18 @@ def max_logit_diff(a, b, tokenizer, data: str | Path | None = None, tokens: int 
     return float((la - lb).abs()[mask.bool()].max())
 
 
-def _stage(model, tok, data, tokens) -> dict:
-    """A row of the table: size, and the loss on text when there is a tokenizer to read it with."""
+def _stage(model, tok, data, tokens, probes: dict | None = None) -> dict:
+    """A row of the table: size, and the loss on text when there is a tokenizer to read it with; with ``probes``
+    (:func:`layerlab.probes.measure`'s ``tasks``, ``n`` and ``seed``), the probes too."""
     loss = lm_loss(model, tok, data, tokens) if tok is not None else {}
-    return {"params": num_params(model), "bytes": param_bytes(model), **loss}
+    row = {"params": num_params(model), "bytes": param_bytes(model), **loss}
+    if probes and probes.get("tasks") and tok is not None:
+        row["probes"] = measure(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+    return row
 
 
-def _convert_family(model, tok, to: str, data, tokens, seed: int, decisions: list[str]) -> dict:
+def _convert_family(model, tok, to: str, data, tokens, seed: int, decisions: list[str],
+                    probes: dict | None = None) -> dict:
     """The record of converting a model of :data:`FAMILIES` (its ``"model"`` entry: what to write).
 
     The output is the same family's directory, recentered (:func:`recenter_family`), its config.json saying
@@ -411,13 +418,14 @@ def _convert_family(model, tok, to: str, data, tokens, seed: int, decisions: lis
         decisions.append("head untied from the input embedding (the two now differ)")
     if model_type == "bloom":
         decisions.append("the embedding LayerNorm stays a LayerNorm, rebuilt so that its output is zero-mean")
-    stages = {"before": _stage(model, tok, data, tokens), "after": _stage(swapped, tok, data, tokens)}
+    stages = {"before": _stage(model, tok, data, tokens, probes), "after": _stage(swapped, tok, data, tokens, probes)}
     return {**record, "decisions": decisions, "stages": list(stages), **stages, "model": new}
 
 
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
             tokens: int | None = None, steps: int = CONVERT_STEPS, lr: float = CONVERT_LR, seed: int = 0,
-            control: bool = False, progress: bool = False) -> dict:
+            control: bool = False, progress: bool = False, tasks: str | list[str] | None = None,
+            probe_items: int = PROBE_ITEMS, probe_seed: int = 0) -> dict:
     """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
 
     ``rmsnorm``/``crmsnorm`` are exact: the record holds the largest logit difference against the
@@ -436,6 +444,11 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
 
     A model of :data:`FAMILIES` (OPT, GPT-NeoX, GPT-J, Phi, Falcon, BLOOM) is written as the same family,
     recentered, with the figures of :func:`_convert_family`.
+
+    With ``tasks`` (probe names, or ``"all"``), every stage also holds ``probes``: :func:`layerlab.probes.measure`
+    of them, ``probe_items`` items each from ``probe_seed``, and :func:`convert_lines` adds their before/after
+    table. Off by default: the probes cost about one more pass over the validation split per stage, and an
+    exact conversion cannot change them.
     """
     if to not in TARGETS:
         raise choices_error("conversion target", to, TARGETS)
@@ -443,6 +456,12 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
+    probes = None  # checked before the model loads
+    if tasks:
+        if probe_items < 1:
+            raise LayerlabError(f"--probe-items must be at least 1, got {probe_items}")
+        probes = {"tasks": probe_tasks(tasks) if isinstance(tasks, str) else [PROBES.check(t) for t in tasks],
+                  "n": probe_items, "seed": probe_seed}
     # the exact targets read text only to measure: without a tokenizer they still convert, checked on random ids
     model, tok, v = open_input(model_dir, "convert", need_tokenizer=to == "no-norm" or data is not None
                                or tokens is not None)
@@ -450,13 +469,15 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     args = {"model": str(model_dir), "to": to, "data": str(data) if data else "embedded", "tokens": tokens}
     if to == "no-norm":
         args.update(steps=steps, lr=lr, seed=seed, control=control)
+    if probes is not None:
+        args.update(tasks=probes["tasks"], probe_items=probe_items, probe_seed=probe_seed)
     decisions = []
     if tok is None:
         args.update(data=None, seed=seed)
         decisions.append("the input has no tokenizer: equality checked on random token ids, no loss measured")
     if pre_ln is model and not isinstance(model, LayerlabForCausalLM):  # one of FAMILIES, in its own format
         with staged_output(model_dir, out, "convert", args) as stage:
-            stage.record = _convert_family(model, tok, to, data, tokens, seed, decisions)
+            stage.record = _convert_family(model, tok, to, data, tokens, seed, decisions, probes)
             stage.save_model(stage.record.pop("model"))
         return stage.record
     if v.arch_name == "gpt2":
@@ -464,7 +485,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     if pre_ln.cfg.tie_embeddings:
         decisions.append("head untied from the input embedding (the two now differ)")
     with staged_output(model_dir, out, "convert", args) as stage:  # --out checked before the slow work starts
-        stages = {"before": _stage(model, tok, data, tokens)}
+        stages = {"before": _stage(model, tok, data, tokens, probes)}
         record: dict = {"to": to, "source": v.arch_name}
         if to in ("rmsnorm", "crmsnorm"):
             new = to_rmsnorm(pre_ln, to)
@@ -475,10 +496,10 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
             tune = dict(steps=steps, data=data, lr=lr, seed=seed, progress=progress)
             if control:
                 live, _ = remove_norms(copy.deepcopy(pre_ln), tok, fix=False, **tune)
-                stages["control"] = _stage(live, tok, data, tokens)
+                stages["control"] = _stage(live, tok, data, tokens, probes)
                 del live
             fixed, info = remove_norms(pre_ln if pre_ln is not model else copy.deepcopy(model), tok, **tune)
-            stages["fixed"] = _stage(fixed, tok, data, tokens)
+            stages["fixed"] = _stage(fixed, tok, data, tokens, probes)
             new = fold_norms(fixed)
             record["fold_max_abs_logit_diff"] = max_logit_diff(fixed, new, tok, data)
             record.update(info, steps=steps)
@@ -488,7 +509,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
             decisions.append("the final norm's bias is folded into a new head bias")
         if new.cfg.bias and not pre_ln.cfg.bias:
             decisions.append("linear biases turned on to hold the folded norm biases")
-        stages["after"] = _stage(new, tok, data, tokens)
+        stages["after"] = _stage(new, tok, data, tokens, probes)
         if to == "no-norm":
             record["loss_delta"] = stages["after"]["loss"] - stages["before"]["loss"]
             if control:
@@ -523,4 +544,4 @@ def convert_lines(record: dict) -> list[str]:
         lines.append(f"fine-tuned {record['steps']} steps; fold max |logit difference|: "
                      f"{record['fold_max_abs_logit_diff']:.2e}; loss delta {record['loss_delta']:+.4f}{vs}")
     return [*lines, f"loss (nats/token) and perplexity on the {record['before']['slice']}",
-            *table(rows, [*columns, *loss_columns()])]
+            *table(rows, [*columns, *loss_columns()]), *stage_lines(rows)]

@@ -66,7 +66,9 @@ from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
-from ..registry import HEAL_MODES, PLACEMENTS, residual_placement_names
+from ..probes import measure as measure_probes
+from ..probes import probe_spec, stage_lines
+from ..registry import HEAL_MODES, PLACEMENTS, PROBE_ITEMS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
 from .common import (
@@ -508,19 +510,24 @@ def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[in
     return record
 
 
-def _stage(model, tok, data, tokens: int | None, om=None) -> dict:
+def _stage(model, tok, data, tokens: int | None, om=None, probes: dict | None = None) -> dict:
+    """One stage's row: size, sublayer counts, validation loss, and with ``probes`` ({tasks, n, seed}) the
+    capability probes (:func:`layerlab.probes.measure`)."""
     v = view(model)
     known = v.sublayers_known  # a discovered structure: how many sublayers is not known
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u, om)) if known else None for u in SUBLAYERS}
-    return {"layers": v.num_layers, **counts, "bytes": param_bytes(model),
-            **lm_loss(model, tok, data, tokens)}
+    row = {"layers": v.num_layers, **counts, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+    if probes:
+        row["probes"] = measure_probes(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+    return row
 
 
 def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: str = "block", out: str | Path,
           data: str | Path | None = None, tokens: int | None = None, measure_tokens: int = MEASURE_TOKENS,
           heal_steps: int = 0, heal: str = "lora", progress: bool = False, dtype: str = "auto",
           offload: bool | None = None, max_memory: str | int | None = None,
-          announce: Callable[[str], None] | None = None) -> dict:
+          announce: Callable[[str], None] | None = None, tasks: str | list[str] | None = None,
+          probe_items: int = PROBE_ITEMS, probe_seed: int = 0) -> dict:
     """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
     optionally heal, and write the model to ``out``; :func:`prune_lines` lays out the result.
 
@@ -540,20 +547,22 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     written in it. With
     ``offload=True``, or ``None`` and weights larger than ``max_memory`` (as ``analyze`` decides; ``announce``
     gets the line saying which), the model is never built: see :func:`_prune_offloaded`. ``offload`` in the
-    record says which mode ran.
+    record says which mode ran. With ``tasks`` (probe names, or ``"all"``), every stage also holds the offline
+    capability probes (:mod:`layerlab.probes`: ``probe_items`` items each from ``probe_seed``).
     """
     _check_choices(unit, metric, heal, heal_steps)
+    probes = probe_spec(tasks, probe_items, probe_seed)
     streamed, reason = input_mode(model_dir, dtype=dtype, offload=offload, max_memory=max_memory)
     args = {"model": str(model_dir), "remove": remove, "metric": metric, "unit": unit, "heal_steps": heal_steps,
             "heal": heal, "data": str(data) if data else "embedded", "tokens": tokens, "measure_tokens": measure_tokens,
-            "dtype": dtype, "offload": streamed}
+            "dtype": dtype, "offload": streamed, **({"probes": probes} if probes else {})}
     if streamed:
         _check_offload(metric, unit, heal_steps)
         (_, tok, _), om = open_offloaded_input(model_dir, "prune", causal="writes causal LMs", dtype=dtype)
         if announce is not None:
             announce(f"{model_dir}: {reason}")
         return _prune_offloaded(om, tok, model_dir=model_dir, remove=remove, metric=metric, unit=unit, out=out,
-                                data=data, tokens=tokens, measure_tokens=measure_tokens, args=args)
+                                data=data, tokens=tokens, measure_tokens=measure_tokens, args=args, probes=probes)
     # healing trains: with dtype auto it loads in float32, as before dtypes were kept (a bf16 optimizer step is lossy)
     model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs",
                                dtype="float32" if heal_steps and dtype == "auto" else dtype)
@@ -561,20 +570,20 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         announce(f"{model_dir}: {reason}")
     _check_remove(model, v, unit, remove)
     with staged_output(model_dir, out, "prune", args) as stage:  # --out checked before the slow work starts
-        before = _stage(model, tok, data, tokens)
+        before = _stage(model, tok, data, tokens, probes=probes)
         chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
         if unit == "block":
             smaller, zeroed, why = without_blocks(model, chosen), [], ""
         else:
             smaller, zeroed, why = remove_sublayers(model, unit, chosen)
-        stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens)}
+        stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens, probes=probes)}
         if heal_steps:
             with _keeping_zeroed(smaller):
                 smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress,
                                    frozen=tuple(sorted({name.rpartition(".")[0] for name in zeroed})))
             if any(bool(smaller.get_parameter(name).any()) for name in zeroed):  # _keeping_zeroed failed
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
-            stages["healed"] = _stage(smaller, tok, data, tokens)
+            stages["healed"] = _stage(smaller, tok, data, tokens, probes=probes)
         stage.save_model(smaller)
         kept = set(smaller.state_dict())
         sublayers_left_out = unit != "block" and not zeroed and v.arch_name != "layerlab"
@@ -647,7 +656,7 @@ def _check_offload(metric: str, unit: str, heal_steps: int) -> None:
 
 
 def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str, out, data, tokens: int | None,
-                     measure_tokens: int, args: dict) -> dict:
+                     measure_tokens: int, args: dict, probes: dict | None = None) -> dict:
     """:func:`prune` of a checkpoint streamed block by block (:class:`~layerlab.offload.Offloaded`): the model
     is never built, and at most one block is in memory.
 
@@ -668,7 +677,7 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
     model, v = om.model, om.view
     _check_remove(model, v, unit, remove, om)
     with staged_output(model_dir, out, "prune", args) as stage:
-        before = _stage(model, tok, data, tokens, om)
+        before = _stage(model, tok, data, tokens, om, probes=probes)
         present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit, om)
         if metric == "loss":
             chosen, scores = _greedy_loss_streamed(model, tok, remove, data, measure_tokens, v)
@@ -710,7 +719,7 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
                 f.unlink()
             write_pruned(om, stage.dir, keep=keep, zeroed=zeroed)
             pruned = Offloaded(stage.dir, dtype=om.dtype, device=om.device)
-        stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned)}
+        stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned, probes=probes)}
         del pruned
         record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
         record.update(metric=metric, scores=scores, stages=list(stages), **stages, after=stages["pruned"],
@@ -766,4 +775,5 @@ def prune_lines(record: dict) -> list[str]:
              *([f"healed on windows drawn from the {record['healed_on']}"] if "healed_on" in record else []),
              f"loss (nats/token) and perplexity on the {record['before']['slice']}",
              *table({name: record[name] for name in record["stages"]}, columns)]
-    return lines + ([f"note: {record['note']}"] if "note" in record else [])
+    stages = {name: record[name] for name in record["stages"]}
+    return lines + stage_lines(stages) + ([f"note: {record['note']}"] if "note" in record else [])

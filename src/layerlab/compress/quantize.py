@@ -30,6 +30,12 @@ perplexities read the validation split, the rest of that stream, as ``eval`` doe
 never fitted on the text it is judged on. ZD reads the weights only. Embeddings, the unembedding,
 norms and MoE routers stay in full precision.
 
+The output is compressed-tensors' pack-quantized format by default (one config group per block, symmetric
+codes: :mod:`layerlab.packed`), which plain transformers loads with the ``compressed-tensors`` package, without
+layerlab; ``output="layerlab"`` (and any model or widths that format cannot hold) writes layerlab's packed
+min-max codes instead. The candidates are quantized the way the written format stores them, so the chosen
+widths and every reported loss are those of the weights written.
+
 The model loads in the checkpoint's own dtype by default. With ``lim`` or ``zd``, a checkpoint larger than
 ``max_memory`` (or any, with ``offload=True``) is streamed block by block (:mod:`layerlab.offload`) and written
 one block at a time (:func:`_quantize_offloaded`).
@@ -55,9 +61,14 @@ from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
 from ..io import progress_bar
 from ..packed import (
+    COMPRESSED,
+    OUTPUT_FORMATS,
+    QUANT_METHOD,
     PackedExperts,
     PackedLinear,
     check_experts,
+    compressed_tensors_config,
+    compressed_tensors_unsupported,
     expert_weights,
     is_experts,
     is_linear,
@@ -66,6 +77,9 @@ from ..packed import (
     row_group,
     set_module,
 )
+from ..probes import measure as measure_probes
+from ..probes import probe_spec, stage_lines
+from ..registry import PROBE_ITEMS
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from .common import (
     copy_tokenizer,
@@ -103,10 +117,11 @@ def weight_matrices(module: torch.nn.Module) -> list[torch.Tensor]:
 
 class Quantizer:
     """Builds and caches each layer's :class:`PackedLinear` (or an experts module's :class:`PackedExperts`)
-    at each width."""
+    at each width, for the ``output`` format (:data:`~layerlab.packed.OUTPUT_FORMATS`; set it before the first
+    :meth:`packed`): what the allocation is measured on is what gets written."""
 
-    def __init__(self, model, group: int):
-        self.model, self.group = model, group
+    def __init__(self, model, group: int, output: str = QUANT_METHOD):
+        self.model, self.group, self.output = model, group, output
         self.blocks = block_linears(model)
         self.original = {name: m for b in self.blocks for name, m in b.items()}
         for name, m in self.original.items():
@@ -121,7 +136,8 @@ class Quantizer:
                 p = PackedExperts.from_module(m, bits=bits, group=self.group)
             else:
                 w, b = linear_weight(m)
-                p = PackedLinear.from_weight(w, b, bits=bits, group=row_group(w.shape[1], self.group))
+                p = PackedLinear.from_weight(w, b, bits=bits, group=row_group(w.shape[1], self.group),
+                                             output=self.output)
             self._cache[(name, bits)] = p.eval()
         return self._cache[(name, bits)]
 
@@ -406,22 +422,36 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
              widths: tuple[int, ...] = DEFAULT_WIDTHS, group: int = DEFAULT_GROUP, data: str | Path | None = None,
              tokens: int | None = None, calibration_tokens: int = CALIBRATION_TOKENS, seed: int = 0,
              baselines: bool = True, progress: bool = False, dtype: str = "auto", offload: bool | None = None,
-             max_memory: str | int | None = None, announce: Callable[[str], None] | None = None) -> dict:
+             max_memory: str | int | None = None, announce: Callable[[str], None] | None = None,
+             output: str = COMPRESSED, tasks: str | list[str] | None = None, probe_items: int = PROBE_ITEMS,
+             probe_seed: int = 0) -> dict:
     """Quantize every block to one of ``widths`` within an average of ``bits``, chosen by ``importance``; write
     the packed model to ``out``. Returns the record (also in ``out/layerlab.json``) with every allocation's
     size, average width and loss; ``budget_bits`` is ``bits``, ``after["avg_bits"]`` the average used (below
     the budget only for ``loss``, see :func:`allocate`), ``chosen_on`` the text the importance was measured
     on (None for ``zd``, which reads the weights only); :func:`quantize_lines` lays out its table.
 
+    ``output`` is the written format (:data:`~layerlab.packed.OUTPUT_FORMATS`): ``"compressed-tensors"``
+    (the default; plain transformers loads it, with the ``compressed-tensors`` package) or ``"layerlab"`` (the
+    packed min-max codes; loads after ``import layerlab``). Where the model or the widths are ones the
+    compressed-tensors format cannot hold (:func:`~layerlab.packed.compressed_tensors_unsupported`), the
+    layerlab format is written instead, and the record's ``format`` and ``format_note`` (printed by
+    :func:`quantize_lines`) say why. The quantizer is the written format's (symmetric codes for compressed-tensors,
+    min-max ones for layerlab), so every measured loss is that of the weights written.
+
     The model loads in ``dtype`` (``"auto"``: the checkpoint's own). With ``offload=True``, or ``None`` and
     weights larger than ``max_memory`` (as ``analyze`` decides; ``announce`` gets the line saying which), it is
     streamed block by block and never built: :func:`_quantize_offloaded`. ``offload`` in the record says which
-    mode ran."""
-    widths = _check(bits, importance, widths, group)
+    mode ran. With ``tasks`` (probe names, or ``"all"``), the input's row and the chosen allocation's also hold the
+    offline capability probes (:mod:`layerlab.probes`; ``probe_items`` items each from ``probe_seed``; the
+    baselines are not probed, to keep the cost at two stages)."""
+    widths = _check(bits, importance, widths, group, output)
+    probes = probe_spec(tasks, probe_items, probe_seed)
     streamed, reason = input_mode(model_dir, dtype=dtype, offload=offload, max_memory=max_memory)
     args = {"model": str(model_dir), "bits": bits, "importance": importance, "widths": list(widths), "group": group,
             "seed": seed, "data": str(data) if data else "embedded", "tokens": tokens,
-            "calibration_tokens": calibration_tokens, "dtype": dtype, "offload": streamed}
+            "calibration_tokens": calibration_tokens, "dtype": dtype, "offload": streamed, "format": output,
+            **({"probes": probes} if probes else {})}
     if streamed:
         if importance not in OFFLOAD_IMPORTANCE:
             raise LayerlabError(f"quantize in offload mode ranks blocks by {' or '.join(OFFLOAD_IMPORTANCE)}; "
@@ -433,33 +463,34 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
             announce(f"{model_dir}: {reason}")
         return _quantize_offloaded(om, tok, model_dir=model_dir, out=out, bits=bits, importance=importance,
                                    widths=widths, group=group, data=data, tokens=tokens,
-                                   calibration_tokens=calibration_tokens, seed=seed, baselines=baselines, args=args)
+                                   calibration_tokens=calibration_tokens, seed=seed, baselines=baselines, args=args,
+                                   output=output, probes=probes)
     model, tok, v = open_input(model_dir, "quantize", causal="reports language-model perplexity", dtype=dtype)
     if announce is not None:
         announce(f"{model_dir}: {reason}")
     with staged_output(model_dir, out, "quantize", args) as stage:  # --out checked before the slow work starts
         q = Quantizer(model, group)
+        q.output, note = _output_format(q, widths, output)
         sizes = q.sizes()
         held = _calibration(model, tok, data, calibration_tokens) if importance != "zd" else []
         scores, cost = _importance(q, model, held, importance, bits, widths, progress)
         chosen = allocate(sizes, bits, widths, cost, fill=importance != "loss")  # LWQ fills the budget
         runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
-        before = {"avg_bits": None, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, probes)}
         rows = {"original": before}
         for name, alloc in runs.items():
             qm = q.quantized_copy(alloc)
-            rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc),
-                          "bytes": q.storage_bytes(alloc), **lm_loss(qm, tok, data, tokens)}
+            rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc), "bytes": q.storage_bytes(alloc),
+                          **_measure(qm, tok, data, tokens, probes if name == importance else None)}
             del qm
         q.restore(model)
         final = q.quantized_copy(chosen)
         specs = {name: q.packed(name, w).spec() for b, w in zip(q.blocks, chosen, strict=True) for name in b}
-        final.config.quantization_config = quant_config_class()(modules=specs, group=group, budget_bits=bits,
-                                                                avg_bits=average_bits(sizes, chosen))
+        final.config.quantization_config = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
         stage.save_model(final)
         rows[importance]["disk_bytes"] = _disk(stage.dir)
         stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
-                               model_dir, offload=False)
+                               model_dir, offload=False, output=q.output, note=note)
     return stage.record
 
 
@@ -468,7 +499,7 @@ OFFLOAD_IMPORTANCE = ("lim", "zd")  # one streamed pass (LIM) or one read of eac
 
 def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str, widths: tuple[int, ...],
                         group: int, data, tokens: int | None, calibration_tokens: int, seed: int, baselines: bool,
-                        args: dict) -> dict:
+                        args: dict, output: str = COMPRESSED, probes: dict | None = None) -> dict:
     """:func:`quantize` of a checkpoint streamed block by block (:class:`~layerlab.offload.Offloaded`): the model
     is never built, and at most one block (with its packed layers) is in memory.
 
@@ -479,13 +510,14 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
     (:meth:`Quantizer.streamed`), so it computes what the in-memory quantized copy computes; its size is the
     full-precision rest plus the packed layers' storage. The output is written block by block: the tensors
     outside the blocks copied from the checkpoint, then per block its packed layers and other tensors, one
-    shard per block (:func:`layerlab.offload.write_shards`), with the ``quantization_config`` the in-memory path
-    writes. Packing runs once per block each time a block is read, so each evaluated allocation packs every
-    block once per evaluation batch (the in-memory path packs once and caches)."""
+    shard per block (:func:`layerlab.offload.write_shards`), in the format and with the ``quantization_config``
+    the in-memory path writes. Packing runs once per block each time a block is read, so each evaluated
+    allocation packs every block once per evaluation batch (the in-memory path packs once and caches)."""
     from ..offload import outside_blocks, tensor_entry, write_config, write_shards
 
     model, v = om.model, om.view
     q = Quantizer(model, group)
+    q.output, note = _output_format(q, widths, output)
     sizes = q.sizes()
     rest = q.rest_bytes()
     with staged_output(model_dir, out, "quantize", args) as stage:
@@ -493,11 +525,11 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
         scores, cost = _importance(q, model, held, importance, bits, widths, False, hold=om.block)
         chosen = allocate(sizes, bits, widths, cost, fill=True)
         runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
-        before = {"avg_bits": None, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, probes)}
         rows = {"original": before}
         for name, alloc in runs.items():
             with q.streamed(om, alloc) as seen:  # every forward reads every block, so all are packed
-                loss = lm_loss(model, tok, data, tokens)
+                loss = _measure(model, tok, data, tokens, probes if name == importance else None)
             rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc),
                           "bytes": rest + sum(b for b, _ in seen.values()), **loss}
         specs: dict[str, dict] = {}
@@ -513,30 +545,64 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
 
         write_shards(stage.dir, shards(), count=1 + v.num_layers)
         config = copy.deepcopy(model.config)
-        config.quantization_config = quant_config_class()(modules=specs, group=group, budget_bits=bits,
-                                                          avg_bits=average_bits(sizes, chosen))
+        config.quantization_config = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
         write_config(model, stage.dir, config, om.dtype)
         copy_tokenizer(model_dir, stage.dir)
         rows[importance]["disk_bytes"] = _disk(stage.dir)
         stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
-                               model_dir, offload=True)
+                               model_dir, offload=True, output=q.output, note=note)
     return stage.record
 
 
+def _measure(model, tok, data, tokens: int | None, probes: dict | None = None) -> dict:
+    """The before/after measurement of every row of quantize's table (the input, each evaluated allocation):
+    loss and perplexity on the validation split, and with ``probes`` ({tasks, n, seed}) the capability probes
+    (:func:`layerlab.probes.measure`). One place, for both modes."""
+    row = lm_loss(model, tok, data, tokens)
+    if probes:
+        row["probes"] = measure_probes(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+    return row
+
+
+def _output_format(q: Quantizer, widths: tuple[int, ...], output: str) -> tuple[str, str | None]:
+    """The format written for ``output``, and why it is not the one asked for (None when it is): the
+    compressed-tensors format falls back to layerlab's where the model or the widths are ones it cannot hold."""
+    if output != COMPRESSED:
+        return output, None
+    why = compressed_tensors_unsupported(q.original, widths, q.group)
+    if why is None:
+        return COMPRESSED, None
+    return QUANT_METHOD, f"written in the layerlab format: the compressed-tensors format cannot hold {why}"
+
+
+def _quant_config(q: Quantizer, specs: dict[str, dict], group: int, bits: float, avg: float):
+    """The written ``quantization_config`` (both modes): compressed-tensors' (one config group per block) or
+    layerlab's (each packed module's spec); both record the budget and the average width used."""
+    if q.output == COMPRESSED:
+        return compressed_tensors_config([{n: specs[n] for n in b} for b in q.blocks], budget_bits=bits,
+                                         avg_bits=avg)
+    return quant_config_class()(modules=specs, group=group, budget_bits=bits, avg_bits=avg)
+
+
 def _record(tok, data, held, importance: str, scores, chosen: list[int], bits: float, widths, group: int,
-            sizes: list[int], rows: dict, before: dict, model_dir, *, offload: bool) -> dict:
+            sizes: list[int], rows: dict, before: dict, model_dir, *, offload: bool, output: str,
+            note: str | None) -> dict:
     """quantize's record (both modes)."""
     chosen_on = train_slice(tok, data, sum(ids.numel() for ids, _ in held)) if held else None
     return {"importance": importance, "chosen_on": chosen_on, "scores": scores, "allocation": chosen,
             "budget_bits": bits, "widths": list(widths), "group": group, "weights_per_block": sizes, "runs": rows,
-            "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir), "offload": offload}
+            "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir), "offload": offload,
+            "format": output, "format_note": note}
 
 
-def _check(bits: float, importance: str, widths: tuple[int, ...], group: int) -> tuple[int, ...]:
+def _check(bits: float, importance: str, widths: tuple[int, ...], group: int,
+           output: str = COMPRESSED) -> tuple[int, ...]:
     """The candidate widths, sorted; or a one-line error for any argument out of its range."""
     widths = tuple(sorted(set(int(w) for w in widths)))
     if importance not in IMPORTANCE:
         raise choices_error("importance", importance, IMPORTANCE)
+    if output not in OUTPUT_FORMATS:
+        raise choices_error("format", output, OUTPUT_FORMATS)
     if not widths or any(not 1 <= w <= 8 for w in widths):
         raise LayerlabError(f"--widths must be integers from 1 to 8, got {list(widths)}")
     if not widths[0] <= bits <= widths[-1]:
@@ -581,12 +647,23 @@ def quantize_lines(record: dict) -> list[str]:
                ("Δloss", 9, lambda r: f"{r['loss'] - base:+.4f}")]
     chosen_on, used = record["chosen_on"], record["after"]["avg_bits"]
     return [f"widths per block by {record['importance']}: {record['allocation']}",
+            *_format_lines(record),
             f"average {used:.3f} bits per block weight, of a budget of {record['budget_bits']:g}",
             f"chosen on the {chosen_on}" if chosen_on else "chosen on the weights alone (no text)",
             f"loss (nats/token) and perplexity on the {record['before']['slice']}",
             *table(record["runs"], columns, name_width=16),
             f"on disk: {record['after']['disk_bytes'] / 1e6:.3f} MB of weights "
-            f"(the input: {record['input_disk_bytes'] / 1e6:.3f} MB)"]
+            f"(the input: {record['input_disk_bytes'] / 1e6:.3f} MB)", *stage_lines(record["runs"])]
+
+
+def _format_lines(record: dict) -> list[str]:
+    """The written format, in one line (none for a record from before the format was recorded)."""
+    if record.get("format") == COMPRESSED:
+        return [f"written as compressed-tensors (pack-quantized, symmetric, group {record['group']}): "
+                "transformers loads it with the compressed-tensors package, without layerlab"]
+    if record.get("format") == QUANT_METHOD:
+        return [record.get("format_note") or "written in the layerlab format: loads after import layerlab"]
+    return []
 
 
 def _disk(model_dir: str | Path) -> int:

@@ -8,6 +8,8 @@ Layout of a run directory::
     trainer_state.json  step, and the sha256 of the model and optimizer files it belongs to
     metrics.jsonl       one JSON object per logged step
     layerlab.json       the run's config, versions and results
+    steps/step0000100/  with ``keep_every``: the weights of a kept step, a model directory of its own
+    tb/                 with ``log: tensorboard``: the records of metrics.jsonl as TensorBoard events
 
 A checkpoint is first written in full to a temporary folder inside the run directory; each
 file is then renamed into place and ``trainer_state.json`` last, with Ctrl-C held off until
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -31,11 +34,13 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import LayerlabError
-from ..io import atomic_write_json, read_json, sha256_file
+from ..io import atomic_write_json, current_umask, read_json, sha256_file, write_manifest
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 WEIGHTS = "model.safetensors"
+STEPS = "steps"  # the kept steps (``keep_every``): RUN/steps/step0000100/, one model directory each
+_STEP_DIR = re.compile(r"step(\d+)")
 
 
 @contextmanager
@@ -65,13 +70,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | No
     ``model`` is anything with ``save_pretrained``; ``optimizer`` anything with ``state_dict()``, or that state
     dict itself (as :meth:`~layerlab.train.distributed.Parallel.full_state` returns it).
     """
-    from transformers.utils import logging as hf_logging
-
     tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=run_dir))
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar per checkpoint would bury the run's own progress
     try:
-        model.save_pretrained(tmp)
+        with _no_hf_bar():
+            model.save_pretrained(tmp)
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / OPTIMIZER)
         names = sorted(p.name for p in tmp.iterdir())
         state = {
@@ -87,9 +89,67 @@ def save_checkpoint(run_dir: Path, model, optimizer, step: int, extra: dict | No
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _no_hf_bar() -> Iterator[None]:
+    """transformers' progress bar off: a bar per save would bury the run's own progress."""
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
         if bar:
             hf_logging.enable_progress_bar()
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    """Where the weights of ``step`` are kept: ``RUN/steps/step0000100``."""
+    return Path(run_dir) / STEPS / f"step{step:07d}"
+
+
+def save_step(run_dir: Path, model, tokenizer, step: int, args: dict, **fields) -> Path:
+    """Keep the weights of ``step`` as a model directory ``RUN/steps/stepNNNNNNN`` (config, safetensors, tokenizer,
+    and a ``layerlab.json`` of command ``train-step`` with the run's ``args`` and ``fields``), written atomically.
+
+    The folder is written in full beside its place, then renamed into it, with Ctrl-C held off, so it is either
+    whole or absent; one already there (a step the run redoes after a resume) is replaced. Weights only: a kept
+    step is for analysis, not for resuming (the run directory's checkpoint is).
+    """
+    final = step_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    old = final.with_name(f".{final.name}.old")
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: the permissions mkdir would give
+        with _no_hf_bar():
+            model.save_pretrained(tmp)
+        tokenizer.save(tmp)
+        write_manifest(tmp, "train-step", args, step=step, **fields)
+        shutil.rmtree(old, ignore_errors=True)
+        with sigint_deferred():
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def truncate_steps(run_dir: Path, step: int) -> None:
+    """Drop the kept steps after ``step`` (and folders a crash left half-written), so a resumed run's kept steps
+    read as one uninterrupted run's."""
+    folder = Path(run_dir) / STEPS
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        m = _STEP_DIR.fullmatch(p.name)
+        if (m and int(m.group(1)) > step) or (p.name.startswith(".step") and p.is_dir()):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def read_state(run_dir: Path) -> dict | None:

@@ -322,14 +322,20 @@ class Parallel:
         one-process format; (None, None) on other ranks. Under FSDP every rank must call it (it gathers)."""
         if not self.d.active:
             return self.model, optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = self.model
-        if self.kind == "fsdp":
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only
-            weights = _Gathered(self.model, get_model_state_dict(self.model, options=full))
+        weights = self.full_weights()
         state = self._full_optimizer_state(optimizer)
         return (weights, {"optimizer": state, "rule": optimizer.rule_state()}) if self.d.main else (None, None)
+
+    def full_weights(self) -> Any:
+        """What rank 0 saves of the weights alone (a kept step): an object with ``save_pretrained``; None on other
+        ranks. Under FSDP every rank must call it (it gathers)."""
+        if self.kind != "fsdp":
+            return self.model if self.d.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered, on rank 0 only
+        weights = _Gathered(self.model, get_model_state_dict(self.model, options=full))
+        return weights if self.d.main else None
 
     def _full_optimizer_state(self, optimizer) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

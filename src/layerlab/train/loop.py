@@ -9,7 +9,6 @@ rules of :mod:`layerlab.train.interrupt`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
@@ -30,9 +29,18 @@ from ..io import MANIFEST, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, num_params
 from ..norms import is_batch_norm, set_norm_schedule
 from ..recipe import RunSpec
-from . import distributed, telemetry
-from .checkpoint import load_optimizer_state, load_weights, read_state, save_checkpoint, truncate_metrics
+from . import distributed, logs, telemetry
+from .checkpoint import (
+    load_optimizer_state,
+    load_weights,
+    read_state,
+    save_checkpoint,
+    save_step,
+    truncate_metrics,
+    truncate_steps,
+)
 from .interrupt import CtrlC
+from .logs import Log as _Log  # metrics.jsonl and the live log of ``log``
 from .optimizers import build_optimizer
 from .plan import plan_run
 from .state import Run, pick_device, schedule_of, tokens
@@ -84,22 +92,6 @@ def _step_seed(seed: int, step: int) -> int:
     # Every step draws its batch and dropout masks from its own seed, so a resumed run
     # replays exactly the batches and masks of an uninterrupted one without saving RNG state.
     return (seed * 1_000_003 + step) % (2**63)
-
-
-class _Log:
-    """Appends one JSON object per logged step to metrics.jsonl (or nothing, on ranks other than 0)."""
-
-    def __init__(self, path: Path | None):
-        self.f = path.open("a") if path is not None else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
 
 
 @torch.no_grad()
@@ -160,11 +152,13 @@ def train(preset: str | None = None, config: str | Path | None = None, overrides
             raise LayerlabError("--nproc starts its own processes; under torchrun leave it out")
         spec, _, _ = plan_run(preset, config, overrides, out, resume)
         distributed.check(spec.train, nproc)  # before any process starts
+        logs.check(spec.train.log)
         if nproc > 1:
             kwargs = dict(preset=preset, config=config, overrides=overrides, out=out, resume=resume,
                           progress=progress)
             return distributed.launch(nproc, train, kwargs, echo=echo)
     spec, run_dir, continuing = plan_run(preset, config, overrides, out, resume)
+    logs.check(spec.train.log)  # before anything is written
     d = distributed.init(spec.train)
     try:
         return _train(spec, run_dir, continuing, d, progress, echo if d.main else lambda *a, **k: None)
@@ -204,7 +198,9 @@ def _setup(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
         if start == 0:
             tokenizer.save(run_dir)
             (run_dir / METRICS).unlink(missing_ok=True)
+            logs.reset(run_dir)
         truncate_metrics(run_dir / METRICS, start)
+        truncate_steps(run_dir, start if start else -1)  # kept steps past the checkpoint: the run redoes them
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     results = dict(state.get("results", {})) if state else {}
     return Run(spec, run_dir, d, echo, device, bf16, tokenizer, data, model, par, optimizer, sched, start,
@@ -228,6 +224,8 @@ def _announce(run: Run) -> None:
         echo(f"note: the LR schedule of {run.run_dir} (warmup {tc.warmup}, cosine to {floor:.3g}) was laid out for "
              f"{schedule_steps} steps and keeps that length: {what}. For a schedule over {tc.steps} steps, "
              f"start a new run: layerlab train --steps {tc.steps} --out NEW_DIR")
+    if tc.log == "tensorboard":
+        echo(f"TensorBoard scalars: tensorboard --logdir {run.run_dir / logs.TB_DIR}")
     if d.active and is_batch_norm(mc.norm):
         echo(f"note: {mc.norm} normalizes over each process's {tc.batch_size // d.world} rows, not the global "
              f"batch: the run depends on the number of processes")
@@ -240,6 +238,20 @@ def _manifest(run: Run, status: str) -> None:
                        processes=run.d.world, data={"source": tc.data or "embedded", "tokens": run.data.n_tokens,
                                                     "bytes": run.data.n_bytes, "tokenizer": run.tokenizer.name},
                        optimizer=run.optimizer.describe(), results=run.results, **run.schedule)
+
+
+def _keeps(tc: TrainConfig, step: int) -> bool:
+    """Whether ``step``'s weights are kept in RUN/steps/: step 0, every ``keep_every``-th and the last."""
+    return tc.keep_every > 0 and (step % tc.keep_every == 0 or step == tc.steps)
+
+
+def _keep(run: Run, step: int) -> None:
+    """Rank 0 keeps the weights of ``step`` as a model directory (:func:`~layerlab.train.checkpoint.save_step`)
+    from its own replica (DDP) or the gathered weights (FSDP, where every rank gathers). Saving draws no random
+    numbers and moves no weights: a run with kept steps trains exactly as one without."""
+    weights = run.par.full_weights()
+    if run.d.main:
+        save_step(run.run_dir, weights, run.tokenizer, step, run.spec.to_dict(), tokens=step * run.tokens_per_step)
 
 
 def _save(run: Run, step: int) -> None:
@@ -350,6 +362,8 @@ def _finish_step(run: Run, at: _Progress, lr: float, loss: float, grad_norm: flo
     if "val_loss" in record:
         at.bar.update(at.task, val=f"{at.last_val:.3f}")
     at.bar.update(at.task, completed=step)
+    if _keeps(tc, step):  # before the checkpoint, so that a run resumed from this step's one has it
+        _keep(run, step)
     at.clean = True
     if step % tc.save_every == 0 or step == tc.steps:
         _save(run, step)
@@ -368,6 +382,8 @@ def _steps(run: Run, at: _Progress, ctrl_c: CtrlC, progress: bool) -> None:
                                                      run.autocast, d)
             at.log.write({"step": 0, "val_loss": run.results["val_loss_step0"],
                           "val_bpb": run.results["val_loss_step0"] * run.bpb})
+            if _keeps(tc, 0):
+                _keep(run, 0)
         at.t_last, at.tok_since = time.perf_counter(), 0
         while at.step < tc.steps:
             # a step boundary: one process may act on its own Ctrl-C at once, several on the vote
@@ -415,7 +431,8 @@ def _train(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     _manifest(run, "running")
     _announce(run)
     at = _Progress(step=run.start, saved_step=run.start if run.resumed else None, taking=run.start,
-                   last_val=run.results.get("val_loss"), log=_Log(run_dir / METRICS if d.main else None))
+                   last_val=run.results.get("val_loss"),
+                   log=_Log(run_dir / METRICS if d.main else None, run.tc.log, run.start))
     run.model.train()
     ctrl_c = CtrlC(echo)
     with ctrl_c:
