@@ -181,7 +181,7 @@ for _metric in (
            "Hosseini & Fedorenko, 2023; " + SKEAN, 1.9,
            (Plot(_REP, "Curvature", "curvature", ylabel="mean angle (rad)"),)),
     Metric("intrinsic_dimension", "sample", _of_tokens(intrinsic_dimension),
-           "TwoNN (scikit-dimension), token sample", "Facco et al., 2017 (TwoNN)", 14.1,
+           "TwoNN, token sample", "Facco et al., 2017 (TwoNN)", 14.1,
            (Plot(_REP, "Intrinsic dimension (TwoNN)", "TwoNN", ylabel="dimension"),), switch="intrinsic"),
     Metric("anisotropy", "sample", _of_tokens(anisotropy),
            "mean cosine between distinct tokens, token sample", "Ethayarajh, 2019", 0.12,
