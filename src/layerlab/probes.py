@@ -336,6 +336,11 @@ def probe_spec(tasks: str | Iterable[str] | None, n: int = PROBE_ITEMS, seed: in
     return {"tasks": names, "n": n, "seed": seed}
 
 
+def measure_spec(model, tokenizer, spec: dict, data: str | Path | None = None) -> dict[str, dict]:
+    """:func:`measure` of a compressor's stage, as :func:`probe_spec` describes it (its tasks, items and seed)."""
+    return measure(model, tokenizer, spec["tasks"], seed=spec["seed"], n=spec["n"], data=data)
+
+
 def stage_lines(stages: dict[str, dict]) -> list[str]:
     """The before/after probe table of a compressor: one row per probe, one column per stage whose row holds
     ``probes`` (accuracy [Wilson 95% interval]); nothing when no stage measured them."""

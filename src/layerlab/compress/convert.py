@@ -57,9 +57,9 @@ from ..evaluate import lm_loss
 from ..io import progress_bar
 from ..model import LayerlabForCausalLM, carry_ids, num_params, rebuild
 from ..norms import CRMSNormWithBias, LayerNorm, RMSNormWithBias
-from ..probes import measure, stage_lines
+from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import CONVERT_TARGETS as TARGETS
-from ..registry import PROBE_ITEMS, PROBES, probe_tasks
+from ..registry import PROBE_ITEMS
 from .common import loss_columns, open_input, param_bytes, staged_output, table
 from .heal import lm_step, train_ids
 from .recenter import (
@@ -368,7 +368,7 @@ def _stage(model, tok, data, tokens, probes: dict | None = None) -> dict:
     loss = lm_loss(model, tok, data, tokens) if tok is not None else {}
     row = {"params": num_params(model), "bytes": param_bytes(model), **loss}
     if probes and probes.get("tasks") and tok is not None:
-        row["probes"] = measure(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+        row["probes"] = measure_spec(model, tok, probes, data)
     return row
 
 
@@ -456,12 +456,7 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
         raise LayerlabError(f"--steps must be >= 0, got {steps}")
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
-    probes = None  # checked before the model loads
-    if tasks:
-        if probe_items < 1:
-            raise LayerlabError(f"--probe-items must be at least 1, got {probe_items}")
-        probes = {"tasks": probe_tasks(tasks) if isinstance(tasks, str) else [PROBES.check(t) for t in tasks],
-                  "n": probe_items, "seed": probe_seed}
+    probes = probe_spec(tasks, probe_items, probe_seed)  # checked before the model loads
     # the exact targets read text only to measure: without a tokenizer they still convert, checked on random ids
     model, tok, v = open_input(model_dir, "convert", need_tokenizer=to == "no-norm" or data is not None
                                or tokens is not None)

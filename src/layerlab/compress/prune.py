@@ -66,8 +66,7 @@ from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
 from ..evaluate import lm_loss, masked_loss_sum
-from ..probes import measure as measure_probes
-from ..probes import probe_spec, stage_lines
+from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import HEAL_MODES, PLACEMENTS, PROBE_ITEMS, residual_placement_names
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
@@ -518,7 +517,7 @@ def _stage(model, tok, data, tokens: int | None, om=None, probes: dict | None = 
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u, om)) if known else None for u in SUBLAYERS}
     row = {"layers": v.num_layers, **counts, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
     if probes:
-        row["probes"] = measure_probes(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+        row["probes"] = measure_spec(model, tok, probes, data)
     return row
 
 

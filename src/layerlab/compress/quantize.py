@@ -77,8 +77,7 @@ from ..packed import (
     row_group,
     set_module,
 )
-from ..probes import measure as measure_probes
-from ..probes import probe_spec, stage_lines
+from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import PROBE_ITEMS
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from .common import (
@@ -560,7 +559,7 @@ def _measure(model, tok, data, tokens: int | None, probes: dict | None = None) -
     (:func:`layerlab.probes.measure`). One place, for both modes."""
     row = lm_loss(model, tok, data, tokens)
     if probes:
-        row["probes"] = measure_probes(model, tok, probes["tasks"], seed=probes["seed"], n=probes["n"], data=data)
+        row["probes"] = measure_spec(model, tok, probes, data)
     return row
 
 
