@@ -84,6 +84,16 @@ def digest(directory) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
 
 
+def dir_tensors(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in ``directory``, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
 class FakeTok:
     """A tokenizer stand-in for analyze: fixed random ids 1..vocab-1 (0 is padding). With
     :func:`measure_fake_ids` in place, analyze measures exactly these ids, so its windows are known."""

@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import perturb, watch_block_loads
-from safetensors.torch import load_file
+from conftest import dir_tensors, perturb, watch_block_loads
 
 import layerlab
 from layerlab.compress.prune import prune
@@ -82,13 +81,6 @@ def _save(family: str, path: Path, seed: int = 0, dtype: torch.dtype | None = No
     return path
 
 
-def _tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _assert_same_tensors(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
     for k in a:
@@ -115,7 +107,7 @@ def _config_json(d: Path) -> dict:
 def _expected_pruned(src: Path, family: str, removed: list[int], unit: str) -> dict[str, torch.Tensor]:
     """The pruned checkpoint built by hand from the source shards: for blocks, the kept blocks' tensors renamed
     to 0..n-1 in order and the removed ones gone; for a sublayer, its output projection's tensors zeroed."""
-    src_t, prefix = _tensors(src), BLOCKS[family]
+    src_t, prefix = dir_tensors(src), BLOCKS[family]
     out = {}
     if unit == "block":
         keep = [i for i in range(4) if i not in removed]
@@ -150,7 +142,7 @@ def test_offload_prune_equals_in_memory(family, unit, metric, tmp_path):
     assert off["after"]["loss"] == pytest.approx(mem["after"]["loss"], abs=1e-5)
     assert off.get("zeroed") == mem.get("zeroed")
     removed = [r["block"] for r in off["removed"]]
-    mem_t, off_t = _tensors(tmp_path / "mem"), _tensors(tmp_path / "off")
+    mem_t, off_t = dir_tensors(tmp_path / "mem"), dir_tensors(tmp_path / "off")
     _assert_same_tensors(off_t, mem_t)
     _assert_same_tensors(off_t, _expected_pruned(src, family, removed, unit))
     # the same config.json: save_pretrained records the dtype the model held; the writer records the same one
@@ -174,10 +166,10 @@ def test_offload_prune_of_a_layerlab_model_drops_the_sublayer(tmp_path):
     off = prune(src, out=tmp_path / "off", offload=True, **kw)
     assert off["removed"] == mem["removed"] and off["surgery"] == mem["surgery"] == "removed"
     i = off["removed"][0]["block"]
-    expected = {k: t for k, t in _tensors(src).items()
+    expected = {k: t for k, t in dir_tensors(src).items()
                 if not k.startswith((f"blocks.{i}.ln2.", f"blocks.{i}.mlp.", f"blocks.{i}.ln2_out."))}
-    _assert_same_tensors(_tensors(tmp_path / "off"), expected)
-    _assert_same_tensors(_tensors(tmp_path / "off"), _tensors(tmp_path / "mem"))
+    _assert_same_tensors(dir_tensors(tmp_path / "off"), expected)
+    _assert_same_tensors(dir_tensors(tmp_path / "off"), dir_tensors(tmp_path / "mem"))
     assert _config_json(tmp_path / "off")["drop_mlp"] == [i]
     assert off["after"]["loss"] == pytest.approx(mem["after"]["loss"], abs=1e-5)
 
@@ -194,7 +186,7 @@ def test_offload_prune_holds_one_block_and_one_tensor(dtype, tmp_path, monkeypat
     import layerlab.offload as off
 
     src = _save("llama", tmp_path / "src")
-    sizes = [t.numel() * t.element_size() for t in _tensors(src).values()]
+    sizes = [t.numel() * t.element_size() for t in dir_tensors(src).values()]
     assert sum(sizes) > max(sizes) + 150_000
     loads = watch_block_loads(monkeypatch)
     alive, most, writing, traced = [], [0], [False], [0]
@@ -230,7 +222,7 @@ def test_offload_prune_holds_one_block_and_one_tensor(dtype, tmp_path, monkeypat
     else:
         assert len(alive) == len(sizes) - 9  # one read per kept tensor (a llama block has 9)
         assert most[0] == 1
-        assert {t.dtype for t in _tensors(tmp_path / "out").values()} == {torch.bfloat16}
+        assert {t.dtype for t in dir_tensors(tmp_path / "out").values()} == {torch.bfloat16}
 
 
 def test_offload_prune_refuses_sublayer_loss_and_healing_in_one_line(tmp_path):
@@ -251,9 +243,9 @@ def test_offload_prune_of_a_bf16_checkpoint_stays_bf16(tmp_path):
     mem = prune(src, out=tmp_path / "mem", offload=False, **kw)
     off = prune(src, out=tmp_path / "off", offload=True, **kw)
     assert off["removed"] == mem["removed"]
-    off_t = _tensors(tmp_path / "off")
+    off_t = dir_tensors(tmp_path / "off")
     assert {t.dtype for t in off_t.values()} == {torch.bfloat16}
-    _assert_same_tensors(off_t, _tensors(tmp_path / "mem"))
+    _assert_same_tensors(off_t, dir_tensors(tmp_path / "mem"))
     _assert_same_tensors(off_t, _expected_pruned(src, "llama", mem["removed_blocks"], "block"))
 
 
@@ -263,7 +255,7 @@ QUANT = dict(bits=3.5, tokens=600, calibration_tokens=300, data=None)  # widths 
 def _zd_by_hand(src: Path, family: str) -> list[float]:
     """ZD per block from the source tensors: the share of each linear weight matrix's entries more than one std
     from its mean (a GPT-2 Conv1D stores W transposed; the share is the same)."""
-    t, prefix = _tensors(src), BLOCKS[family]
+    t, prefix = dir_tensors(src), BLOCKS[family]
     out = []
     for i in range(4):
         mats = [w.float() for k, w in t.items() if k.startswith(f"{prefix}{i}.") and k.endswith(".weight")
@@ -292,7 +284,7 @@ def test_offload_quantize_equals_in_memory(family, importance, tmp_path, monkeyp
         assert a.get("allocation") == b.get("allocation") and a["bytes"] == b["bytes"], name
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), name
     assert q["after"]["disk_bytes"] == pytest.approx(mem["after"]["disk_bytes"], abs=4096)  # headers differ
-    _assert_same_tensors(_tensors(tmp_path / "off"), _tensors(tmp_path / "mem"))
+    _assert_same_tensors(dir_tensors(tmp_path / "off"), dir_tensors(tmp_path / "mem"))
     assert _config_json(tmp_path / "off") == _config_json(tmp_path / "mem")
     # load_model (what eval opens) reads it with the packed layers, and computes what the in-memory output does
     ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import assert_reports_close, perturb, watch_block_loads
+from conftest import assert_reports_close, dir_tensors, perturb, watch_block_loads
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import layerlab.offload as off
@@ -78,13 +78,6 @@ def _save(model, path: Path, shard: str | None = "16KB") -> Path:
     return path
 
 
-def _file_tensors(d: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(d.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _stacked_by_hand(tensors: dict, family: str, i: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate_up (E, 2I, H), down (E, H, I)) of block ``i``: expert e's gate rows then its up rows, stacked."""
     gate, up, down = EXPERT_NAMES[family]
@@ -105,7 +98,7 @@ def moe(request, tmp_path_factory):
 
 def test_stacked_experts_are_built_from_the_per_expert_tensors(moe):
     family, model, d = moe
-    tensors = _file_tensors(d)
+    tensors = dir_tensors(d)
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
     assert len({index[n.format(i=0, e=e)] for n in EXPERT_NAMES[family] for e in range(4)}) > 1  # over shards
     assert not any("experts.gate_up_proj" in k for k in tensors)  # stored per expert
@@ -135,7 +128,7 @@ def test_experts_are_stacked_in_numeric_order(tmp_path):
     model = _build("qwen3_moe", num_experts=12, num_hidden_layers=1, mlp_only_layers=[])
     d = _save(model, tmp_path / "m", shard=None)
     om = open_offloaded(d)
-    gate_up, down = _stacked_by_hand(_file_tensors(d), "qwen3_moe", 0, 12)
+    gate_up, down = _stacked_by_hand(dir_tensors(d), "qwen3_moe", 0, 12)
     with om.block(0) as block:
         assert torch.equal(block.mlp.experts.gate_up_proj, gate_up)
         assert torch.equal(block.mlp.experts.down_proj, down)
@@ -151,7 +144,7 @@ def test_transformers_own_converter_gives_the_same_tensors(family, tmp_path, mon
     d = _save(model, tmp_path / "m")
     monkeypatch.setattr(off, "_stack_then_concat", lambda converter: None)
     om = open_offloaded(d)
-    tensors = _file_tensors(d)
+    tensors = dir_tensors(d)
     for i in range(3):
         with om.block(i) as block:
             gate_up, down = _stacked_by_hand(tensors, family, i, 4)
@@ -180,7 +173,7 @@ def test_a_missing_expert_is_one_line(general, tmp_path, monkeypatch):
     first) or when block 1 is read (transformers' converter, forced), never a tensor of the wrong shape."""
     model = _build("mixtral")
     d = _save(model, tmp_path / "m", shard=None)
-    tensors = _file_tensors(d)
+    tensors = dir_tensors(d)
     del tensors["model.layers.1.block_sparse_moe.experts.3.w1.weight"]
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     line = (r"^offload cannot build model\.layers\.1\.mlp\.experts\.gate_up_proj from its 7 checkpoint tensors "
@@ -201,7 +194,7 @@ def test_a_missing_expert_is_one_line(general, tmp_path, monkeypatch):
 def test_a_stacked_tensor_with_none_of_its_parts_is_one_line(tmp_path):
     model = _build("mixtral")
     d = _save(model, tmp_path / "m", shard=None)
-    tensors = {k: t for k, t in _file_tensors(d).items() if not re.search(r"layers\.2\..*\.w[13]\.", k)}
+    tensors = {k: t for k, t in dir_tensors(d).items() if not re.search(r"layers\.2\..*\.w[13]\.", k)}
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LayerlabError, match=r"^offload cannot read model\.layers\.2\.mlp\.experts\.gate_up_proj of "
                                             r"this mixtral checkpoint: transformers builds it on load \(.*w1.*\), "
@@ -235,11 +228,11 @@ def test_prune_offload_writes_the_in_memory_prune(moe, unit, tmp_path):
         assert r.exit_code == 0, r.output
     mem_dir, off_dir = tmp_path / "--no-offload", tmp_path / "--offload"
     rec = json.loads((off_dir / "layerlab.json").read_text())
-    a, b = _file_tensors(off_dir), _file_tensors(mem_dir)
+    a, b = dir_tensors(off_dir), dir_tensors(mem_dir)
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    src = _file_tensors(d)
+    src = dir_tensors(d)
     if unit == "block":
         kept = [i for i in range(3) if i not in _removed(rec)]
         for new, old in enumerate(kept):  # the kept block's experts under the new index, by hand
@@ -278,7 +271,7 @@ def test_quantize_offload_equals_in_memory(moe, tmp_path, monkeypatch):
         if mode == "--offload":
             assert loads and max(held for _, held, _ in loads) == 1
     mem_dir, off_dir = tmp_path / "--no-offload", tmp_path / "--offload"
-    a, b = _file_tensors(off_dir), _file_tensors(mem_dir)
+    a, b = dir_tensors(off_dir), dir_tensors(mem_dir)
     # the same names as save_pretrained writes (Mixtral's MoE layer under its checkpoint name, block_sparse_moe)
     assert sorted(a) == sorted(b)
     assert any("experts.qweight" in k for k in a)  # the experts were packed
@@ -294,7 +287,7 @@ def test_a_float32_checkpoint_read_in_bfloat16_equals_from_pretrained(tmp_path):
     """``--dtype bfloat16``: each expert's matrix cast as from_pretrained casts it, then stacked."""
     d = _save(_build("olmoe"), tmp_path / "m")
     om = open_offloaded(d, dtype="bfloat16")
-    gate_up, down = _stacked_by_hand(_file_tensors(d), "olmoe", 1, 4)
+    gate_up, down = _stacked_by_hand(dir_tensors(d), "olmoe", 1, 4)
     with om.block(1) as block:
         assert block.mlp.experts.gate_up_proj.dtype == torch.bfloat16
         assert torch.equal(block.mlp.experts.gate_up_proj, gate_up.to(torch.bfloat16))
