@@ -275,6 +275,11 @@ def test_eval_cli_prints_the_probe_table_next_to_perplexity(model_dir):
     assert bad.exit_code != 0 and "did you mean 'brackets'" in str(bad.exception)
 
 
+def _choices_right(model, tok, name: str, n: int, seed: int) -> int:
+    """How many of a choice probe's ``n`` items (from ``seed``) ``model`` answers right, recounted one by one."""
+    return sum(_best_choice(model, tok, p, c, 64) == a for p, a, c in probes.text_items(name, n, seed))
+
+
 def test_convert_manifest_holds_probes_before_and_after(model_dir, tmp_path):
     from layerlab.adapters import load_model
     from layerlab.compress import convert, convert_lines
@@ -288,7 +293,7 @@ def test_convert_manifest_holds_probes_before_and_after(model_dir, tmp_path):
         model = load_model(path)[0]
         for name in ("brackets", "recall"):
             got = manifest[stage]["probes"][name]
-            want = sum(_best_choice(model, tok, p, c, 64) == a for p, a, c in probes.text_items(name, 30, 4))
+            want = _choices_right(model, tok, name, 30, 4)
             assert (got["correct"], got["n"], got["seed"]) == (want, 30, 4), (stage, name)
     text = "\n".join(convert_lines(record))
     assert "probes (accuracy [Wilson 95% interval], n 30 each, seed 4)" in text and "recall" in text
@@ -317,7 +322,7 @@ def test_prune_cli_prints_and_records_probes_before_and_after(model_dir, tmp_pat
         model = load_model(path)[0]
         for name in ("brackets", "recall"):
             got = manifest[stage]["probes"][name]
-            want = sum(_best_choice(model, tok, p, c, 64) == a for p, a, c in probes.text_items(name, 30, 4))
+            want = _choices_right(model, tok, name, 30, 4)
             assert (got["correct"], got["n"], got["seed"]) == (want, 30, 4), (stage, name)
     bad = CliRunner().invoke(app, [*args[:-3], "--tasks", "brackts", "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "brackts" in str(bad.exception) and not (tmp_path / "x").exists()
@@ -427,5 +432,5 @@ def test_quantize_cli_probes_the_input_and_the_chosen_allocation(model_dir, tmp_
     tok = ByteTokenizer()
     for row, path in ((runs["original"], model_dir), (runs["lim"], out)):
         model = load_model(path)[0]
-        want = sum(_best_choice(model, tok, p, c, 64) == a for p, a, c in probes.text_items("recall", 20, 1))
+        want = _choices_right(model, tok, "recall", 20, 1)
         assert row["probes"]["recall"]["correct"] == want
