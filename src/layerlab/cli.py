@@ -264,9 +264,35 @@ def analyze(
         "--trajectory", help="MODEL is a training run: analyze each checkpoint (RUN/steps/step<N>/, or Hugging Face "
         "style RUN/step<N>/) one at a time and draw every per-block metric against the step; writes "
         "trajectory.json and trajectory.html")] = False,
+    interventions: Annotated[bool, typer.Option(
+        "--interventions", help="Painters experiments on the middle blocks: skip, swap, reverse, shuffle, parallel, "
+        "looped parallel, repeat (Sun et al., 2024); report key 'interventions'")] = False,
+    middle: Annotated[str | None, typer.Option(
+        help="the middle blocks a:b (Python slice) that --interventions alters (default: all but the first and last "
+        "10%)")] = None,
+    lenses: Annotated[bool, typer.Option(
+        "--lenses", help="fit the linear shortcut and the tuned lens per block on the first 90% of the tokens, "
+        "evaluate them and the logit lens on the rest, with the implied early-exit speedup; saves "
+        "lenses.safetensors beside the report; report key 'lenses'")] = False,
+    lenses_from: Annotated[Path | None, typer.Option(
+        help="load fitted lenses (a lenses.safetensors, or the report directory holding it) instead of fitting")
+    ] = None,
+    ffn: Annotated[bool, typer.Option(
+        "--ffn", help="FFN anatomy: key-value memories (Geva et al., 2021) and MoEfication (Zhang et al., 2022; "
+        "CMoE); report keys 'ffn_memories' and 'moefication'")] = False,
+    ffn_top: Annotated[int, typer.Option(help="keys per block that --ffn shows, by mean activation")] = 8,
+    ffn_experts: Annotated[int, typer.Option(help="experts per FFN that --ffn carves")] = 16,
+    seed: Annotated[int, typer.Option(help="seed of the sections' random draws (shuffles, lens init)")] = 0,
 ) -> None:
     """Measure every layer of one or more models; write report.json and report.html."""
     _choice("dtype", dtype, DTYPES)
+    sections = {name: opts for name, on, opts in (
+        ("interventions", interventions, {"middle": middle}),
+        ("lenses", lenses or lenses_from is not None, {"from": lenses_from}),
+        ("ffn", ffn, {"top": ffn_top, "experts": ffn_experts}),
+    ) if on}
+    if trajectory and sections:
+        raise LayerlabError(f"--trajectory measures the pass's metrics only; drop --{next(iter(sections))}")
     if trajectory:
         return _analyze_trajectory(models, out=out, overwrite=overwrite, trust_pickle=trust_pickle, data=data,
                                    tokens=tokens, spectra=spectra, seq_len=seq_len, removal_tokens=removal_tokens,
@@ -280,7 +306,7 @@ def analyze(
     out = out or default_report_dir(models)
     report = run_analyze(*models, data=data, tokens=tokens, out=out, spectra=spectra, seq_len=seq_len,
                          removal_tokens=removal_tokens, progress=progress, overwrite=overwrite, dtype=dtype,
-                         offload=offload, max_memory=max_memory, announce=typer.echo)
+                         offload=offload, max_memory=max_memory, announce=typer.echo, sections=sections, seed=seed)
     for line in report.summary_lines():
         typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}")

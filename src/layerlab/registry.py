@@ -161,6 +161,14 @@ PROBES = Registry("probe", {
     "recall": "layerlab.probes:recall",
     "next_token": "layerlab.probes:next_token",
 })
+# The opt-in sections of ``layerlab analyze`` (layerlab.analysis.sections): each a Section subclass that runs
+# after the streaming pass, named on the command line as ``--<name>``, in this order in the report.
+SECTIONS = Registry("analysis section", {
+    "interventions": "layerlab.analysis.interventions:Interventions",
+    "lenses": "layerlab.analysis.lenses:Lenses",
+    "ffn": "layerlab.analysis.ffn:FFNAnatomy",
+})
+
 PROBE_ITEMS = 200  # items per probe (next_token: positions of the held-out text)
 
 
@@ -174,4 +182,5 @@ def probe_tasks(spec: str | None) -> list[str]:
 
 __all__ = ["CONVERT_TARGETS", "EXPORT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS",
            "PLACEMENT_ALIASES", "PROBES", "PROBE_ITEMS", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE",
-           "SUBLAYERS", "Placement", "Registry", "block_placement_names", "probe_tasks", "residual_placement_names"]
+           "SECTIONS", "SUBLAYERS", "Placement", "Registry", "block_placement_names", "probe_tasks",
+           "residual_placement_names"]

@@ -36,6 +36,7 @@ from ..errors import LayerlabError
 from ..io import atomic_write_json, cache_dir, progress_bar, read_json, versions
 from .metrics import layer_results, measure_layer, stream_sums
 from .report import Report
+from .sections import check_sections, run_sections
 from .stats import RemovalSums, StreamStats, TokenSample, one_thread
 
 DEFAULT_TOKENS = ANALYZE_TOKENS
@@ -68,15 +69,23 @@ class _Pass:
 def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, tokens: int = DEFAULT_TOKENS,
                   seq_len: int | None = None, batch_size: int = 8, removal_tokens: int = REMOVAL_TOKENS,
                   spectra: bool = True, intrinsic: bool = True, progress: bool = True,
-                  model_dir: Path | None = None, offloaded=None) -> dict:
+                  model_dir: Path | None = None, offloaded=None, sections: dict[str, dict] | None = None,
+                  seed: int = 0, announce: Callable[[str], None] | None = None) -> dict:
     """All measurements of one loaded model; returns its entry of the report (see docs/report-format.md).
 
     Each layer's entry holds every metric of the registry (:mod:`layerlab.analysis.metrics`), in its order;
     ``spectra=False`` and ``intrinsic=False`` turn off the metrics that name those switches (their values are
     None). ``offloaded`` is the :class:`~layerlab.offload.Offloaded` that ``model`` belongs to, when its blocks
-    are streamed from the checkpoint."""
+    are streamed from the checkpoint.
+
+    ``sections`` (a section's name -> its options) runs those opt-in sections of
+    :data:`layerlab.registry.SECTIONS` after the pass, on the same tokens (``seed`` seeds their random draws);
+    their keys join the entry, and the tensors they save are returned under the private key ``_artifacts``
+    (stem -> tensors), which :func:`analyze` turns into files next to the report."""
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if sections:
+        check_sections(sections, offloaded=offloaded is not None)
     return_freed_memory()  # the per-batch buffers are freed batch after batch (layerlab.allocator)
     v = offloaded.view if offloaded is not None else view(model)
     device = offloaded.device if offloaded is not None else next(model.parameters()).device
@@ -101,6 +110,11 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
 
         found = spectra_cached(v, model_dir, cache_dir(), progress=progress)
     res = {**acc.stream.results(), "removal": acc.removal.results()}
+    section_values, artifacts = {}, {}
+    if sections:
+        ctx = dict(view=v, tokenizer=tokenizer, ids=ids, tokens=tokens, seq_len=seq_len, batch_size=batch_size,
+                   device=device, name=name, loss=res["loss"], progress=progress, seed=seed)
+        section_values, artifacts = run_sections(sections, ctx, announce=announce)
     if not v.sublayers_known:  # a discovered structure: what attention and the MLP add is unknown, not zero
         for key in ("attn_relative_contribution", "attn_cosine", "mlp_relative_contribution", "mlp_cosine"):
             res[key] = None
@@ -131,6 +145,8 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
                          stable_rank=s.stable_rank) for s in found or []],
         "samples": {"tokens": res["tokens"], "token_sample": acc.sample.count, "sequences": res["sequences"],
                     "removal_tokens": acc.removal.seen, "seq_len": seq_len},
+        **section_values,
+        **({"_artifacts": artifacts} if artifacts else {}),
     }
 
 
@@ -352,7 +368,8 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
             spectra: bool = True, seq_len: int | None = None, batch_size: int = 8,
             removal_tokens: int = REMOVAL_TOKENS, progress: bool = True, dtype: str = "auto",
             offload: bool | None = None, max_memory: str | int | None = None,
-            announce: Callable[[str], None] | None = None) -> Report:
+            announce: Callable[[str], None] | None = None, sections: dict[str, dict] | None = None,
+            seed: int = 0) -> Report:
     """Measure every layer of one or more models (paths or loaded (model, tokenizer) pairs).
 
     Several models are overlaid in one report. Writing it is the report layer's
@@ -362,12 +379,19 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
     (:mod:`layerlab.offload`) with ``offload=True``, or with ``offload=None`` when its weights exceed
     ``max_memory`` (bytes, or a size such as ``"8GB"``; default half the available RAM, the GPU's memory on
     CUDA). ``announce`` receives one line per path saying which mode it used and why.
+
+    ``sections`` (name -> options) adds those opt-in sections (:mod:`layerlab.analysis.sections`) to each
+    model's entry; the tensors a section saves (fitted lenses) are the report's ``artifacts``, written beside
+    report.json as ``<stem>.safetensors`` (``<stem>-<model>.safetensors`` for a second model on).
     """
     if not models:
         raise LayerlabError("give at least one model to analyze")
     if tokens < 1:
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
+    if sections:  # an unknown section, or one that cannot run offloaded, is one line before any model loads
+        check_sections(sections, offloaded=bool(offload))
     entries = []
+    files: dict[str, dict] = {}
     names: set[str] = set()
     for m in models:
         offloaded = None
@@ -382,14 +406,27 @@ def analyze(*models, data: str | Path | None = None, tokens: int = DEFAULT_TOKEN
         names.add(name)
         entries.append(analyze_model(model, tok, name=name, path=path, data=data, tokens=tokens, seq_len=seq_len,
                                      batch_size=batch_size, removal_tokens=removal_tokens, spectra=spectra,
-                                     progress=progress, model_dir=model_dir, offloaded=offloaded))
+                                     progress=progress, model_dir=model_dir, offloaded=offloaded,
+                                     sections=sections, seed=seed, announce=announce))
+        made = entries[-1].pop("_artifacts", {})
+        if made:
+            entries[-1]["artifacts"] = {}
+            for stem, tensors in made.items():
+                file = f"{stem}.safetensors" if len(entries) == 1 else f"{stem}-{artifact_slug(name)}.safetensors"
+                entries[-1]["artifacts"][stem] = file
+                files[file] = tensors
         del model, offloaded
     report = Report({
         "format": "layerlab-report/1", "models": entries,
         "provenance": {"data": str(data) if data else "embedded (validation split)", "tokens": tokens,
                        "versions": versions(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-    })
+    }, artifacts=files)
     return report
+
+
+def artifact_slug(name: str) -> str:
+    """A model's name as a file-name part: letters, digits, '.', '_' and '-' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
 
 def open_model(path: Path, dtype: str, offload: bool | None, max_memory, announce) -> tuple:

@@ -25,8 +25,10 @@ def _clean(x: Any) -> Any:
 class Report:
     """Per-layer measurements of one or more models (format: docs/report-format.md)."""
 
-    def __init__(self, data: dict):
+    def __init__(self, data: dict, artifacts: dict[str, dict] | None = None):
         self.data = _clean(data)
+        # file name -> tensors that the analysis sections save beside report.json (fitted lenses)
+        self.artifacts: dict[str, dict] = dict(artifacts or {})
 
     @property
     def models(self) -> list[dict]:
@@ -74,6 +76,17 @@ class Report:
                 row.update({f"max_abs_{k}": v for k, v in lay["max_abs"].items()})
                 rows.append(row)
         return pd.DataFrame(rows)
+
+    def save_artifacts(self, directory: str | Path) -> list[Path]:
+        """Write each artifact as safetensors into ``directory``, atomically; returns the paths."""
+        from safetensors.torch import save
+
+        paths = []
+        for file, tensors in self.artifacts.items():
+            path = Path(directory) / file
+            atomic_write_bytes(path, save({k: t.detach().contiguous().cpu() for k, t in tensors.items()}))
+            paths.append(path)
+        return paths
 
     def save_json(self, path: str | Path) -> Path:
         """Write report.json to ``path``, atomically (``layerlab.report.write_report`` adds report.html)."""

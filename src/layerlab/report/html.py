@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..analysis.metrics import LAYER_FIELDS, METRICS
+from ..analysis.sections import draw_sections
 from .plots import (
     DPI,
     HEATMAP_CAPTION,
@@ -152,6 +153,8 @@ def render_html(report: dict) -> str:
             if drawn is not None:
                 page.add(f"<h2>{esc(family.title)}</h2>")
                 page.figure(None, drawn[0], family_alt(family, drawn[1]), family.caption)
+
+        draw_sections(page, models, names, colors)  # the opt-in sections the report holds (--interventions, ...)
 
         page.add("<h2>Per-layer numbers</h2>")
         page.add("<details><summary>All per-layer metrics (3 significant digits)</summary>")
