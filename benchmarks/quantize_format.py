@@ -2,13 +2,17 @@
 
 What is measured
 ----------------
-A Llama-style checkpoint with random weights (``--hidden``, ``--layers``, ``--intermediate``, ``--vocab``; bf16 by
-default: a real-shaped model, not a trained one, since neither size nor speed depends on the values) is
-quantized by ``layerlab.compress.quantize`` twice, with the same widths (``--bits``, ``--widths``, ``--group``,
+A checkpoint with random weights (``--arch llama``: a Llama-style model, hidden 1024, 8 layers by default;
+``--arch gpt2``: GPT-2 small's shape, hidden 768, 12 layers, 12 heads, vocabulary 50257, 1024 positions;
+``--hidden``, ``--layers``, ``--intermediate``, ``--vocab`` change them; bf16 by default: a real-shaped model,
+not a trained one, since neither size nor speed depends on the values) is quantized by
+``layerlab.compress.quantize`` twice, with the same widths (``--bits``, ``--widths``, ``--group``,
 ``--importance zd``: no calibration forward), into
 
 - ``compressed-tensors``: the default output, compressed-tensors' pack-quantized format (symmetric codes,
-  one config group per block), which plain transformers loads with the compressed-tensors package;
+  one config group per block), which plain transformers loads with the compressed-tensors package (a GPT-2 is
+  written as ``model_type opt``, GPT-2's computation with ``nn.Linear`` layers:
+  :mod:`layerlab.compress.gpt2_linear`);
 - ``layerlab``: layerlab's own packed format (min-max codes, torchao's int8 tensor at 8 bits when torchao is
   installed), which loads after ``import layerlab``.
 
@@ -30,6 +34,7 @@ Median over ``--repeats`` fresh processes per model, the processes of the models
 
     python benchmarks/quantize_format.py                                   # hidden 1024, 8 layers, bf16, 4 bits
     python benchmarks/quantize_format.py --bits 3.5 --widths 2,3,4,8 --json out.json
+    python benchmarks/quantize_format.py --arch gpt2                       # GPT-2 small's shape
 """
 
 from __future__ import annotations
@@ -75,6 +80,12 @@ print(json.dumps({"load": load, "first": first, "fwd": statistics.median(times),
 """
 
 
+ARCH_DEFAULTS = {  # --hidden, --layers, --intermediate, --heads, --vocab
+    "llama": {"hidden": 1024, "layers": 8, "intermediate": 2816, "heads": 16, "vocab": 32000},
+    "gpt2": {"hidden": 768, "layers": 12, "intermediate": 3072, "heads": 12, "vocab": 50257},  # GPT-2 small
+}
+
+
 def build_source(args, directory: Path) -> Path:
     import torch
     import transformers
@@ -82,10 +93,16 @@ def build_source(args, directory: Path) -> Path:
     from layerlab.data import ByteTokenizer
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                                   num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                                   num_key_value_heads=args.kv_heads, max_position_embeddings=max(2048, args.seq),
-                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if args.arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=args.vocab, n_embd=args.hidden, n_layer=args.layers, n_head=args.heads,
+                                      n_inner=args.intermediate, n_positions=max(1024, args.seq), bos_token_id=0,
+                                      eos_token_id=0)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                       intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                       max_position_embeddings=max(2048, args.seq), bos_token_id=0, eos_token_id=0,
+                                       pad_token_id=0)
     dtype = getattr(torch, args.dtype)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     model.save_pretrained(directory)
@@ -99,12 +116,13 @@ def disk_mb(directory: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--arch", choices=sorted(ARCH_DEFAULTS), default="llama")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=4, help="llama only")
+    p.add_argument("--vocab", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--bits", type=float, default=4)
     p.add_argument("--widths", default="4")
@@ -117,6 +135,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="folder for the checkpoints (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    for k, v in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
     from layerlab.compress import quantize
 
@@ -126,6 +147,7 @@ def main() -> None:
         widths = tuple(int(w) for w in args.widths.split(","))
         dirs = {"original": src}
         quantize_s = {}
+        written = {"original": args.arch}
         for fmt in ("compressed-tensors", "layerlab"):
             t = time.perf_counter()
             rec = quantize(src, bits=args.bits, widths=widths, group=args.group, importance="zd", baselines=False,
@@ -133,6 +155,7 @@ def main() -> None:
             quantize_s[fmt] = time.perf_counter() - t
             assert rec["format"] == fmt, rec["format_note"]
             dirs[fmt] = work / fmt
+            written[fmt] = json.loads((work / fmt / "config.json").read_text())["model_type"]
         runs = {name: [] for name in dirs}
         for _ in range(args.repeats):
             for name, d in dirs.items():
@@ -143,18 +166,18 @@ def main() -> None:
                 runs[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
         rows = {name: {"disk_mb": disk_mb(d), **{k: statistics.median(r[k] for r in rs) for k in rs[0]}}
                 for (name, d), rs in zip(dirs.items(), runs.values(), strict=True)}
-    print(f"Llama-style, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab "
+    print(f"{args.arch}, hidden {args.hidden}, {args.layers} layers, intermediate {args.intermediate}, vocab "
           f"{args.vocab}, {args.dtype}; --bits {args.bits:g} --widths {args.widths} --group {args.group}; "
           f"forward {args.batch} x {args.seq} tokens on {args.threads} CPU threads; median of {args.repeats}")
-    print("| format | disk MB | load s | first fwd s | fwd s | RSS MB | peak RSS MB | quantize s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| format | model_type | disk MB | load s | first fwd s | fwd s | RSS MB | peak RSS MB | quantize s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in rows.items():
         q = f"{quantize_s[name]:.1f}" if name in quantize_s else "-"
-        print(f"| {name} | {r['disk_mb']:.1f} | {r['load']:.2f} | {r['first']:.2f} | {r['fwd']:.3f} | "
-              f"{r['rss']:.0f} | {r['hwm']:.0f} | {q} |")
+        print(f"| {name} | {written[name]} | {r['disk_mb']:.1f} | {r['load']:.2f} | {r['first']:.2f} | "
+              f"{r['fwd']:.3f} | {r['rss']:.0f} | {r['hwm']:.0f} | {q} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                         "quantize_s": quantize_s}, indent=1))
+                                         "quantize_s": quantize_s, "model_type": written}, indent=1))
 
 
 if __name__ == "__main__":

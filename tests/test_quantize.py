@@ -334,7 +334,8 @@ def test_quantized_gpt2_loads_with_the_hugging_face_class(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=64, n_head=2, vocab_size=259, n_positions=64,
                                       bos_token_id=0, eos_token_id=0)).eval()
     src = save_model(gpt2, tmp_path / "gpt2")
-    quantize(src, bits=2.5, out=tmp_path / "q", importance="zd", widths=(2, 3), group=32, **QUIET)
+    quantize(src, bits=2.5, out=tmp_path / "q", importance="zd", widths=(2, 3), group=32, output="layerlab",
+             **QUIET)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert type(loaded) is GPT2LMHeadModel and isinstance(loaded.transformer.h[0].attn.c_attn, PackedLinear)
     ids = torch.randint(0, 259, (2, 12))

@@ -6,8 +6,12 @@
   of a Llama-style model (written in memory, and block by block with ``offload=True``, in float32 and bfloat16):
   its decompressed weights equal a by-hand symmetric fake-quantization at each block's width (the mixed widths
   survive, one config group per block), and its logits equal those of layerlab's quantized copy of the model.
-- What the format cannot hold (GPT-2's Conv1D layers, 1-bit widths) is written in layerlab's format, which the
-  same subprocess cannot load, and the record says why.
+- A GPT-2 (whose Conv1D layers compressed-tensors does not quantize) is written as transformers' ``opt``
+  (GPT-2's computation with nn.Linear layers): unquantized, that conversion gives GPT-2's own logits; quantized at
+  mixed widths, plain transformers loads it and its logits equal both layerlab's quantized GPT-2 and transformers'
+  GPT-2 run on by-hand fake-quantized weights.
+- What the format cannot hold (1-bit widths, a GPT-2 that GPTBigCode cannot express) is written in layerlab's
+  format, which the same subprocess cannot load, and the record says why.
 """
 
 import json
@@ -62,7 +66,8 @@ for d in sys.argv[3:]:
                if getattr(m, "quantization_scheme", None) is not None}
     bits = {n: m.quantization_scheme.weights.num_bits for n, m in model.named_modules()
             if getattr(m, "quantization_scheme", None) is not None}
-    out[d] = {"logits": logits, "weights": weights, "bits": bits, "dtype": str(model.dtype)}
+    out[d] = {"logits": logits, "weights": weights, "bits": bits, "dtype": str(model.dtype),
+              "class": type(model).__name__}
 torch.save(out, sys.argv[2])
 """
 
@@ -186,17 +191,136 @@ def test_llama_output_loads_without_layerlab_with_each_blocks_width(tmp_path):
                 assert f"{name}.weight" not in stored
 
 
-def test_what_the_format_cannot_hold_is_written_in_layerlab_format(tmp_path):
-    """GPT-2's Conv1D layers and 1-bit widths: the layerlab format, with the reason in the record and the printed
-    lines. That format (layerlab's only output before) does not load without layerlab: transformers either
-    refuses it or, not knowing its ``quant_method``, builds the plain model and leaves the packed layers'
-    weights at their random init, so its logits are not the quantized model's."""
+def gpt2(dtype=torch.float32, **kw):
+    """A tiny GPT-2: 2 heads of 16 dimensions (so the attention scale 16 ** -0.5 is a power of two, as GPT-2's
+    64 ** -0.5 is)."""
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0)).eval()
-    g = save_model(gpt2, tmp_path / "gpt2")
+    cfg = GPT2Config(**{"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": V, "n_positions": 64,
+                        "bos_token_id": 0, "eos_token_id": 0, **kw})
+    return perturb(GPT2LMHeadModel(cfg), 0.05).to(dtype).eval()
+
+
+def opt_weights_by_hand(gpt2_model, weight) -> dict[str, torch.Tensor]:
+    """OPT's module path -> (out, in) weight, for every layer of GPT-2's blocks, written out: ``weight(name, w)``
+    maps GPT-2's (out, in) weight (the transpose of the Conv1D's (in, out) one); c_attn's output rows are the
+    query, key and value features of all heads in turn, so its first, second and third thirds are q_proj, k_proj
+    and v_proj."""
+    e = gpt2_model.config.n_embd
+    out = {}
+    for i, block in enumerate(gpt2_model.transformer.h):
+        p = f"model.decoder.layers.{i}."
+        qkv = weight(f"transformer.h.{i}.attn.c_attn", block.attn.c_attn.weight.detach().t())
+        out[p + "self_attn.q_proj"], out[p + "self_attn.k_proj"], out[p + "self_attn.v_proj"] = (
+            qkv[:e], qkv[e:2 * e], qkv[2 * e:])
+        out[p + "self_attn.out_proj"] = weight(f"transformer.h.{i}.attn.c_proj", block.attn.c_proj.weight.detach().t())
+        out[p + "fc1"] = weight(f"transformer.h.{i}.mlp.c_fc", block.mlp.c_fc.weight.detach().t())
+        out[p + "fc2"] = weight(f"transformer.h.{i}.mlp.c_proj", block.mlp.c_proj.weight.detach().t())
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation_function": "relu", "n_inner": 48, "tie_word_embeddings": False}])
+def test_gpt2_as_opt_computes_gpt2(tmp_path, kw):
+    """The conversion alone, unquantized: a GPT-2's Conv1D layers as nn.Linear (weights transposed), written as OPT
+    and loaded back by transformers' OPT, give the logits of transformers' own GPT-2 (to float32 rounding); its
+    weights are GPT-2's, split and renamed by hand (:func:`opt_weights_by_hand`)."""
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from layerlab.compress.gpt2_linear import opt_state_dict, skeleton
+    from layerlab.packed import set_module
+
+    g = gpt2(**kw)
+    lin = gpt2(**kw)
+    for name, m in list(lin.named_modules()):
+        if type(m).__name__ == "Conv1D":
+            layer = nn.Linear(*m.weight.shape)
+            layer.weight.data, layer.bias.data = m.weight.data.t().contiguous(), m.bias.data.clone()
+            set_module(lin, name, layer)
+    (tmp_path / "opt").mkdir()
+    save_file(opt_state_dict(lin), tmp_path / "opt" / "model.safetensors", metadata={"format": "pt"})
+    skeleton(lin).config.save_pretrained(tmp_path / "opt")
+    cfg = json.loads((tmp_path / "opt" / "config.json").read_text())
+    assert cfg["model_type"] == "opt" and cfg["do_layer_norm_before"] is True
+    opt = AutoModelForCausalLM.from_pretrained(tmp_path / "opt").eval()
+    assert type(opt).__name__ == "OPTForCausalLM"
+    modules = dict(opt.named_modules())
+    for name, w in opt_weights_by_hand(g, lambda n, w: w).items():
+        assert torch.equal(modules[name].weight, w), name
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(ids).logits, g(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_gpt2_output_loads_without_layerlab_as_opt(tmp_path):
+    """A GPT-2 at a 6-bit budget over widths 4 and 8 (one block each), float32 and bfloat16, in memory and
+    offloaded: written in compressed-tensors as ``opt`` (the record, the manifest and the printout say so), and
+    plain transformers without layerlab loads it. Each decompressed weight is the by-hand fake-quantization of
+    GPT-2's Conv1D weight, transposed, at its block's width (c_attn split into q, k, v by hand); the logits equal
+    those of layerlab's quantized GPT-2, and those of transformers' own GPT-2 with its Conv1D weights replaced by
+    the by-hand fake-quantized ones (float32: to 1e-5; bfloat16: exactly, the attention scale being a power of
+    two)."""
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        src = save_model(gpt2(dtype), tmp_path / f"src-{dtype}")
+        rec = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"q-{dtype}", **QUIET)
+        rec_off = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"qo-{dtype}", offload=True,
+                           **QUIET)
+        alloc = rec["allocation"]
+        assert sorted(alloc) == [4, 8] and rec_off["allocation"] == alloc
+        for r in (rec, rec_off):
+            assert r["format"] == COMPRESSED and r["written_model_type"] == "opt"
+            assert "model_type opt" in r["format_note"] and "Conv1D" in r["format_note"]
+            lines = "\n".join(quantize_lines(r))
+            assert "written as compressed-tensors" in lines and "model_type opt" in lines
+        manifest = json.loads((tmp_path / f"q-{dtype}" / "layerlab.json").read_text())
+        assert manifest["written_model_type"] == "opt" and manifest["format"] == COMPRESSED
+        runs[dtype] = src, alloc
+    loaded = load_without_layerlab(tmp_path, ids, *(tmp_path / f"{k}-{d}" for d in runs for k in ("q", "qo")))
+    for dtype, (src, alloc) in runs.items():
+        original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+        with torch.no_grad():
+            ref = Quantizer(original, GROUP, output=COMPRESSED).quantized_copy(alloc)(ids).logits
+
+        def fq(name, w, alloc=alloc, dtype=dtype):
+            return fake_quant(w, alloc[int(name.split(".")[2])], GROUP, dtype)
+
+        expected = opt_weights_by_hand(original, fq)
+        by_hand = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+        for name, m in by_hand.named_modules():
+            if type(m).__name__ == "Conv1D":
+                m.weight.data = fq(name, m.weight.detach().t()).t().contiguous()
+        with torch.no_grad():
+            ref_by_hand = by_hand(ids).logits
+        tol = 1e-5 if dtype == torch.float32 else 0.0
+        torch.testing.assert_close(ref, ref_by_hand, atol=tol, rtol=0)
+        for d in (tmp_path / f"q-{dtype}", tmp_path / f"qo-{dtype}"):
+            cfg = json.loads((d / "config.json").read_text())
+            assert cfg["model_type"] == "opt" and cfg["architectures"] == ["OPTForCausalLM"]
+            qc = cfg["quantization_config"]
+            assert {k: g["weights"]["num_bits"] for k, g in qc["config_groups"].items()} == {
+                f"block_{i}": b for i, b in enumerate(alloc)}
+            got = loaded[str(d)]
+            assert "error" not in got, got
+            assert got["class"] == "OPTForCausalLM" and got["dtype"] == str(dtype)
+            assert set(got["weights"]) == set(expected)  # q, k, v, out_proj, fc1, fc2 in each block
+            for name, w in got["weights"].items():
+                assert got["bits"][name] == alloc[int(name.split(".")[3])]
+                assert torch.equal(w, expected[name]), name
+            torch.testing.assert_close(got["logits"], ref, atol=tol, rtol=0)
+            torch.testing.assert_close(got["logits"], ref_by_hand, atol=tol, rtol=0)
+
+
+def test_what_the_format_cannot_hold_is_written_in_layerlab_format(tmp_path):
+    """A GPT-2 that OPT cannot express (attention scaled by the inverse layer index) and 1-bit widths: the
+    layerlab format, with the reason in the record and the printed lines. That format (layerlab's only output
+    before) does not load without layerlab: transformers either refuses it or, not knowing its ``quant_method``,
+    builds the plain model and leaves the packed layers' weights at their random init, so its logits are not the
+    quantized model's."""
+    g = save_model(gpt2(scale_attn_by_inverse_layer_idx=True), tmp_path / "gpt2")
     rec = quantize(g, bits=3, widths=(2, 4), group=GROUP, out=tmp_path / "gq", **QUIET)
-    assert rec["format"] == "layerlab" and "Conv1D" in rec["format_note"]
+    assert rec["format"] == "layerlab" and "scale_attn_by_inverse_layer_idx" in rec["format_note"]
+    assert rec["written_model_type"] is None
     assert rec["format_note"] in quantize_lines(rec)
     src = save_model(llama(), tmp_path / "src")
     rec = quantize(src, bits=1.5, widths=(1, 2), group=GROUP, out=tmp_path / "q1", **QUIET)

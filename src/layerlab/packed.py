@@ -45,9 +45,11 @@ compressed-tensors 0.20.1 and transformers 5.24 an asymmetric ``pack-quantized``
 (transformers prepares an unpacked int8 ``weight_zero_point`` of shape (out, groups), the checkpoint holds the
 packed int32 one, and the decompressor accepts only the latter; vllm-project/llm-compressor issue 1618 reports
 the same), so layerlab's own min-max offset cannot be carried. The format holds widths 2 to 8 on plain
-``nn.Linear`` layers whose inputs are a whole number of groups. Widths of 1 bit (symmetric 1-bit codes are
-{-1, 0}), GPT-2's ``Conv1D`` layers and mixture-of-experts weights (compressed-tensors 0.20 quantizes
-``nn.Linear`` and ``nn.Embedding`` modules only), and subclasses of ``nn.Linear`` such as Falcon's
+``nn.Linear`` layers whose inputs are a whole number of groups. GPT-2's ``Conv1D`` layers are not among them
+(compressed-tensors 0.20 quantizes ``nn.Linear`` and ``nn.Embedding`` modules only): a GPT-2 is written as
+transformers' ``gpt_bigcode`` architecture, GPT-2's computation with ``nn.Linear`` layers
+(:mod:`layerlab.compress.gpt2_linear`). Widths of 1 bit (symmetric 1-bit codes are {-1, 0}),
+mixture-of-experts weights, other ``Conv1D`` models, and subclasses of ``nn.Linear`` such as Falcon's
 ``FalconLinear`` (whose ``_init_weights`` reads the weight that compressed-tensors removes on load) keep the
 layerlab format (:func:`compressed_tensors_unsupported` says why).
 """
@@ -444,15 +446,18 @@ class PackedExperts(nn.Module):
 
 
 # ---------------------------------------------------------------------------- the compressed-tensors output
-def compressed_tensors_unsupported(modules: dict[str, nn.Module], widths, group: int) -> str | None:
+def compressed_tensors_unsupported(modules: dict[str, nn.Module], widths, group: int,
+                                   conv1d: bool = False) -> str | None:
     """Why the quantizable ``modules`` (path -> module) at candidate ``widths`` cannot be written in the
-    compressed-tensors format (the module docstring), or None when they can."""
+    compressed-tensors format (the module docstring), or None when they can. ``conv1d``: the ``Conv1D`` layers
+    are written as ``nn.Linear`` ones (a GPT-2 written as GPTBigCode, :mod:`layerlab.compress.gpt2_linear`)."""
     if any(is_experts(m) for m in modules.values()):
         return "mixture-of-experts weights"
     conv = [n for n, m in modules.items() if type(m).__name__ == "Conv1D"]
-    if conv:
+    if conv and not conv1d:
         return "GPT-2 Conv1D layers (compressed-tensors quantizes nn.Linear only)"
-    other = sorted({type(m).__name__ for m in modules.values() if type(m) is not nn.Linear})
+    other = sorted({type(m).__name__ for m in modules.values()
+                    if type(m) is not nn.Linear and not (conv1d and type(m).__name__ == "Conv1D")})
     if other:  # e.g. Falcon's FalconLinear, whose _init_weights reads the weight compressed-tensors removed on load
         return f"{other[0]} layers (transformers loads compressed nn.Linear layers only)"
     bad = [w for w in widths if w not in CT_WIDTHS]

@@ -32,9 +32,11 @@ norms and MoE routers stay in full precision.
 
 The output is compressed-tensors' pack-quantized format by default (one config group per block, symmetric
 codes: :mod:`layerlab.packed`), which plain transformers loads with the ``compressed-tensors`` package, without
-layerlab; ``output="layerlab"`` (and any model or widths that format cannot hold) writes layerlab's packed
-min-max codes instead. The candidates are quantized the way the written format stores them, so the chosen
-widths and every reported loss are those of the weights written.
+layerlab; a GPT-2, whose ``Conv1D`` layers compressed-tensors does not quantize, is written as ``model_type
+opt``, GPT-2's computation with ``nn.Linear`` layers (:mod:`.gpt2_linear`). ``output="layerlab"`` (and any model
+or widths that format cannot hold) writes layerlab's packed min-max codes instead. The candidates are quantized
+the way the written format stores them, so the chosen widths and every reported loss are those of the weights
+written.
 
 The model loads in the checkpoint's own dtype by default. With ``lim`` or ``zd``, a checkpoint larger than
 ``max_memory`` (or any, with ``offload=True``) is streamed block by block (:mod:`layerlab.offload`) and written
@@ -80,6 +82,7 @@ from ..packed import (
 from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import PROBE_ITEMS
 from ..registry import QUANT_IMPORTANCE as IMPORTANCE
+from . import gpt2_linear
 from .common import (
     copy_tokenizer,
     input_mode,
@@ -433,10 +436,13 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
     ``output`` is the written format (:data:`~layerlab.packed.OUTPUT_FORMATS`): ``"compressed-tensors"``
     (the default; plain transformers loads it, with the ``compressed-tensors`` package) or ``"layerlab"`` (the
     packed min-max codes; loads after ``import layerlab``). Where the model or the widths are ones the
-    compressed-tensors format cannot hold (:func:`~layerlab.packed.compressed_tensors_unsupported`), the
-    layerlab format is written instead, and the record's ``format`` and ``format_note`` (printed by
-    :func:`quantize_lines`) say why. The quantizer is the written format's (symmetric codes for compressed-tensors,
-    min-max ones for layerlab), so every measured loss is that of the weights written.
+    compressed-tensors format cannot hold (:func:`~layerlab.packed.compressed_tensors_unsupported`,
+    :func:`~.gpt2_linear.unsupported`), the layerlab format is written instead, and the record's ``format`` and
+    ``format_note`` (printed by :func:`quantize_lines`) say why. A GPT-2 in compressed-tensors is written as
+    ``model_type opt`` (:mod:`.gpt2_linear`): the record's ``written_model_type`` is ``"opt"`` (None when the
+    input's own type is written) and ``format_note`` says why. The quantizer is the written format's (symmetric
+    codes for compressed-tensors, min-max ones for layerlab), so every measured loss is that of the weights
+    written.
 
     The model loads in ``dtype`` (``"auto"``: the checkpoint's own). With ``offload=True``, or ``None`` and
     weights larger than ``max_memory`` (as ``analyze`` decides; ``announce`` gets the line saying which), it is
@@ -485,8 +491,12 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
         q.restore(model)
         final = q.quantized_copy(chosen)
         specs = {name: q.packed(name, w).spec() for b, w in zip(q.blocks, chosen, strict=True) for name in b}
-        final.config.quantization_config = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
-        stage.save_model(final)
+        qc = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
+        if _as_opt(q):  # a GPT-2 in compressed-tensors: written as OPT, its layers nn.Linear
+            _write_opt(stage, final, qc)
+        else:
+            final.config.quantization_config = qc
+            stage.save_model(final)
         rows[importance]["disk_bytes"] = _disk(stage.dir)
         stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
                                model_dir, offload=False, output=q.output, note=note)
@@ -532,20 +542,30 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
             rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc),
                           "bytes": rest + sum(b for b, _ in seen.values()), **loss}
         specs: dict[str, dict] = {}
+        as_opt = _as_opt(q)  # a GPT-2 in compressed-tensors: written as OPT (names, c_attn split, positions)
+
+        def stored(name: str, t: torch.Tensor) -> list:
+            pairs = gpt2_linear.opt_tensors(name, t) if as_opt else [(om.saved_name(name), t)]
+            return [tensor_entry(n, x) for n, x in pairs]
 
         def shards():
-            yield outside_blocks(om)
+            yield _opt_outside(om) if as_opt else outside_blocks(om)
             with q.streamed(om, chosen) as seen:
                 for i in range(v.num_layers):
                     with om.block(i) as block:
                         specs.update({n: seen[n][1] for n in q.blocks[i]})
                         prefix = f"{om.blocks_prefix}.{i}."
-                        yield [tensor_entry(om.saved_name(prefix + k), t) for k, t in block.state_dict().items()]
+                        yield [e for k, t in block.state_dict().items() for e in stored(prefix + k, t)]
 
         write_shards(stage.dir, shards(), count=1 + v.num_layers)
-        config = copy.deepcopy(model.config)
-        config.quantization_config = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
-        write_config(model, stage.dir, config, om.dtype)
+        qc = _quant_config(q, specs, group, bits, average_bits(sizes, chosen))
+        if as_opt:
+            skeleton = gpt2_linear.skeleton(model, qc)
+            write_config(skeleton, stage.dir, skeleton.config, om.dtype)
+        else:
+            config = copy.deepcopy(model.config)
+            config.quantization_config = qc
+            write_config(model, stage.dir, config, om.dtype)
         copy_tokenizer(model_dir, stage.dir)
         rows[importance]["disk_bytes"] = _disk(stage.dir)
         stage.record = _record(tok, data, held, importance, scores, chosen, bits, widths, group, sizes, rows, before,
@@ -564,22 +584,67 @@ def _measure(model, tok, data, tokens: int | None, probes: dict | None = None) -
 
 
 def _output_format(q: Quantizer, widths: tuple[int, ...], output: str) -> tuple[str, str | None]:
-    """The format written for ``output``, and why it is not the one asked for (None when it is): the
-    compressed-tensors format falls back to layerlab's where the model or the widths are ones it cannot hold."""
+    """The format written for ``output``, and a note on it (None when there is nothing to add): why it is not the
+    one asked for (the compressed-tensors format falls back to layerlab's where the model or the widths are ones
+    it cannot hold), or, for a GPT-2 in compressed-tensors, that it is written as ``opt`` (:mod:`.gpt2_linear`)."""
     if output != COMPRESSED:
         return output, None
-    why = compressed_tensors_unsupported(q.original, widths, q.group)
+    gpt2 = gpt2_linear.is_gpt2(q.model)
+    why = gpt2_linear.unsupported(q.model.config) if gpt2 else None
+    why = why or compressed_tensors_unsupported(q.original, widths, q.group, conv1d=gpt2)
     if why is None:
-        return COMPRESSED, None
+        return COMPRESSED, GPT2_NOTE if gpt2 else None
     return QUANT_METHOD, f"written in the layerlab format: the compressed-tensors format cannot hold {why}"
+
+
+GPT2_NOTE = (f"a GPT-2 written as model_type {gpt2_linear.OPT} (OPT's pre-LayerNorm decoder: GPT-2's computation "
+             "with nn.Linear layers), since compressed-tensors does not quantize GPT-2's Conv1D layers")
+
+
+def _as_opt(q: Quantizer) -> bool:
+    """Whether the model is written as OPT (:mod:`.gpt2_linear`): a GPT-2 in the compressed-tensors format."""
+    return q.output == COMPRESSED and gpt2_linear.is_gpt2(q.model)
+
+
+def _write_opt(stage, model, quantization_config) -> None:
+    """Write the quantized GPT-2 ``model`` (its block layers packed) as OPT into ``stage`` (what
+    ``stage.save_model`` writes for any other model): its tensors mapped by :func:`~.gpt2_linear.opt_state_dict`,
+    the config and generation config of :func:`~.gpt2_linear.skeleton`, the input's tokenizer."""
+    from ..offload import tensor_entry, write_config, write_shards
+
+    write_shards(stage.dir, [[tensor_entry(n, t.contiguous())
+                              for n, t in gpt2_linear.opt_state_dict(model).items()]])
+    skeleton = gpt2_linear.skeleton(model, quantization_config)
+    write_config(skeleton, stage.dir, skeleton.config, model.dtype)
+    copy_tokenizer(stage.model_dir, stage.dir)
+
+
+def _opt_outside(om) -> list:
+    """The entries of an offloaded GPT-2's tensors outside the blocks, as OPT stores them: renamed copies, the
+    position table read and given OPT's two leading rows, the head left out when tied."""
+    from ..offload import outside_blocks, tensor_entry
+
+    out = []
+    for e in outside_blocks(om):
+        key = e.name
+        if key.removeprefix("transformer.") == "lm_head.weight" and om.model.config.tie_word_embeddings:
+            continue
+        if key.removeprefix("transformer.").startswith("wpe."):
+            out += [tensor_entry(n, t) for n, t in gpt2_linear.opt_tensors(key, om.checkpoint.get(key).to(om.dtype))]
+            continue
+        e.name = gpt2_linear.opt_name(key)  # a rename: the bytes are copied as they are
+        out.append(e)
+    return out
 
 
 def _quant_config(q: Quantizer, specs: dict[str, dict], group: int, bits: float, avg: float):
     """The written ``quantization_config`` (both modes): compressed-tensors' (one config group per block) or
     layerlab's (each packed module's spec); both record the budget and the average width used."""
     if q.output == COMPRESSED:
-        return compressed_tensors_config([{n: specs[n] for n in b} for b in q.blocks], budget_bits=bits,
-                                         avg_bits=avg)
+        blocks = [{n: specs[n] for n in b} for b in q.blocks]
+        if _as_opt(q):  # the layers' paths in the OPT form (c_attn is q_proj, k_proj and v_proj)
+            blocks = [{o: s for n, s in b.items() for o in gpt2_linear.opt_modules(n)} for b in blocks]
+        return compressed_tensors_config(blocks, budget_bits=bits, avg_bits=avg)
     return quant_config_class()(modules=specs, group=group, budget_bits=bits, avg_bits=avg)
 
 
@@ -591,7 +656,8 @@ def _record(tok, data, held, importance: str, scores, chosen: list[int], bits: f
     return {"importance": importance, "chosen_on": chosen_on, "scores": scores, "allocation": chosen,
             "budget_bits": bits, "widths": list(widths), "group": group, "weights_per_block": sizes, "runs": rows,
             "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir), "offload": offload,
-            "format": output, "format_note": note}
+            "format": output, "format_note": note,
+            "written_model_type": gpt2_linear.OPT if note == GPT2_NOTE else None}
 
 
 def _check(bits: float, importance: str, widths: tuple[int, ...], group: int,
@@ -656,10 +722,12 @@ def quantize_lines(record: dict) -> list[str]:
 
 
 def _format_lines(record: dict) -> list[str]:
-    """The written format, in one line (none for a record from before the format was recorded)."""
+    """The written format, in one line, and the note on it where there is one (a GPT-2 written as OPT); none for
+    a record from before the format was recorded."""
     if record.get("format") == COMPRESSED:
+        note = [record["format_note"]] if record.get("format_note") else []
         return [f"written as compressed-tensors (pack-quantized, symmetric, group {record['group']}): "
-                "transformers loads it with the compressed-tensors package, without layerlab"]
+                "transformers loads it with the compressed-tensors package, without layerlab", *note]
     if record.get("format") == QUANT_METHOD:
         return [record.get("format_note") or "written in the layerlab format: loads after import layerlab"]
     return []
