@@ -277,6 +277,8 @@ def analyze(
     lenses_from: Annotated[Path | None, typer.Option(
         help="load fitted lenses (a lenses.safetensors, or the report directory holding it) instead of fitting")
     ] = None,
+    lens_steps: Annotated[int, typer.Option(
+        help="training steps of the tuned lens (SGD, 512 tokens a step; Belrose et al., 2023 train 250)")] = 250,
     ffn: Annotated[bool, typer.Option(
         "--ffn", help="FFN anatomy: key-value memories (Geva et al., 2021) and MoEfication (Zhang et al., 2022; "
         "CMoE); report keys 'ffn_memories' and 'moefication'")] = False,
@@ -288,9 +290,17 @@ def analyze(
     _choice("dtype", dtype, DTYPES)
     sections = {name: opts for name, on, opts in (
         ("interventions", interventions, {"middle": middle}),
-        ("lenses", lenses or lenses_from is not None, {"from": lenses_from}),
+        ("lenses", lenses or lenses_from is not None, {"from": lenses_from, "steps": lens_steps}),
         ("ffn", ffn, {"top": ffn_top, "experts": ffn_experts}),
     ) if on}
+    if lenses_from is not None:  # a missing lenses file is refused before any model loads
+        from .analysis.lenses import check_lens_source
+
+        check_lens_source(lenses_from)
+    if interventions and middle is not None:  # a malformed a:b is refused before any model loads
+        from .analysis.interventions import check_middle
+
+        check_middle(middle)
     if trajectory and sections:
         raise LayerlabError(f"--trajectory measures the pass's metrics only; drop --{next(iter(sections))}")
     if trajectory:

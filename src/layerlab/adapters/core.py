@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import LayerlabError, choices_error
 from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
@@ -54,6 +55,19 @@ class Arch:
     # the block adds to the MLP's output tensor in place (Falcon: mlp_output += attention_output), so a trace
     # records a copy of it
     inplace_mlp_out: bool = False
+    # the MLP read as key-value memories (Geva et al., 2021; :meth:`LayerView.ffn`): alternatives, the first whose
+    # modules are all present, of the paths inside a block of its input projection(s): (fc,) for act(fc x), (gate,
+    # up) for a gated MLP act(gate x) * up x (GLU variants, Shazeer, 2020), or one fused projection whose output
+    # halves are gate then up (Phi-3's gate_up_proj, layerlab's swiglu fc). GPT-2's Conv1D stores (in, out)
+    mlp_in: tuple[tuple[str, ...], ...] = ()
+    # the activation: alternatives, each a module path inside the block or a name in :data:`MLP_ACTS`
+    mlp_act: tuple[str, ...] = ()
+    # whether the MLP is gated; a string is the path of the attribute that says, per block (layerlab: "mlp.gated")
+    mlp_gated: bool | str = False
+    # the gated MLP's activation where it is not mlp_act (layerlab: GELU ungated, SwiGLU gated)
+    mlp_gate_act: str | None = None
+    # a norm between the activation and the output projection, where there is one (Sub-LN)
+    mlp_inner_norm: str | None = None
 
     @property
     def parallel(self) -> bool:
@@ -63,67 +77,85 @@ class Arch:
 
 FORMS = ("sequential", "parallel", "output-norm")
 
+# the activations an Arch's mlp_act may name where the model calls a function rather than a module (layerlab's MLP:
+# tanh-approximated GELU as GPT-2, SiLU in SwiGLU)
+MLP_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "silu": F.silu}
+
 
 ARCHS: dict[str, Arch] = {
     "layerlab": Arch("blocks", "embed", "ln_f", "lm_head", {"ln1": "ln1", "attn": "attn", "ln2": "ln2", "mlp": "mlp"},
                      "attn", "mlp", causal=True, placement="per-block",
-                     out_proj={"attn": "attn.proj", "mlp": "mlp.proj"}),
+                     out_proj={"attn": "attn.proj", "mlp": "mlp.proj"}, mlp_in=(("mlp.fc",),), mlp_act=("gelu_tanh",),
+                     mlp_gated="mlp.gated", mlp_gate_act="silu", mlp_inner_norm="mlp.inner_norm"),
     "gpt2": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
                  {"ln1": "ln_1", "attn": "attn", "ln2": "ln_2", "mlp": "mlp"}, "attn", "mlp",
-                 causal=True, placement="pre", out_proj={"attn": "attn.c_proj", "mlp": "mlp.c_proj"}),
+                 causal=True, placement="pre", out_proj={"attn": "attn.c_proj", "mlp": "mlp.c_proj"},
+                 mlp_in=(("mlp.c_fc",),), mlp_act=("mlp.act",)),
     "llama": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
                   {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
                   "self_attn", "mlp", causal=True, placement="pre",
-                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}),
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"},
+                  # Phi-3 fuses gate and up (gate_up_proj) and names its activation activation_fn
+                  mlp_in=(("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",)),
+                  mlp_act=("mlp.act_fn", "mlp.activation_fn"), mlp_gated=True),
     "bert": Arch("encoder.layer", "embeddings", None, None,
                  {"ln1": "attention.output.LayerNorm", "attn": "attention", "ln2": "output.LayerNorm",
                   "mlp": "intermediate"}, "attention.output.dense", "output.dense", causal=False, placement="post",
-                 out_proj={"attn": "attention.output.dense", "mlp": "output.dense"}),
+                 out_proj={"attn": "attention.output.dense", "mlp": "output.dense"},
+                 mlp_in=(("intermediate.dense",),), mlp_act=("intermediate.intermediate_act_fn",)),
     # OPT (do_layer_norm_before=True, as every size but 350m): the MLP is fc1/fc2 directly in the block (no module
     # of its own, so no "mlp" part), the block's own final_layer_norm is its ln2, learned positions are added
     # before block 0, and the decoder's final_layer_norm is the final norm
     "opt": Arch("model.decoder.layers", "model.decoder.embed_tokens", "model.decoder.final_layer_norm", "lm_head",
                 {"ln1": "self_attn_layer_norm", "attn": "self_attn", "ln2": "final_layer_norm"}, "self_attn", "fc2",
-                causal=True, placement="pre", out_proj={"attn": "self_attn.out_proj", "mlp": "fc2"}, flat_mlp=True),
+                causal=True, placement="pre", out_proj={"attn": "self_attn.out_proj", "mlp": "fc2"}, flat_mlp=True,
+                mlp_in=(("fc1",),), mlp_act=("activation_fn",)),
     # Pythia / GPT-NeoX with use_parallel_residual (x + attn(ln1 x) + mlp(ln2 x)); "gpt_neox_seq" without it
     "gpt_neox": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
                      {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm", "mlp": "mlp"},
                      "attention", "mlp", causal=True, placement="pre",
-                     out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel"),
+                     out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel",
+                     mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.act",)),
     "gpt_neox_seq": Arch("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "lm_head",
                          {"ln1": "input_layernorm", "attn": "attention", "ln2": "post_attention_layernorm",
                           "mlp": "mlp"}, "attention", "mlp", causal=True, placement="pre",
-                         out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+                         out_proj={"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"},
+                         mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.act",)),
     # GPT-J: one ln_1 feeds both sublayers, x + attn(ln_1 x) + mlp(ln_1 x)
     "gptj": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
                  {"ln1": "ln_1", "attn": "attn", "mlp": "mlp"}, "attn", "mlp", causal=True, placement="pre",
-                 out_proj={"attn": "attn.out_proj", "mlp": "mlp.fc_out"}, form="parallel"),
+                 out_proj={"attn": "attn.out_proj", "mlp": "mlp.fc_out"}, form="parallel",
+                 mlp_in=(("mlp.fc_in",),), mlp_act=("mlp.act",)),
     # Phi-1/1.5/2: one input_layernorm feeds both sublayers
     "phi": Arch("model.layers", "model.embed_tokens", "model.final_layernorm", "lm_head",
                 {"ln1": "input_layernorm", "attn": "self_attn", "mlp": "mlp"}, "self_attn", "mlp", causal=True,
-                placement="pre", out_proj={"attn": "self_attn.dense", "mlp": "mlp.fc2"}, form="parallel"),
+                placement="pre", out_proj={"attn": "self_attn.dense", "mlp": "mlp.fc2"}, form="parallel",
+                mlp_in=(("mlp.fc1",),), mlp_act=("mlp.activation_fn",)),
     # Falcon, three forms (arch_of picks by config): parallel_attn with one input_layernorm (falcon-7b);
     # new_decoder_architecture with ln_attn / ln_mlp (falcon-40b, -180b); parallel_attn=False, sequential
     "falcon": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
                    {"ln1": "input_layernorm", "attn": "self_attention", "mlp": "mlp"}, "self_attention", "mlp",
                    causal=True, placement="pre", out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
-                   form="parallel", inplace_mlp_out=True),
+                   form="parallel", inplace_mlp_out=True, mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.act",)),
     "falcon_new": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
                        {"ln1": "ln_attn", "attn": "self_attention", "ln2": "ln_mlp", "mlp": "mlp"}, "self_attention",
                        "mlp", causal=True, placement="pre",
                        out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}, form="parallel",
-                       inplace_mlp_out=True),
+                       inplace_mlp_out=True, mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.act",)),
     "falcon_seq": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
                        {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
                         "mlp": "mlp"}, "self_attention", "mlp", causal=True, placement="pre",
-                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+                       out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
+                       mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.act",)),
     # BLOOM (Pre-LN, ALiBi; word_embeddings_layernorm runs before block 0, so the stream entering it is
     # normalised). Its attention and MLP modules add the residual themselves: what each sublayer adds is the
     # output of its dense / dense_4h_to_h projection
     "bloom": Arch("transformer.h", "transformer.word_embeddings", "transformer.ln_f", "lm_head",
                   {"ln1": "input_layernorm", "attn": "self_attention", "ln2": "post_attention_layernorm",
                    "mlp": "mlp"}, "self_attention.dense", "mlp.dense_4h_to_h", causal=True, placement="pre",
-                  out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+                  out_proj={"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"},
+                  mlp_in=(("mlp.dense_h_to_4h",),), mlp_act=("mlp.gelu_impl",)),
     # Gemma 2 / Gemma 3 text: Peri-LN ("sandwich") blocks, x + post_norm(F(pre_norm(x))) for each sublayer, and the
     # final logits soft-capped
     "gemma2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
@@ -131,19 +163,23 @@ ARCHS: dict[str, Arch] = {
                     "ln1_out": "post_attention_layernorm", "ln2_out": "post_feedforward_layernorm"},
                    "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
                    out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"},
-                   logit_softcap="final_logit_softcapping"),
+                   logit_softcap="final_logit_softcapping", mlp_in=(("mlp.gate_proj", "mlp.up_proj"),),
+                   mlp_act=("mlp.act_fn",), mlp_gated=True),
     # OLMo 2: no input norms, each sublayer's output normalised, x + Norm(F(x)); q/k norms inside attention
     "olmo2": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
                   {"attn": "self_attn", "mlp": "mlp", "ln1_out": "post_attention_layernorm",
                    "ln2_out": "post_feedforward_layernorm"},
                   "post_attention_layernorm", "post_feedforward_layernorm", causal=True, placement="peri",
-                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, form="output-norm", mid="mlp"),
+                  out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, form="output-norm", mid="mlp",
+                  mlp_in=(("mlp.gate_proj", "mlp.up_proj"),), mlp_act=("mlp.act_fn",), mlp_gated=True),
     # Mixtral, Qwen3-MoE, OLMoE: Llama's paths, the MLP sublayer a sparse MoE block (mlp.gate, mlp.experts)
     "moe": Arch("model.layers", "model.embed_tokens", "model.norm", "lm_head",
                 {"ln1": "input_layernorm", "attn": "self_attn", "ln2": "post_attention_layernorm", "mlp": "mlp"},
                 "self_attn", "mlp", causal=True, placement="pre",
                 out_proj={"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}, experts="mlp.experts",
-                router="mlp.gate", dense_layers=("mlp_only_layers", "decoder_sparse_step")),
+                router="mlp.gate", dense_layers=("mlp_only_layers", "decoder_sparse_step"),
+                # a dense block's MLP (qwen3_moe's mlp_only_layers); a sparse block's experts are not read as memories
+                mlp_in=(("mlp.gate_proj", "mlp.up_proj"),), mlp_act=("mlp.act_fn",), mlp_gated=True),
 }
 # model_type (config.json) -> architecture entry. Qwen3 (q/k norms inside attention), Phi-3 (fused qkv_proj and
 # gate_up_proj), Gemma (RMSNorm scaling by 1 + w, embedding scaled by sqrt(hidden) inside its embedding module) and
@@ -202,6 +238,32 @@ class BlockView:
 
 
 @dataclass
+class FFNView:
+    """One block's MLP as key-value memories (Geva et al., 2021): FFN(x) = sum_i a_i(x) v_i + b_out.
+
+    ``keys`` (F, C) are the rows of the input projection (of the gate projection in a gated MLP, whose activation
+    decides which neurons fire), ``key_bias`` (F,) its bias or None, ``values`` (F, C) the columns of the output
+    projection (whatever the module's storage: GPT-2's Conv1D keeps (in, out)). ``hidden(x)`` computes the hidden
+    activation a (..., F) from the MLP's input x (..., C): act(fc x), or act(gate x) * up x in a gated MLP (after
+    the inner norm in Sub-LN), which is exactly what ``output`` (the output projection) reads. ``input`` is the
+    first input projection, whose input is x. Weights are the module's own tensors (detached, not copied).
+    """
+
+    keys: torch.Tensor
+    key_bias: torch.Tensor | None
+    values: torch.Tensor
+    gated: bool
+    input: nn.Module
+    output: nn.Module
+    hidden: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _weight_out_in(m: nn.Module) -> torch.Tensor:
+    """A linear's weight as (out, in): GPT-2's Conv1D stores (in, out), every other linear (out, in)."""
+    return m.weight.detach().t() if type(m).__name__ == "Conv1D" else m.weight.detach()
+
+
+@dataclass
 class Trace:
     """What one traced forward recorded: lists indexed by block.
 
@@ -240,6 +302,10 @@ class LayerView:
             root = model.bert
         self.root = root
         blocks = _get(root, arch.blocks)
+        if arch_name == "layerlab" and len(blocks) and getattr(blocks[0], "form", arch.form) != arch.form:
+            # a parallel layerlab model (registry.BLOCKS). A DenseFormer block ends with its depth-weighted average
+            # (model.DepthWeightedAverage): resid_out[i] is then that average, the stream block i + 1 reads
+            self.arch = arch = replace(arch, form=blocks[0].form)
         self.blocks: list[BlockView] = []
         for i, b in enumerate(blocks):
             parts = {name: m for name, path in arch.parts.items() if (m := _find(b, path)) is not None}
@@ -291,6 +357,49 @@ class LayerView:
     def router(self, index: int) -> nn.Module | None:
         """Block ``index``'s mixture-of-experts router, None for a dense block."""
         return _find(self.blocks[index].module, self.arch.router) if self.arch.router else None
+
+    def ffn(self, index: int) -> FFNView | None:
+        """Block ``index``'s MLP as key-value memories (:class:`FFNView`), read through the adapter's ``mlp_in``,
+        ``mlp_act``, ``mlp_gated`` and ``mlp_inner_norm``; None where the block has no dense MLP the adapter can read
+        (a layerlab block without its MLP, a mixture-of-experts block, a discovered structure)."""
+        a, block = self.arch, self.blocks[index].module
+        out = _find(block, a.out_proj["mlp"]) if "mlp" in a.out_proj else None
+        found = ([_find(block, p) for p in paths] for paths in a.mlp_in)
+        ins = next((mods for mods in found if all(m is not None for m in mods)), None)
+        if out is None or ins is None:
+            return None
+        gated = a.mlp_gated
+        if isinstance(gated, str):
+            owner, _, attr = gated.rpartition(".")
+            gated = bool(getattr(_find(block, owner) if owner else block, attr, False))
+        name = a.mlp_gate_act if gated and a.mlp_gate_act else None
+        act = MLP_ACTS.get(name) if name else None
+        for cand in () if act is not None else a.mlp_act:
+            act = _find(block, cand) or MLP_ACTS.get(cand)
+            if act is not None:
+                break
+        if act is None:
+            return None
+        norm = _find(block, a.mlp_inner_norm) if a.mlp_inner_norm else None
+        w = _weight_out_in(ins[0])
+        bias = getattr(ins[0], "bias", None)
+        bias = bias.detach() if isinstance(bias, torch.Tensor) else None
+        fused = gated and len(ins) == 1  # one projection whose output halves are gate, then up
+        if fused:
+            w = w[: w.shape[0] // 2]
+            bias = None if bias is None else bias[: bias.shape[0] // 2]
+
+        def hidden(x: torch.Tensor) -> torch.Tensor:
+            if not gated:
+                h = act(ins[0](x))
+            elif fused:
+                gate, up = ins[0](x).chunk(2, dim=-1)
+                h = act(gate) * up
+            else:
+                h = act(ins[0](x)) * ins[1](x)
+            return norm(h) if norm is not None else h
+
+        return FFNView(w, bias, _weight_out_in(out).t(), gated, ins[0], out, hidden)
 
     # ------------------------------------------------------------------ running
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -396,6 +505,9 @@ class LayerView:
         ones for stand-ins that return their input. That more than halves the cost of measuring
         every block's removal.
         """
+        if replay is not None and getattr(getattr(self.model, "cfg", None), "wiring", "residual") != "residual":
+            raise LayerlabError("skip(replay=...) swaps blocks for stand-ins, which a DenseFormer's depth-weighted "
+                                "averages cannot read; skip without replay")
         handles = []
         container = self.root.get_submodule(self.arch.blocks)
         swapped = []
@@ -416,6 +528,22 @@ class LayerView:
                 container[j] = block
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def replay_prefix(self, start: int, replay: Trace) -> Iterator[None]:
+        """Run with the blocks before ``start`` swapped for stand-ins that return their outputs in ``replay``, a
+        trace of a forward on the same inputs (as :meth:`skip` does with ``replay``): a change made inside block
+        ``start`` or later is measured for the cost of the blocks from ``start`` on. The blocks are put back after."""
+        container = self.root.get_submodule(self.arch.blocks)
+        swapped = []
+        try:
+            for j in range(start):
+                swapped.append((j, container[j]))
+                container[j] = _Replay(replay.resid_out[j], replay.tuple_out)
+            yield
+        finally:
+            for j, block in swapped:
+                container[j] = block
 
     @contextmanager
     def skip_sublayers(self, unit: str, *indices: int) -> Iterator[None]:

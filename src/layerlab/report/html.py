@@ -29,6 +29,7 @@ from .plots import (
     PALETTE,
     best_blocks,
     block_indices,
+    block_ticks,
     families,
     family_alt,
     family_figure,
@@ -36,8 +37,11 @@ from .plots import (
     layer_series,
     layer_value,
     model_layers,
+    mpl_text,
+    new_figure,
     num,
     png,
+    readable_log_ticks,
     run_lengths,
     span_for,
 )
@@ -202,6 +206,10 @@ class Page:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.plots = 0
+        # the report layer's helpers, for the analysis sections' ``html`` (layerlab.analysis.sections), which sit
+        # below this layer and may not import it: escaping, a model's colour swatch, figures in the report's look
+        self.esc, self.swatch, self.mpl_text = esc, swatch, mpl_text
+        self.new_figure, self.block_ticks, self.readable_log_ticks = new_figure, block_ticks, readable_log_ticks
 
     def add(self, fragment: str) -> None:
         """Append one HTML fragment to the body."""
