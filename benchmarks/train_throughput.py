@@ -38,11 +38,18 @@ Per-norm timing (unless ``--no-norms``): a layerlab model of width 256 (pre plac
 name in ``layerlab.norms.NORMS``, timed in alternating rounds the same way; the median step time of
 each is printed relative to layernorm.
 
+Per-design timing (unless ``--no-designs``): the block designs that are registry entries of the model (the
+block form, the depth wiring, FFN sharing; ``DESIGNS`` below), each a layerlab model of width
+``--design-width`` (256; pre placement, layernorm), timed against the baseline (sequential block, residual
+wiring, an FFN per block) in the same alternating rounds; the median step time of each is printed relative to
+the baseline. ``--designs-only`` runs just this comparison (no peers, so no x-transformers needed).
+
 Run (``pip install -e '.[bench]'`` gives x-transformers)::
 
     python benchmarks/train_throughput.py                      # widths 256 512, 5 rounds of 10 steps
     python benchmarks/train_throughput.py --quick              # smoke test (batch 2 x 128 tokens), < 1 minute
     python benchmarks/train_throughput.py --widths 256 --no-norms --json out.json
+    python benchmarks/train_throughput.py --designs-only --layers 8 --repeats 5 --steps 5
 
 Results for the reference machine are in ``docs/performance.md``.
 """
@@ -71,6 +78,17 @@ from layerlab.norms import NORMS, set_norm_schedule
 
 VOCAB = 320
 IMPLS = ("layerlab", "hf-gpt2", "x-transformers")
+# name -> the ModelConfig fields that make the design; "baseline" first (layerlab.registry: BLOCKS, WIRINGS,
+# FFN_SHARINGS). DenseFormer's 4x5 is the paper's dilation 4, period 5 (Pagliardini et al., 2024).
+DESIGNS = {
+    "baseline": {},
+    "parallel": {"block": "parallel"},
+    "parallel2": {"block": "parallel2"},
+    "denseformer": {"wiring": "denseformer"},
+    "denseformer-4x5": {"wiring": "denseformer", "denseformer_dilation": 4, "denseformer_period": 5},
+    "shared-ffn": {"ffn_sharing": "all"},
+    "shared-ffn-x2": {"ffn_sharing": "all", "ffn_mult": 2.0},
+}
 
 
 # ---------------------------------------------------------------- models
@@ -319,6 +337,27 @@ def bench_norms(args, device: torch.device, peak: list[float]) -> dict:
                      "paired_relative_to_layernorm": 1 / paired_speedup(r.samples, base.samples)} for r in runners}
 
 
+def bench_designs(args, device: torch.device, peak: list[float]) -> dict:
+    """Every design in :data:`DESIGNS` against the baseline block, in the same alternating rounds."""
+    batches = make_batches(args.steps, args.batch, args.context, device, args.seed)
+    runners, params = [], {}
+    for name, fields in DESIGNS.items():
+        torch.manual_seed(args.seed)
+        base = model_config(args.design_width, args.layers, args.heads, args.context)
+        cfg = ModelConfig(**{**base.to_dict(), **fields})
+        model, logits = build_layerlab(cfg)
+        params[name] = count_params(model)[0]
+        runners.append(make_runner(name, model, logits, device))
+    print(f"\nper-design timing: layerlab width {args.design_width}, layers {args.layers}, placement pre, "
+          f"{args.steps} steps x {args.repeats} rounds")
+    round_robin(runners, batches, args, device, between=peak_sampler(args, device, peak), label="designs ")
+    base = runners[0]
+    return {r.name: {"fields": DESIGNS[r.name], "params": params[r.name],
+                     "step_s_median": statistics.median(r.samples), "step_s_samples": r.samples,
+                     "relative_to_baseline": statistics.median(r.samples) / statistics.median(base.samples),
+                     "paired_relative_to_baseline": 1 / paired_speedup(r.samples, base.samples)} for r in runners}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -328,17 +367,19 @@ def print_report(results: dict) -> None:
           f"{results['threads']} threads)\n")
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s (median of {len(results['peak_gflops_samples'])} "
           f"{results['args']['peak_size']}^3 torch.mm)\n")
-    print("| width | implementation | params | median tok/s | GFLOP/s | MFU | layerlab / this |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    if results["widths"]:
+        print("| width | implementation | params | median tok/s | GFLOP/s | MFU | layerlab / this |")
+        print("|---:|---|---:|---:|---:|---:|---:|")
     for w in results["widths"]:
         ll = w["impls"]["layerlab"]["tok_s_median"]
         for name in IMPLS:
             d = w["impls"][name]
             print(f"| {w['width']} | {name} | {d['params']:,d} | {d['tok_s_median']:,.0f} | "
                   f"{d['achieved_gflops']:.1f} | {d['mfu'] * 100:.1f}% | {ll / d['tok_s_median']:.3f}x |")
-    print("\nratios of median tok/s (in brackets: median over rounds of the same-round ratio)\n")
-    print("| width | layerlab / HF | layerlab / x-transformers | layerlab / max(peers) | target >= 1.0 |")
-    print("|---:|---:|---:|---:|---|")
+    if results["widths"]:
+        print("\nratios of median tok/s (in brackets: median over rounds of the same-round ratio)\n")
+        print("| width | layerlab / HF | layerlab / x-transformers | layerlab / max(peers) | target >= 1.0 |")
+        print("|---:|---:|---:|---:|---|")
     for w in results["widths"]:
         met = "met" if w["ratio_vs_best_peer"] >= 1.0 else "NOT met"
         print(f"| {w['width']} | {w['ratio_vs_hf']:.3f}x ({w['paired_ratio_vs_hf']:.3f}x) | "
@@ -350,6 +391,12 @@ def print_report(results: dict) -> None:
         for name, d in results["norms"].items():
             print(f"| {name} | {d['step_s_median'] * 1e3:.1f} | {d['relative_to_layernorm']:.2f}x | "
                   f"{d['paired_relative_to_layernorm']:.2f}x |")
+    if results.get("designs"):
+        print("\n| design | params | median step (ms) | relative to baseline | same-round ratio, median |")
+        print("|---|---:|---:|---:|---:|")
+        for name, d in results["designs"].items():
+            print(f"| {name} | {d['params']:,d} | {d['step_s_median'] * 1e3:.1f} | {d['relative_to_baseline']:.3f}x | "
+                  f"{d['paired_relative_to_baseline']:.3f}x |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -366,6 +413,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="within a round, alternate models every step (default) or run each model's steps in a block")
     p.add_argument("--norms", action=argparse.BooleanOptionalAction, default=True,
                    help="also time every registered norm (default on)")
+    p.add_argument("--designs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time every block design (DESIGNS) against the baseline block (default on)")
+    p.add_argument("--design-width", type=int, default=256, help="width of the per-design models")
+    p.add_argument("--designs-only", action="store_true",
+                   help="time only the block designs against the baseline (no peers, no per-norm timing)")
     p.add_argument("--peak-size", type=int, default=2048, help="square matmul size for the fp32 peak")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
@@ -384,8 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     import transformers
-    import x_transformers  # noqa: F401  (fail early when the bench extra is missing)
 
+    if not args.designs_only:
+        import x_transformers  # noqa: F401  (fail early when the bench extra is missing)
     try:
         from importlib.metadata import version
         xt_version = version("x-transformers")
@@ -398,8 +451,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm = matmul_gflops(args.peak_size, device, 3)  # warms the BLAS; not part of the peak
     print(f"fp32 matmul warm-up: {', '.join(f'{g:.1f}' for g in warm)} GFLOP/s")
     peak: list[float] = []  # filled between rounds, so that the peak sees the same noise as the models
-    widths = [bench_width(w, args, device, peak) for w in args.widths]
-    norms = bench_norms(args, device, peak) if args.norms else None
+    widths = [] if args.designs_only else [bench_width(w, args, device, peak) for w in args.widths]
+    norms = bench_norms(args, device, peak) if args.norms and not args.designs_only else None
+    designs = bench_designs(args, device, peak) if args.designs or args.designs_only else None
     peak_med = statistics.median(peak)
     for w in widths:
         for d in w["impls"].values():
@@ -410,7 +464,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args), "device": str(device), "device_name": dev_name, "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "x_transformers": xt_version, "peak_warmup_gflops": warm, "peak_gflops_samples": peak,
-        "peak_gflops_median": peak_med, "widths": widths, "norms": norms,
+        "peak_gflops_median": peak_med, "widths": widths, "norms": norms, "designs": designs,
     }
     print_report(results)
     if args.json:

@@ -29,10 +29,14 @@ from pydantic import (
 
 from .errors import LayerlabError, choices_error, close_match
 from .registry import (
+    BLOCKS,
+    FFN_SHARINGS,
     NORMS,
     OPTIMIZERS,
     PLACEMENT_ALIASES,
     PLACEMENTS,
+    WIRINGS,
+    block_form_placements,
     block_placement_names,
     residual_placement_names,
 )
@@ -141,11 +145,36 @@ class ModelConfig(_Config):
     # blocks without their attention (ln1 + attn) or MLP (ln2 + mlp) sublayer; written by `prune --unit attn|mlp`
     drop_attn: Blocks = Field(default_factory=list)
     drop_mlp: Blocks = Field(default_factory=list)
+    # the block form (layerlab.registry.BLOCKS): sequential, parallel (one norm feeds both sublayers), parallel2
+    block: str = "sequential"
+    # the depth wiring (WIRINGS): residual, or denseformer with its DWA dilation and period (Pagliardini et al., 2024)
+    wiring: str = "residual"
+    denseformer_dilation: Int = 1
+    denseformer_period: Int = 1
+    # which blocks share an FFN (FFN_SHARINGS): none, or all (Pires et al., 2023); ffn_mult scales the FFN's
+    # hidden width (mlp_hidden, or its default) for a wide shared FFN
+    ffn_sharing: str = "none"
+    ffn_mult: Float = 1.0
 
     @field_validator("norm")
     @classmethod
     def _known_norm(cls, norm: str) -> str:
         return NORMS.check(norm)
+
+    @field_validator("block")
+    @classmethod
+    def _known_block(cls, block: str) -> str:
+        return BLOCKS.check(block)
+
+    @field_validator("wiring")
+    @classmethod
+    def _known_wiring(cls, wiring: str) -> str:
+        return WIRINGS.check(wiring)
+
+    @field_validator("ffn_sharing")
+    @classmethod
+    def _known_ffn_sharing(cls, sharing: str) -> str:
+        return FFN_SHARINGS.check(sharing)
 
     @field_validator("placement")
     @classmethod
@@ -182,6 +211,18 @@ class ModelConfig(_Config):
         if not 0.0 <= self.dropout < 1.0:
             raise LayerlabError(f"dropout must be in [0, 1), got {self.dropout}")
         placements = self.block_placements()
+        form = BLOCKS[self.block]
+        schedule = PLACEMENTS[self.placement].schedule if isinstance(self.placement, str) else None
+        # a schedule is checked by every placement it can give (mix: post and pre), whatever its alpha here
+        possible = [*schedule(self.layers, 1.0), *schedule(self.layers, 0.0)] if schedule else placements
+        for p in dict.fromkeys(possible):
+            if form.forward_for(PLACEMENTS[p]) is None:
+                named = self.placement if isinstance(self.placement, str) else p  # mix names its schedule
+                raise LayerlabError(f"block {self.block!r} does not combine with placement {named!r}; it combines "
+                                    f"with {', '.join(block_form_placements(self.block))}")
+        _at_least_one(type(self), self, ("denseformer_dilation", "denseformer_period"))
+        if not self.ffn_mult > 0:
+            raise LayerlabError(f"ffn_mult must be positive, got {self.ffn_mult}")
         for name in ("drop_attn", "drop_mlp"):
             for i in getattr(self, name):
                 if not 0 <= i < self.layers:
@@ -199,12 +240,14 @@ class ModelConfig(_Config):
 
     @property
     def hidden(self) -> int:
-        """Width of the MLP's inner layer."""
+        """Width of the MLP's inner layer: ``mlp_hidden``, or the default below, times ``ffn_mult`` (rounded)."""
         if self.mlp_hidden:
-            return self.mlp_hidden
-        if self.mlp == "swiglu":  # 2/3 of 4d keeps SwiGLU's parameters equal to GELU's (Shazeer, 2020)
-            return -(-int(8 * self.width / 3) // 64) * 64
-        return 4 * self.width
+            base = self.mlp_hidden
+        elif self.mlp == "swiglu":  # 2/3 of 4d keeps SwiGLU's parameters equal to GELU's (Shazeer, 2020)
+            base = -(-int(8 * self.width / 3) // 64) * 64
+        else:
+            base = 4 * self.width
+        return max(1, round(base * self.ffn_mult))
 
     def block_placements(self) -> list[str]:
         """The placement of each block: a per-block list as given, a schedule (mix) resolved, else the same one."""

@@ -34,7 +34,7 @@ from .config import ModelConfig
 from .data import load_tokenizer
 from .errors import LayerlabError, choices_error
 from .io import output_dir, write_manifest
-from .model import LayerlabForCausalLM, build_model, num_params, rebuild
+from .model import LayerlabForCausalLM, build_model, num_params, rebuild, refuse_design
 from .norms import NoNorm
 from .packed import refuse_quantized
 from .registry import EXPORT_TARGETS, NORMS, PLACEMENTS, block_placement_names
@@ -247,6 +247,7 @@ def export(model_dir: str | Path, *, to: str = "gpt2", out: str | Path) -> Path:
     refuse_quantized(model, model_dir, "export")
     if not isinstance(model, LayerlabForCausalLM):
         raise LayerlabError(f"{model_dir} is not a layerlab model (it is {type(model).__name__})")
+    refuse_design(model, "export")
     tok = load_tokenizer(Path(model_dir))
     exported, results = write(model, tok)
     with output_dir(out, protect=(model_dir,)) as tmp:

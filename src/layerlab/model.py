@@ -7,6 +7,9 @@ The module names are the adapter's names, so no adapter is needed for our own mo
 ``embed``, ``pos`` (learned positions), ``blocks[i].{ln1, attn, ln2, mlp}``, ``ln_f``, ``lm_head``.
 Placements add ``ln1_out``/``ln2_out`` (peri) or ``attn.inner_norm``/``mlp.inner_norm`` (sandwich).
 A block named in ``drop_attn`` (``drop_mlp``) has ``ln1``, ``attn`` (``ln2``, ``mlp``) and its output norm set to None.
+A parallel block (``block: parallel``) has no ``ln2``: ``ln1`` feeds both sublayers. With ``wiring: denseformer`` each
+block ends with ``dwa`` (:class:`DepthWeightedAverage`). With ``ffn_sharing: all`` the one FFN is ``shared_ffn[0]`` and
+every block's ``mlp`` is a :class:`SharedMLP` that calls it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .config import MODEL_FIELDS, ModelConfig
 from .errors import LayerlabError
 from .norms import build_norm, lns_scale
 from .packed import register_quantizer
-from .registry import PLACEMENTS
+from .registry import BLOCKS, FFN_SHARINGS, PLACEMENTS, WIRINGS
 
 KNOWN_CACHE_NAMES = ("past_key_values", "cache")
 
@@ -183,16 +186,115 @@ def _peri(b: Block, x, attn_kw):
     return x
 
 
+def _scaled(b: Block, h):
+    return h * b.scale if b.scale != 1.0 else h
+
+
+def _parallel(b: Block, x, attn_kw):
+    """x + Attn(s * Norm1(x)) + MLP(s * Norm2(x)), both sublayers reading the block's input (GPT-J, Wang &
+    Komatsuzaki, 2021; PaLM, Chowdhery et al., 2022, Sec. 2); Norm2 is Norm1 where the form shares one norm."""
+    out = x
+    h1 = _scaled(b, b.ln1(x)) if b.ln1 is not None else None
+    if b.attn is not None:
+        out = out + b.attn(h1, **attn_kw)
+    if b.mlp is not None:
+        out = out + b.mlp(h1 if b.ln2 is None else _scaled(b, b.ln2(x)))
+    return out
+
+
+def _parallel_peri(b: Block, x, attn_kw):
+    """x + Norm1_out(Attn(Norm1(x))) + Norm2_out(MLP(Norm2(x))): Peri-LN's output norms on a parallel block."""
+    out = x
+    h1 = b.ln1(x) if b.ln1 is not None else None
+    if b.attn is not None:
+        out = out + b.ln1_out(b.attn(h1, **attn_kw))
+    if b.mlp is not None:
+        out = out + b.ln2_out(b.mlp(h1 if b.ln2 is None else b.ln2(x)))
+    return out
+
+
 # The forwards that placements name (layerlab.registry.PLACEMENTS says which placement uses which, and what
-# else each needs: output norms, inner norms, the LNS scale). A placement may also carry its own function.
-FORWARDS: dict[str, Callable] = {"pre": _pre, "post": _post, "peri": _peri}
+# else each needs: output norms, inner norms, the LNS scale), and those the block forms put in their place
+# (layerlab.registry.BLOCKS). A placement or form may also carry its own function.
+FORWARDS: dict[str, Callable] = {"pre": _pre, "post": _post, "peri": _peri, "parallel": _parallel,
+                                 "parallel_peri": _parallel_peri}
+
+
+class DepthWeightedAverage(nn.Module):
+    """DenseFormer's DWA after block i (Pagliardini et al., 2024, "DenseFormer: Enhancing Information Flow in
+    Transformers via Depth Weighted Averaging", Sec. 3): with X_0 the embedding and X_k the output of block k - 1,
+    the stream entering block i + 1 is Y_{i+1} = sum_j alpha_{i,j} X_j, over j in 0..i+1 with j = i+1 (mod the
+    dilation), initialised to the identity (alpha_{i,i+1} = 1, the others 0). With a period p, only blocks i with
+    (i + 1) % p == 0 average; the others pass X_{i+1} on (and record it). Definitions as in the paper's code
+    (epfml/DenseFormer, ``denseformer/denseformer.py``: DWAModules).
+
+    The average mixes the states of the same positions only, so it needs nothing from the KV cache. ``history``
+    maps k to X_k for the current forward; a block records its own output there the first time it runs in a
+    forward, so that analyze's layer removal, which runs a block again on other streams, neither overwrites it
+    nor loses its own term (that stream's output is used for alpha_{i,i+1}, the model's X_j for the others).
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        k, d = index + 1, cfg.denseformer_dilation
+        self.index = index
+        self.sources = list(range(k % d, k, d))  # the earlier X_j that this average reads
+        if k % cfg.denseformer_period:
+            self.alpha = None
+        else:
+            alpha = torch.zeros(len(self.sources) + 1)
+            alpha[-1] = 1.0  # the identity: Y_{i+1} = X_{i+1}
+            self.alpha = nn.Parameter(alpha)
+
+    def forward(self, out: torch.Tensor, history: dict[int, torch.Tensor]) -> torch.Tensor:
+        history.setdefault(self.index + 1, out)
+        if self.alpha is None:
+            return out
+        y = self.alpha[-1] * out
+        for a, j in zip(self.alpha[:-1], self.sources, strict=True):
+            y = y + a * history[j]
+        return y
+
+    def extra_repr(self) -> str:
+        return f"sources={[*self.sources, self.index + 1] if self.alpha is not None else 'none'}"
+
+
+MIXERS: dict[str, type[nn.Module]] = {"DepthWeightedAverage": DepthWeightedAverage}  # WIRINGS' mixers by name
+
+
+class SharedMLP(nn.Module):
+    """Block i's view of an FFN that several blocks run (``ffn_sharing``; Pires et al., 2023, One Wide Feedforward
+    is All You Need). The FFN is registered once, in the model's ``shared_ffn``, and held here unregistered, so
+    that its weights are stored once (the state dict and the safetensors file have one copy) while hooks on
+    ``blocks[i].mlp`` see block i's call only. ``fc``, ``proj`` and ``inner_norm`` are the shared FFN's (hooks
+    on them fire for every block that runs it)."""
+
+    def __init__(self, ffn: MLP):
+        super().__init__()
+        object.__setattr__(self, "ffn", ffn)
+
+    def forward(self, x):
+        return self.ffn(x)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self.ffn.fc
+
+    @property
+    def proj(self) -> nn.Linear:
+        return self.ffn.proj
+
+    @property
+    def inner_norm(self) -> nn.Module | None:
+        return self.ffn.inner_norm
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int, placement: str):
+    def __init__(self, cfg: ModelConfig, index: int, placement: str, shared_mlp: MLP | None = None):
+        """``shared_mlp``: the FFN this block runs where several blocks share one (else it builds its own)."""
         super().__init__()
-        p = PLACEMENTS[placement]
-        self.index, self.placement = index, placement
+        p, form = PLACEMENTS[placement], BLOCKS[cfg.block]
+        self.index, self.placement, self.form = index, placement, form.form
         self.scale = lns_scale(index + 1) if p.depth_scale else 1.0
         # A block listed in cfg.drop_attn / drop_mlp has no modules at all for that sublayer (None).
         has_attn, has_mlp = index not in cfg.drop_attn, index not in cfg.drop_mlp
@@ -200,20 +302,36 @@ class Block(nn.Module):
         # The KV cache is indexed by attention layer, not block, so that cache layer 0, which generate()
         # reads for the past length, holds keys even when block 0 has no attention.
         cache_index = index - sum(j < index for j in cfg.drop_attn)
-        self.ln1 = norm() if has_attn else None
+        # a form that shares one input norm keeps ln1 for whichever sublayer the block has, and has no ln2
+        self.ln1 = norm() if has_attn or (form.shared_norm and has_mlp) else None
         self.attn = Attention(cfg, cache_index, inner_norm=p.inner_norm) if has_attn else None
-        self.ln2 = norm() if has_mlp else None
-        self.mlp = MLP(cfg, inner_norm=p.inner_norm) if has_mlp else None
+        self.ln2 = norm() if has_mlp and not form.shared_norm else None
+        if not has_mlp:
+            self.mlp = None
+        else:
+            self.mlp = MLP(cfg, inner_norm=p.inner_norm) if shared_mlp is None else SharedMLP(shared_mlp)
         if p.out_norms:
             self.ln1_out = norm() if has_attn else None
             self.ln2_out = norm() if has_mlp else None
-        self._forward = p.forward if callable(p.forward) else FORWARDS[p.forward]
+        mixer = WIRINGS[cfg.wiring].mixer
+        self.dwa = MIXERS[mixer](cfg, index) if mixer is not None else None
+        forward = form.forward_for(p)
+        self._forward = forward if callable(forward) else FORWARDS[forward]
+        if p.init_gain is not None:  # Magneto: the value and output projections and the FFN take the gain
+            gain = p.init_gain(cfg.layers)
+            if self.attn is not None:  # the output projection, and the value rows of the fused qkv
+                self.attn.proj.init_gain = gain
+                self.attn.qkv.init_gain, self.attn.qkv.gain_rows = gain, (2 * cfg.width, 3 * cfg.width)
+            if self.mlp is not None:
+                self.mlp.fc.init_gain = self.mlp.proj.init_gain = gain
 
-    def forward(self, x, rope=None, cache=None, mask=None):
-        return self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
+    def forward(self, x, rope=None, cache=None, mask=None, history=None):
+        """``history``: the depth wiring's record of this forward's block outputs (DenseFormer), else unused."""
+        out = self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
+        return out if self.dwa is None else self.dwa(out, history)
 
     def extra_repr(self) -> str:
-        return f"placement={self.placement}, scale={self.scale:.4g}"
+        return f"placement={self.placement}, form={self.form}, scale={self.scale:.4g}"
 
 
 class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
@@ -232,7 +350,15 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos = nn.Embedding(cfg.context, cfg.width) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, p) for i, p in enumerate(cfg.block_placements()))
+        placements = cfg.block_placements()
+        groups = FFN_SHARINGS[cfg.ffn_sharing].groups(cfg.layers)  # block -> its FFN
+        shared = [g for g in dict.fromkeys(groups) if groups.count(g) > 1]
+        if shared:  # an FFN that several blocks run is stored once; inner norms as its first block's placement
+            self.shared_ffn = nn.ModuleList(
+                MLP(cfg, inner_norm=PLACEMENTS[placements[groups.index(g)]].inner_norm) for g in shared)
+        ffn_of = {g: self.shared_ffn[n] for n, g in enumerate(shared)}
+        self.blocks = nn.ModuleList(Block(cfg, i, p, shared_mlp=ffn_of.get(groups[i]))
+                                    for i, p in enumerate(placements))
         self.ln_f = build_norm(cfg.norm if cfg.has_final_norm() else "none", cfg.width, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias)
         self.post_init()
@@ -241,14 +367,23 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         """N(0, init_std); output projections N(0, init_std/sqrt(2L)) when init is 'scaled'.
 
         The depth scaling is GPT-2's (Radford et al., 2019). LNS turns it off, as the Curse of
-        Depth paper prescribes. Norms initialise themselves in their constructors.
+        Depth paper prescribes. A placement with an init gain (Sub-LN: Magneto's gamma = sqrt(log 2L),
+        Wang et al., 2022, Foundation Transformers) replaces it, when init is 'scaled': the attention's
+        value and output projections and the FFN's weights are N(0, gamma * init_std), the query and key
+        rows N(0, init_std). Norms and DenseFormer's weights initialise themselves in their constructors.
         """
         cfg = self.config.to_model_config() if not hasattr(self, "cfg") else self.cfg
         std = cfg.init_std
         scaled = cfg.init == "scaled" and not any(PLACEMENTS[p].depth_scale for p in cfg.block_placements())
         if isinstance(module, nn.Linear):
+            gain = getattr(module, "init_gain", None) if cfg.init == "scaled" else None
             s = std / math.sqrt(2 * cfg.layers) if scaled and getattr(module, "residual_out", False) else std
+            if gain is not None:
+                s = std * gain if not hasattr(module, "gain_rows") else std
             nn.init.normal_(module.weight, mean=0.0, std=s)
+            if gain is not None and hasattr(module, "gain_rows"):
+                with torch.no_grad():
+                    module.weight[slice(*module.gain_rows)].mul_(gain)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -307,10 +442,11 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         mask = self._mask(attention_mask, B, T, past, x.device)
 
         hidden = [] if output_hidden_states else None
+        history = {0: x}  # the block outputs of this forward, for a depth wiring that reads them (DenseFormer)
         for block in self.blocks:
             if hidden is not None:
                 hidden.append(x)
-            x = block(x, rope=rope, cache=cache, mask=mask)
+            x = block(x, rope=rope, cache=cache, mask=mask, history=history)
         x = self.ln_f(x)
         if hidden is not None:  # as Hugging Face GPT-2: the last entry is after the final norm
             hidden.append(x)
@@ -373,6 +509,24 @@ def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **change
         raise RuntimeError(f"weights with no place in the rebuilt model: {sorted(extra)[:4]}")
     new.load_state_dict(state, strict=True)
     return carry_ids(model, new).to(next(model.parameters()).device).eval()
+
+
+# The block designs (layerlab.registry BLOCKS, WIRINGS, FFN_SHARINGS) that the compressors and export are written
+# for; a model of another design is refused by them until they are taught it (each would edit it wrongly: a pruned
+# DenseFormer's averages, one shared FFN quantized per block, a parallel block's norm folded into one sublayer).
+PLAIN_DESIGN = {"block": "sequential", "wiring": "residual", "ffn_sharing": "none"}
+
+
+def refuse_design(model: nn.Module, command: str) -> None:
+    """A one-line error where ``model`` is a layerlab model of a design ``command`` does not handle yet."""
+    cfg = getattr(model, "cfg", None)
+    if not isinstance(model, LayerlabForCausalLM) or cfg is None:
+        return
+    other = [f"{k}={getattr(cfg, k)!r}" for k, v in PLAIN_DESIGN.items() if getattr(cfg, k) != v]
+    if other:
+        raise LayerlabError(f"{command} handles layerlab models of the plain design "
+                            f"({', '.join(f'{k}={v!r}' for k, v in PLAIN_DESIGN.items())}); this one has "
+                            f"{', '.join(other)}")
 
 
 def num_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

@@ -12,6 +12,7 @@ This module imports nothing heavy; keep it that way.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,15 @@ class Placement:
     residual_sublayers: bool = True  # x + F(...): each sublayer adds to the stream, so a block may lack one
     final_norm: bool = True  # a model whose last block is this one ends with a norm before the head
     schedule: Callable[[int, float], list[str]] | None = None  # (layers, mix_alpha) -> each block's placement
+    # (layers) -> the init gain of the sublayers' value / output projections and FFN weights, in place of the
+    # depth-scaled init (Magneto's sqrt(log 2N) for Sub-LN)
+    init_gain: Callable[[int], float] | None = None
+
+
+def _magneto_gain(layers: int) -> float:
+    """gamma = sqrt(log 2N) for a decoder-only model of N blocks (Wang et al., 2022, Foundation Transformers, Sec. 2.2;
+    microsoft/torchscale's decoder, ``init_scale = sqrt(log(decoder_layers * 2))`` on fc1, fc2, v_proj, out_proj)."""
+    return math.sqrt(math.log(2 * layers))
 
 
 def _mix_schedule(layers: int, alpha: float) -> list[str]:
@@ -124,7 +134,7 @@ PLACEMENTS = Registry("placement", {
     "lns": Placement("LayerNorm Scaling: Pre-LN with norm outputs of block l scaled by 1/sqrt(l) (Sun et al., "
                      "2025, The Curse of Depth)", depth_scale=True),
     "sandwich": Placement("Sub-LN: Pre-LN plus a norm before each sublayer's output projection (Wang et al., 2022, "
-                          "Magneto)", inner_norm=True),
+                          "Magneto), with Magneto's sqrt(log 2N) init gain", inner_norm=True, init_gain=_magneto_gain),
 })
 PLACEMENT_ALIASES = {"subln": "sandwich"}
 
@@ -137,6 +147,83 @@ def block_placement_names() -> list[str]:
 def residual_placement_names() -> list[str]:
     """The one-block placements whose sublayers add to the residual stream, so that a block may lack one."""
     return [name for name in block_placement_names() if PLACEMENTS[name].residual_sublayers]
+
+
+@dataclass(frozen=True)
+class BlockForm:
+    """How a block's two sublayers meet the residual stream. ``forwards`` maps the forward a placement names
+    (:attr:`Placement.forward`) to this form's forward in ``layerlab.model`` (or the function itself); a
+    placement whose forward is not a key is refused with this form. ``form`` is the adapters' name for it
+    (``layerlab.adapters.core.FORMS``); ``shared_norm``: one input norm (``ln1``) feeds both sublayers."""
+
+    doc: str
+    forwards: dict[str, str | Callable] | None = None  # None: the placement's own forward (every placement)
+    form: str = "sequential"
+    shared_norm: bool = False
+
+    def forward_for(self, placement: Placement) -> str | Callable | None:
+        """The block forward for ``placement`` in this form; None where they do not combine."""
+        return placement.forward if self.forwards is None else self.forwards.get(placement.forward)
+
+
+BLOCKS = Registry("block form", {
+    "sequential": BlockForm("x = x + Attn(Norm(x)); x = x + MLP(Norm(x)) (Vaswani et al., 2017; GPT-2)"),
+    "parallel": BlockForm("x + Attn(Norm(x)) + MLP(Norm(x)), one norm feeding both sublayers (GPT-J, Wang & "
+                          "Komatsuzaki, 2021; PaLM, Chowdhery et al., 2022)",
+                          forwards={"pre": "parallel", "peri": "parallel_peri"}, form="parallel",
+                          shared_norm=True),
+    "parallel2": BlockForm("x + Attn(Norm1(x)) + MLP(Norm2(x)), a norm per sublayer (GPT-NeoX / Pythia's "
+                           "use_parallel_residual; Black et al., 2022)",
+                           forwards={"pre": "parallel", "peri": "parallel_peri"}, form="parallel"),
+})
+
+
+def block_form_placements(form: str) -> list[str]:
+    """The one-block placements that ``form`` combines with."""
+    f = BLOCKS[form]
+    return [name for name in block_placement_names() if f.forward_for(PLACEMENTS[name]) is not None]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """How the blocks feed each other in depth. ``mixer`` names the module class in ``layerlab.model`` that every
+    block ends with, ``(cfg, index) -> module``, called as ``mixer(out, history)`` on the block's output and the
+    outputs of the blocks before it (``history[0]`` the embedding); None: the block's output is the next input."""
+
+    doc: str
+    mixer: str | None = None
+
+
+WIRINGS = Registry("wiring", {
+    "residual": Wiring("each block's output is the next block's input"),
+    "denseformer": Wiring("DenseFormer: after block i, a learned depth-weighted average (DWA) of the embedding and "
+                          "the outputs of blocks 0..i, initialised to the identity, with dilation and period "
+                          "(Pagliardini et al., 2024)", mixer="DepthWeightedAverage"),
+})
+
+
+def _ffn_each(layers: int) -> list[int]:
+    return list(range(layers))
+
+
+def _ffn_one(layers: int) -> list[int]:
+    return [0] * layers
+
+
+@dataclass(frozen=True)
+class FFNSharing:
+    """Which FFN each block runs: ``groups(layers)`` gives block i's FFN index; an FFN that several blocks run is
+    stored once, at the model's top level (``shared_ffn``), and each of those blocks' ``mlp`` calls it."""
+
+    doc: str
+    groups: Callable[[int], list[int]]
+
+
+FFN_SHARINGS = Registry("FFN sharing", {
+    "none": FFNSharing("every block has its own FFN", _ffn_each),
+    "all": FFNSharing("one FFN shared by every block, each block keeping its norms (Pires et al., 2023, One Wide "
+                      "Feedforward is All You Need); widen it with ffn_mult", _ffn_one),
+})
 
 
 # The compressors' choices (layerlab.compress), checked by the CLI before the model loads.
@@ -180,7 +267,8 @@ def probe_tasks(spec: str | None) -> list[str]:
         return list(PROBES)
     return list(dict.fromkeys(PROBES.check(t) for t in names))
 
-__all__ = ["CONVERT_TARGETS", "EXPORT_TARGETS", "HEAL_MODES", "NORMS", "OPTIMIZERS", "PLACEMENTS",
+__all__ = ["BLOCKS", "CONVERT_TARGETS", "EXPORT_TARGETS", "FFN_SHARINGS", "HEAL_MODES", "NORMS", "OPTIMIZERS",
+           "PLACEMENTS", "WIRINGS", "BlockForm", "FFNSharing", "Wiring", "block_form_placements",
            "PLACEMENT_ALIASES", "PROBES", "PROBE_ITEMS", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE",
            "SECTIONS", "SUBLAYERS", "Placement", "Registry", "block_placement_names", "probe_tasks",
            "residual_placement_names"]

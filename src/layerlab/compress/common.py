@@ -18,6 +18,7 @@ import torch
 from ..adapters import Loaded, load_model
 from ..errors import TOKENIZER_FILES, LayerlabError
 from ..io import output_dir, write_manifest
+from ..model import refuse_design
 from ..packed import refuse_quantized
 
 
@@ -33,6 +34,7 @@ def open_input(model_dir: str | Path, command: str, *, causal: str | None = None
         dtype = resolve_dtype(dtype, None, None)
     loaded = load_model(model_dir, need_tokenizer=need_tokenizer, dtype=dtype)
     refuse_quantized(loaded.model, model_dir, command)
+    refuse_design(loaded.model, command)
     if causal and not loaded.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return loaded
@@ -67,6 +69,7 @@ def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dt
             "" if command == "quantize" else f"; {command} the full-precision model, then quantize"))
     model, tok, om = open_model(Path(model_dir), dtype, True, None, None)
     refuse_quantized(model, model_dir, command)
+    refuse_design(model, command)
     if not om.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return Loaded(model, tok, om.view), om

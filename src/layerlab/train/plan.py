@@ -41,6 +41,12 @@ _NAME_PARTS: dict[str, Callable[[Any], str]] = {
     "init_std": lambda v: f"std{v:g}",
     "drop_attn": lambda v: "noattn" + ".".join(map(str, v)),
     "drop_mlp": lambda v: "nomlp" + ".".join(map(str, v)),
+    "block": str,
+    "wiring": str,
+    "denseformer_dilation": lambda v: f"dil{v}",
+    "denseformer_period": lambda v: f"per{v}",
+    "ffn_sharing": lambda v: f"ffnshare-{v}",
+    "ffn_mult": lambda v: f"ffnx{v:g}",
 }
 
 
