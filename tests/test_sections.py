@@ -101,3 +101,29 @@ def test_cli_refuses_sections_with_trajectory_and_offload(tmp_path):
     r = CliRunner().invoke(app, ["analyze", str(d), "--offload", "--ffn", "--out", str(tmp_path / "o")])
     assert isinstance(r.exception, LayerlabError) and "drop --offload" in str(r.exception)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_chromium_draws_every_section(tmp_path):
+    """The three built-in sections on one report, loaded in headless Chromium: each has its heading, every plot
+    loads, and the FFN memories are one <details> per block."""
+    import re
+    import shutil
+
+    browser = pytest.importorskip("browser")
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium on PATH")
+    model = perturb(build_model(tiny_cfg(vocab_size=300, context=32, layers=4)))
+    d = save_model(model, tmp_path / "m")
+    out = tmp_path / "r"
+    layerlab.analyze(d, out=out, tokens=640, spectra=False, progress=False,
+                     sections={"interventions": {}, "lenses": {"steps": 5}, "ffn": {"top": 2, "experts": 4}})
+    page = (out / "report.html").read_text()
+    dom = browser.dump_dom(out / "report.html")
+    for name in ("interventions", "lenses", "ffn"):
+        assert f'id="section-{name}"' in dom
+    loaded = re.search(r'data-plots-loaded="(\d+)"', dom)
+    assert loaded and int(loaded.group(1)) == page.count('<img class="plot') > 7
+    ffn_part = dom.split('id="section-ffn"')[1]
+    assert ffn_part.count("<details") >= 4  # one per block (the per-layer numbers' <details> comes after)
+    assert (out / "lenses.safetensors").exists()
