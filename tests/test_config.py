@@ -100,8 +100,11 @@ def test_unknown_preset_and_missing_file():
 
 def test_parse_extra_arguments():
     assert parse_extra(["--lr", "0.1", "--mlp=swiglu"]) == {"lr": "0.1", "mlp": "swiglu"}
-    with pytest.raises(LayerlabError, match="needs a value"):
-        parse_extra(["--lr"])
+    with pytest.raises(LayerlabError, match="option --lr needs a value"):
+        check_fields(parse_extra(["--lr"]), from_text=True)
+    # a boolean field written alone is switched on (--early-exit-loss), before another option or at the end
+    fields = check_fields(parse_extra(["--early-exit-loss", "--tie-embeddings", "false", "--bias"]), from_text=True)
+    assert fields == {"early_exit_loss": True, "tie_embeddings": False, "bias": True}
 
 
 def test_subln_is_an_alias_of_sandwich():

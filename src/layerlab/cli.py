@@ -96,6 +96,10 @@ def _inputs(*models: Path, out: Path | None = None, trust_pickle: bool = False) 
         check_output(out, protect=models)
 
 
+# what parse_extra gives an option written without a value: True for a boolean field, an error for any other
+BARE_FLAG = "\x00bare"
+
+
 def parse_extra(args: list[str]) -> dict[str, Any]:
     """``--field value`` / ``--field=value`` pairs left over by the declared options."""
     out: dict[str, Any] = {}
@@ -107,9 +111,10 @@ def parse_extra(args: list[str]) -> dict[str, Any]:
         name, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise LayerlabError(f"option --{name} needs a value")
-            value = args[i + 1]
-            i += 1
+                value = BARE_FLAG  # a boolean field's switch (--early-exit-loss); any other field needs a value
+            else:
+                value = args[i + 1]
+                i += 1
         out[name.replace("-", "_")] = value
         i += 1
     return out
@@ -198,6 +203,10 @@ def sample(
     temperature: Annotated[float, typer.Option(help="0 for greedy decoding")] = 0.8,
     top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens")] = 50,
     seed: Annotated[int, typer.Option()] = 0,
+    exit_block: Annotated[int | None, typer.Option(
+        help="self-speculative greedy decoding (LayerSkip): draft with blocks 0..E, verify with the whole model; "
+             "reports the acceptance rate and tokens/s against plain greedy decoding (needs --temperature 0)")] = None,
+    draft: Annotated[int, typer.Option(help="tokens per draft with --exit-block")] = 4,
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Print a continuation of PROMPT by a model directory."""
@@ -207,7 +216,7 @@ def sample(
 
     _quiet_hf()
     text = run_sample(model, prompt, tokens=tokens, temperature=temperature, top_k=top_k, seed=seed,
-                      echo=lambda note: typer.echo(note, err=True))
+                      echo=lambda note: typer.echo(note, err=True), exit_block=exit_block, draft=draft)
     typer.echo(text)
 
 

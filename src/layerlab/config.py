@@ -362,6 +362,20 @@ class TrainConfig(_Config):
     llr: LLRSettings = Field(default_factory=LLRSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     lisa: LISASettings = Field(default_factory=LISASettings)
+    # LayerSkip (Elhoushi et al., 2024; train/loop.py): block l of L is skipped for a whole sequence with probability
+    # layer_dropout * D(l), D rising with depth from 0 at block 0 to 1 at the last (exp: e^(l ln2/(L-1)) - 1, the
+    # paper's Eq. 2; linear: l/(L-1)); never at evaluation
+    layer_dropout: Float = 0.0
+    layer_dropout_schedule: Literal["exp", "linear"] = "exp"
+    # an early-exit loss: the final norm and head read every block's output, each block's loss weighted by the
+    # paper's scale (Sec. 4.2: proportional to 1 + 2 + ... + (l+1), early_exit_scale on all but the last block,
+    # normalised over the blocks the curriculum enables this step)
+    early_exit_loss: bool = False
+    early_exit_scale: Float = 1.0
+    # which blocks have the loss at step t: gradual (deepest first, all by half the run), rotational (every R-th
+    # block, R = early_exit_rotation, the set moving up one block a step) or none (all); the last block always
+    early_exit_curriculum: Literal["gradual", "rotational", "none"] = "gradual"
+    early_exit_rotation: Int = 2
 
     @model_validator(mode="before")
     @classmethod
@@ -397,6 +411,11 @@ class TrainConfig(_Config):
             raise LayerlabError(f"lr must be positive, got {self.lr}")
         if self.keep_every < 0:
             raise LayerlabError(f"keep_every must be non-negative (0 keeps no steps), got {self.keep_every}")
+        if not 0 <= self.layer_dropout < 1:
+            raise LayerlabError(f"layer_dropout must be in [0, 1), got {self.layer_dropout}")
+        if self.early_exit_scale < 0 or self.early_exit_rotation < 1:
+            raise LayerlabError("early_exit_scale must be >= 0 and early_exit_rotation >= 1, got "
+                                f"{self.early_exit_scale} and {self.early_exit_rotation}")
         for name in ("input_norm_decay", "output_norm_decay"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
@@ -512,6 +531,10 @@ def check_fields(values: dict[str, Any], *, from_text: bool = False, source: str
     for name, key, value in _flat_items(values, source):
         if key not in ALL_FIELDS:
             raise unknown_field_error(name, source, also)
+        if value == "\x00bare":  # an option given without a value on the command line (layerlab.cli.BARE_FLAG)
+            if ALL_FIELDS[key].annotation is not bool:
+                raise LayerlabError(f"option --{name.replace('_', '-')} needs a value")
+            value = True
         if from_text and isinstance(value, str):
             try:
                 value = yaml.safe_load(value) if value != "" else ""

@@ -517,6 +517,13 @@ def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **change
 PLAIN_DESIGN = {"block": "sequential", "wiring": "residual", "ffn_sharing": "none"}
 
 
+def design_note(cfg: ModelConfig) -> str:
+    """``", block parallel, wiring denseformer"``: the design fields that differ from the plain design's, for a
+    summary line."""
+    changed = [k for k, v in PLAIN_DESIGN.items() if getattr(cfg, k) != v]
+    return "".join(f", {k.replace('_', ' ')} {getattr(cfg, k)}" for k in changed)
+
+
 def refuse_design(model: nn.Module, command: str) -> None:
     """A one-line error where ``model`` is a layerlab model of a design ``command`` does not handle yet."""
     cfg = getattr(model, "cfg", None)
