@@ -505,27 +505,23 @@ class LayerView:
         ones for stand-ins that return their input. That more than halves the cost of measuring
         every block's removal.
         """
-        if replay is not None and getattr(getattr(self.model, "cfg", None), "wiring", "residual") != "residual":
-            raise LayerlabError("skip(replay=...) swaps blocks for stand-ins, which a DenseFormer's depth-weighted "
-                                "averages cannot read; skip without replay")
-        handles = []
-        container = self.root.get_submodule(self.arch.blocks)
-        swapped = []
-        if replay is None:
-            for i in indices:
-                handles.append(self.blocks[i].module.register_forward_hook(_passthrough, with_kwargs=True))
-        elif indices:  # the trace says how blocks return their output, so skipped blocks need not run either
-            for j in range(min(indices)):
-                swapped.append((j, container[j]))
-                container[j] = _Replay(replay.resid_out[j], replay.tuple_out)
-            for i in indices:
-                swapped.append((i, container[i]))
-                container[i] = _Identity(replay.tuple_out)
+        if replay is not None:  # the trace says how blocks return their output, so skipped blocks need not run either
+            container = self.root.get_submodule(self.arch.blocks)
+            swapped = []
+            with self.replay_prefix(min(indices, default=0), replay):
+                try:
+                    for i in indices:
+                        swapped.append((i, container[i]))
+                        container[i] = _Identity(replay.tuple_out)
+                    yield
+                finally:
+                    for i, block in swapped:
+                        container[i] = block
+            return
+        handles = [self.blocks[i].module.register_forward_hook(_passthrough, with_kwargs=True) for i in indices]
         try:
             yield
         finally:
-            for j, block in swapped:
-                container[j] = block
             for h in handles:
                 h.remove()
 
@@ -533,7 +529,12 @@ class LayerView:
     def replay_prefix(self, start: int, replay: Trace) -> Iterator[None]:
         """Run with the blocks before ``start`` swapped for stand-ins that return their outputs in ``replay``, a
         trace of a forward on the same inputs (as :meth:`skip` does with ``replay``): a change made inside block
-        ``start`` or later is measured for the cost of the blocks from ``start`` on. The blocks are put back after."""
+        ``start`` or later is measured for the cost of the blocks from ``start`` on. The blocks are put back after.
+        A DenseFormer is refused: its depth-weighted averages read every earlier block's output of the forward,
+        which the stand-ins do not record."""
+        if getattr(getattr(self.model, "cfg", None), "wiring", "residual") != "residual":
+            raise LayerlabError("replaying recorded block outputs swaps blocks for stand-ins, which a DenseFormer's "
+                                "depth-weighted averages cannot read; run the blocks instead")
         container = self.root.get_submodule(self.arch.blocks)
         swapped = []
         try:
