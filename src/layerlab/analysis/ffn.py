@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import LayerlabError
 from ..registry import SECTIONS
 from .sections import Section, SectionContext, SectionOutput
-from .stats import _pooled, chunked_loss_sum
+from .stats import _pooled, output_loss_terms
 
 TOP_CONTEXTS = 10  # trigger contexts kept per key (Geva et al. read the top 25 of far more text)
 PREFIX_TOKENS = 12  # tokens of a trigger context shown, ending at the trigger token
@@ -287,15 +287,6 @@ def memories(ctx: SectionContext, ffns: dict, obs: dict, ids: torch.Tensor, mask
     return out
 
 
-def _loss_terms(v, out, input_ids, mask, dense) -> tuple[float, int]:
-    """(sum, count) of the loss: next-token cross-entropy (causal), or 1 - cos of the mean-pooled output against
-    ``dense`` (B, C), the dense model's pooled output, per sequence (encoders; RemovalSums' measure)."""
-    if v.causal:
-        return chunked_loss_sum(lambda x: x, out.logits, input_ids, mask, out.logits.shape[-1])
-    pooled = _pooled(out.last_hidden_state, mask)
-    return float((1 - F.cosine_similarity(pooled.float(), dense.float())).sum()), int(mask.shape[0])
-
-
 def moefy(v, ffn, carving: _Carving, router: str, e: int):
     """A context manager: block ``ffn``'s MLP keeps only each token's top-``e`` experts under ``router`` (forward
     pre-hooks: one records the MLP's input, the other masks the hidden activation the output projection reads)."""
@@ -335,12 +326,12 @@ def moefication(ctx: SectionContext, ffns: dict, obs: dict, k: int) -> list[dict
         with v.trace(sublayers=False) as t:
             out = v.forward(input_ids, mask)
         pooled = None if v.causal else _pooled(out.last_hidden_state, mask)
-        s, c = _loss_terms(v, out, input_ids, mask, pooled)
+        s, c = output_loss_terms(v.causal, out, input_ids, mask, pooled)
         dense_sum, n = dense_sum + s, n + c
         del out
         for i, r, e in runs:
             with v.replay_prefix(i, t), moefy(v, ffns[i], carvings[i], r, e):
-                sums[(i, r, e)] += _loss_terms(v, v.forward(input_ids, mask), input_ids, mask, pooled)[0]
+                sums[(i, r, e)] += output_loss_terms(v.causal, v.forward(input_ids, mask), input_ids, mask, pooled)[0]
         del t
     dense = dense_sum / max(n, 1)
     result: list[dict | None] = []

@@ -48,7 +48,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..adapters.core import _first, _Identity
@@ -56,7 +55,7 @@ from ..errors import LayerlabError
 from ..io import progress_bar
 from ..registry import SECTIONS
 from .sections import Section, SectionContext, SectionOutput
-from .stats import _pooled, chunked_loss_sum
+from .stats import _pooled, output_loss_terms
 
 MAX_TOKENS = 4096  # the experiments measure at most this many of the pass's tokens
 SHUFFLE_DRAWS = 3
@@ -241,15 +240,10 @@ class _Measure:
         total, norm = 0.0, 0
         for k, (ids, mask) in enumerate(self.batches):
             out = self.view.forward(ids, mask)
-            if self.view.causal:
-                s, n = chunked_loss_sum(lambda x: x, out.logits, ids, mask, out.logits.shape[-1])
-                total, norm = total + s, norm + n
-                continue
-            pooled = _pooled(out.last_hidden_state, mask).float()  # (B, C)
-            if record:
-                self.base.append(pooled)
-            total += float((1 - F.cosine_similarity(pooled, self.base[k])).sum())
-            norm += int(mask.shape[0])
+            if record and not self.view.causal:
+                self.base.append(_pooled(out.last_hidden_state, mask).float())  # (B, C)
+            s, n = output_loss_terms(self.view.causal, out, ids, mask, None if self.view.causal else self.base[k])
+            total, norm = total + s, norm + n
         return total / max(norm, 1)
 
 

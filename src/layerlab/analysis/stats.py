@@ -336,6 +336,18 @@ def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def output_loss_terms(causal: bool, out, input_ids: torch.Tensor, mask: torch.Tensor,
+                      reference: torch.Tensor | None = None) -> tuple[float, int]:
+    """(sum, count) of what a forward's output ``out`` measures, as layer removal measures it (:class:`RemovalSums`):
+    for a causal LM the next-token cross-entropy of its logits over the predicting tokens; for an encoder
+    1 - cos between its mean-pooled last hidden state and ``reference`` (B, C), the unaltered model's, per
+    sequence. The analysis sections that alter the model (interventions, MoEfication) read their losses here."""
+    if causal:
+        return chunked_loss_sum(lambda x: x, out.logits, input_ids, mask, out.logits.shape[-1])
+    pooled = _pooled(out.last_hidden_state, mask).float()
+    return float((1 - F.cosine_similarity(pooled, reference.float())).sum()), int(mask.shape[0])
+
+
 class RemovalSums:
     """Per block, how much the output changes when that block is skipped, over the first ``limit`` tokens:
     the loss increase (nats/token) for causal LMs, 1 - cos of the mean-pooled output for encoders
