@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -156,25 +157,12 @@ class ModelConfig(_Config):
     ffn_sharing: str = "none"
     ffn_mult: Float = 1.0
 
-    @field_validator("norm")
+    @field_validator("norm", "block", "wiring", "ffn_sharing")
     @classmethod
-    def _known_norm(cls, norm: str) -> str:
-        return NORMS.check(norm)
-
-    @field_validator("block")
-    @classmethod
-    def _known_block(cls, block: str) -> str:
-        return BLOCKS.check(block)
-
-    @field_validator("wiring")
-    @classmethod
-    def _known_wiring(cls, wiring: str) -> str:
-        return WIRINGS.check(wiring)
-
-    @field_validator("ffn_sharing")
-    @classmethod
-    def _known_ffn_sharing(cls, sharing: str) -> str:
-        return FFN_SHARINGS.check(sharing)
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        """A name of the field's registry (the registry's one-line error for any other)."""
+        registry = {"norm": NORMS, "block": BLOCKS, "wiring": WIRINGS, "ffn_sharing": FFN_SHARINGS}[info.field_name]
+        return registry.check(name)
 
     @field_validator("placement")
     @classmethod
