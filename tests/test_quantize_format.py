@@ -136,6 +136,21 @@ def test_int32_packing_is_the_bit_stream_compressed_tensors_reads(bits, n):
 
 
 # ---------------------------------------------------------------------------- plain transformers loads the output
+def write_both_ways(build, tmp_path) -> dict:
+    """A float32 and a bfloat16 ``build(dtype)`` quantized at a 6-bit budget over widths 4 and 8, in memory
+    (``q-<dtype>``) and offloaded (``qo-<dtype>``): {dtype: (source dir, allocation, (record, offloaded record))},
+    one block at each width and the same allocation both ways."""
+    runs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        src = save_model(build(dtype), tmp_path / f"src-{dtype}")
+        recs = tuple(quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"{k}-{dtype}", offload=off,
+                              **QUIET) for k, off in (("q", None), ("qo", True)))
+        alloc = recs[0]["allocation"]
+        assert sorted(alloc) == [4, 8] and recs[1]["allocation"] == alloc
+        runs[dtype] = src, alloc, recs
+    return runs
+
+
 def test_llama_output_loads_without_layerlab_with_each_blocks_width(tmp_path):
     """Two equal blocks at a 6-bit budget over widths 4 and 8: one block gets each. The in-memory and the
     offloaded writes, of a float32 and of a bfloat16 checkpoint, load in plain transformers (one subprocess for
@@ -145,19 +160,12 @@ def test_llama_output_loads_without_layerlab_with_each_blocks_width(tmp_path):
     from safetensors import safe_open
 
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        src = save_model(llama(dtype), tmp_path / f"src-{dtype}")
-        rec = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"q-{dtype}", **QUIET)
-        rec_off = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"qo-{dtype}", offload=True,
-                           **QUIET)
-        alloc = rec["allocation"]
-        assert sorted(alloc) == [4, 8] and rec_off["allocation"] == alloc
+    runs = write_both_ways(llama, tmp_path)
+    for _, _, (rec, rec_off) in runs.values():
         assert rec["format"] == rec_off["format"] == COMPRESSED and rec["format_note"] is None
         assert "written as compressed-tensors" in "\n".join(quantize_lines(rec))
-        runs[dtype] = src, alloc
     loaded = load_without_layerlab(tmp_path, ids, *(tmp_path / f"{k}-{d}" for d in runs for k in ("q", "qo")))
-    for dtype, (src, alloc) in runs.items():
+    for dtype, (src, alloc, _) in runs.items():
         original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
         originals = dict(original.named_modules())
         with torch.no_grad():
@@ -260,24 +268,17 @@ def test_gpt2_output_loads_without_layerlab_as_opt(tmp_path):
     the by-hand fake-quantized ones (float32: to 1e-5; bfloat16: exactly, the attention scale being a power of
     two)."""
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
-    runs = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        src = save_model(gpt2(dtype), tmp_path / f"src-{dtype}")
-        rec = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"q-{dtype}", **QUIET)
-        rec_off = quantize(src, bits=6, widths=(4, 8), group=GROUP, out=tmp_path / f"qo-{dtype}", offload=True,
-                           **QUIET)
-        alloc = rec["allocation"]
-        assert sorted(alloc) == [4, 8] and rec_off["allocation"] == alloc
-        for r in (rec, rec_off):
+    runs = write_both_ways(gpt2, tmp_path)
+    for dtype, (_, _, recs) in runs.items():
+        for r in recs:
             assert r["format"] == COMPRESSED and r["written_model_type"] == "opt"
             assert "model_type opt" in r["format_note"] and "Conv1D" in r["format_note"]
             lines = "\n".join(quantize_lines(r))
             assert "written as compressed-tensors" in lines and "model_type opt" in lines
         manifest = json.loads((tmp_path / f"q-{dtype}" / "layerlab.json").read_text())
         assert manifest["written_model_type"] == "opt" and manifest["format"] == COMPRESSED
-        runs[dtype] = src, alloc
     loaded = load_without_layerlab(tmp_path, ids, *(tmp_path / f"{k}-{d}" for d in runs for k in ("q", "qo")))
-    for dtype, (src, alloc) in runs.items():
+    for dtype, (src, alloc, _) in runs.items():
         original = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
         with torch.no_grad():
             ref = Quantizer(original, GROUP, output=COMPRESSED).quantized_copy(alloc)(ids).logits
