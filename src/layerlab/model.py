@@ -18,7 +18,7 @@ import copy
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,15 @@ CACHE_NAME = cache_convention()
 def output_cache(output) -> Cache | None:
     """The KV cache of a model output, under whichever name the installed transformers uses."""
     return output.get(CACHE_NAME)
+
+
+@dataclass
+class LayerlabOutput(CausalLMOutputWithPast):
+    """A causal-LM output with the design's auxiliary training loss: the sum of every module's ``aux_loss`` set in
+    this forward (a mixture-of-experts router's load-balancing loss, a Mixture-of-Depths predictor's loss), already
+    weighted; None where no module set one. ``loss`` stays the plain cross-entropy; training adds ``aux_loss``."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class LayerlabConfig(PreTrainedConfig):
@@ -415,7 +424,7 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> LayerlabOutput:
         if past_key_values is not None and cache is not None and past_key_values is not cache:
             raise ValueError("pass the KV cache as either `cache` or `past_key_values`, not both")
         cache = cache if cache is not None else past_key_values  # generate() names it per CACHE_NAME
@@ -442,6 +451,10 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         mask = self._mask(attention_mask, B, T, past, x.device)
 
         hidden = [] if output_hidden_states else None
+        # a module with an auxiliary loss (attribute ``aux_loss``) sets it during this forward; stale ones are cleared
+        aux_modules = [m for m in self.modules() if hasattr(m, "aux_loss")]
+        for m in aux_modules:
+            m.aux_loss = None
         history = {0: x}  # the block outputs of this forward, for a depth wiring that reads them (DenseFormer)
         for block in self.blocks:
             if hidden is not None:
@@ -456,8 +469,10 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:  # Hugging Face convention: labels are inputs, shifted here
             flat = logits[:, :-1].reshape(-1, logits.size(-1)).float()
             loss = F.cross_entropy(flat, labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(
+        aux = [m.aux_loss for m in aux_modules if m.aux_loss is not None]
+        return LayerlabOutput(
             loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden is not None else None,
+            aux_loss=torch.stack([a.float() for a in aux]).sum() if aux else None,
             **{CACHE_NAME: cache if use_cache else None},
         )
 

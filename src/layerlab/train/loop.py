@@ -357,13 +357,20 @@ def _early_exit_loss(run: Run, step_fn, x: torch.Tensor, y: torch.Tensor, step: 
         out = step_fn(x, output_hidden_states=True)
     ce = lambda logits: F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))  # noqa: E731
     last = ce(out.logits)
-    total = weights[L - 1] * last
+    total = weights[L - 1] * last + _aux(out)
     for i, w in weights.items():
         if i < L - 1:  # hidden_states[i + 1] is block i's output; the last entry is already after the final norm
             with run.autocast():
                 logits = model.lm_head(model.ln_f(out.hidden_states[i + 1]))
             total = total + w * ce(logits)
     return total, last
+
+
+def _aux(out) -> torch.Tensor | float:
+    """The design's auxiliary loss in a forward's output (:class:`~layerlab.model.LayerlabOutput`), else 0: it joins
+    the objective, never the logged loss."""
+    aux = getattr(out, "aux_loss", None)
+    return aux if aux is not None else 0.0
 
 
 def _forward_backward(run: Run, gen: torch.Generator, want_tel: bool, step: int = 0
@@ -387,8 +394,9 @@ def _forward_backward(run: Run, gen: torch.Generator, want_tel: bool, step: int 
                     objective, loss = _early_exit_loss(run, step_fn, x, y, step)
                 else:
                     with run.autocast():
-                        logits = step_fn(x).logits
-                    objective = loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                        out = step_fn(x)
+                    loss = F.cross_entropy(out.logits.float().view(-1, out.logits.size(-1)), y.view(-1))
+                    objective = loss + _aux(out)
                 (objective / tc.grad_accum).backward()
             loss_sum += float(loss.detach())
     return loss_sum, stats
