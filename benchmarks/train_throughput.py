@@ -88,6 +88,18 @@ DESIGNS = {
     "denseformer-4x5": {"wiring": "denseformer", "denseformer_dilation": 4, "denseformer_period": 5},
     "shared-ffn": {"ffn_sharing": "all"},
     "shared-ffn-x2": {"ffn_sharing": "all", "ffn_mult": 2.0},
+    # Mixture-of-Depths (Raposo et al., 2024): every other block on the top half, or the paper's 12.5%, of the tokens
+    "mod-0.5": {"mod_capacity": 0.5},
+    "mod-0.125": {"mod_capacity": 0.125},
+    # recursive blocks (Bae et al., 2024): layers / 2 unique blocks looped twice, a rank-8 LoRA per block (needs an
+    # even --layers)
+    "recursive-x2-r8": {"loops": 2, "loop_lora_rank": 8},
+    # MSG (Yao et al., 2023; layerlab.grow): the cost of the depth masks while they ramp, blocks 0 and 1 at mask 0.5
+    "msg-ramping": {"msg_blocks": [0, 1], "msg_mask": 0.5},
+    # mixture of experts (layerlab.moe; Switch, Fedus et al., 2021; Mixtral, Jiang et al., 2024): 4 experts of the
+    # dense MLP's width, top-1 (the dense model's active parameters) and top-2
+    "moe-4-top1": {"mlp": "moe", "experts": 4, "top_k": 1},
+    "moe-4-top2": {"mlp": "moe", "experts": 4, "top_k": 2},
 }
 
 

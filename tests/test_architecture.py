@@ -16,13 +16,13 @@ SRC = Path(layerlab.__file__).parent
 LAYERS = [
     {"errors", "version", "registry", "defaults", "io", "allocator"},
     {"config", "presets", "recipe"},
-    {"norms", "packed", "model"},
+    {"norms", "packed", "moe", "mod", "recursive", "msg", "model"},
     {"adapters", "offload"},
     {"tokenizer"},
     {"data"},
     {"evaluate", "generate", "probes"},
     {"analysis"},
-    {"compress", "train", "export"},
+    {"compress", "train", "export", "grow"},
     {"report"},
     {"sweep"},
     {"cli", "__main__", ""},  # "" is the package itself (layerlab/__init__.py), the public API

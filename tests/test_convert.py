@@ -148,7 +148,8 @@ def test_other_designs_are_refused_with_the_reason(change, reason):
 
 
 def test_bad_arguments_and_unsupported_models(trained, tmp_path):
-    with pytest.raises(LayerlabError, match="unknown conversion target 'layernorm'; valid: crmsnorm, no-norm, rmsnorm"):
+    with pytest.raises(LayerlabError,
+                       match="unknown conversion target 'layernorm'; valid: crmsnorm, no-norm, recursive, rmsnorm"):
         convert(trained, to="layernorm", out=tmp_path / "a", **QUIET)
     with pytest.raises(LayerlabError, match="--steps must be >= 0, got -1"):
         convert(trained, to="no-norm", steps=-1, out=tmp_path / "a", **QUIET)
@@ -234,4 +235,4 @@ def test_no_norm_from_gpt2(tmp_path):
 
 
 def test_targets_are_the_documented_ones():
-    assert TARGETS == ("rmsnorm", "crmsnorm", "no-norm")
+    assert TARGETS == ("rmsnorm", "crmsnorm", "no-norm", "recursive")

@@ -179,6 +179,17 @@ DESIGNS = {
     "denseformer-dilated": dict(wiring="denseformer", denseformer_dilation=2, denseformer_period=2, layers=4),
     "one-wide-ffn": dict(ffn_sharing="all", ffn_mult=2.0),
     "magneto": dict(placement="sandwich"),
+    "recursive": dict(layers=4, loops=2, loop_lora_rank=2),  # 2 unique blocks looped twice, per-block LoRA
+    "recursive-parallel-rope": dict(layers=4, loops=2, loop_lora_rank=1, block="parallel", positions="rope"),
+    "recursive-denseformer": dict(layers=6, loops=3, wiring="denseformer"),
+    "moe": dict(mlp="moe", experts=4, top_k=2),
+    "mod": dict(mod_capacity=0.5, layers=4),  # Mixture-of-Depths: blocks 1 and 3 routed by the predictor
+    "mod-parallel-rope": dict(mod_capacity=0.125, block="parallel", positions="rope", layers=4),
+    # MSG's masks mid-ramp on a grown model (layerlab.grow): block 2 new, residual coordinates >= 16 and neurons
+    # >= 64 new, all at mask 0.4
+    "msg": dict(msg_blocks=[2], msg_width=16, msg_hidden=64, msg_mask=0.4),
+    "msg-peri-rmsnorm-rope": dict(msg_blocks=[1], msg_width=16, msg_hidden=64, msg_mask=0.7, norm="rmsnorm",
+                                  placement="peri", positions="rope"),
 }
 
 
@@ -331,7 +342,8 @@ def test_denseformer_layer_removal_streams_follow_the_stated_rule():
             assert not torch.allclose(Y_i, s) or i == 2
 
 
-@pytest.mark.parametrize("design", [{"block": "parallel"}, {"wiring": "denseformer"}, {"ffn_sharing": "all"}])
+@pytest.mark.parametrize("design", [{"block": "parallel"}, {"wiring": "denseformer"}, {"ffn_sharing": "all"},
+                                    {"mod_capacity": 0.5}, {"msg_width": 16, "msg_hidden": 64}, {"mlp": "moe"}])
 def test_compressors_and_export_refuse_designs_they_do_not_handle(design, tmp_path):
     """prune, quantize, convert and export edit blocks as the plain design lays them out; another design is one line
     before anything is written (a pruned DenseFormer's averages, one shared FFN at per-block widths, ...)."""

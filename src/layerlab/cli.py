@@ -495,6 +495,8 @@ Examples:
   layerlab convert gpt2-dir --to crmsnorm --out gpt2-crms                                 # written as layerlab
 
   layerlab convert runs/tiny-pre-layernorm-L4-d256 --to no-norm --steps 200 --control --out runs/tiny-nonorm
+
+  layerlab convert runs/tiny-pre-layernorm-L4-d256 --to recursive --loops 2 --lora-rank 8 --heal-steps 100 --out rec
 """
 
 
@@ -502,7 +504,7 @@ Examples:
 def convert(
     model: Annotated[Path, typer.Argument(help="Pre-LN causal LM directory (layerlab pre+layernorm, or GPT-2)")],
     to: Annotated[str, typer.Option(help=f"{_names(CONVERT_TARGETS)} (the first two exact, no-norm "
-                                      "fine-tuned)")] = ...,
+                                      "fine-tuned, recursive: shared looped blocks)")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
     data: Annotated[str | None, typer.Option(help="text: fine-tune on its first 90%, evaluate on the rest "
                                              "(default: embedded)")] = None,
@@ -514,13 +516,22 @@ def convert(
                                       "of the random ids the conversion is checked on")] = 0,
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,
+    loops: Annotated[int | None, typer.Option(help="recursive: times the unique blocks are looped (divides the "
+                                              "depth)")] = None,
+    lora_rank: Annotated[int, typer.Option(help="recursive: rank of each block's LoRA on the shared weights "
+                                           "(0: none)")] = 0,
+    init: Annotated[str, typer.Option(help="recursive: the shared weights' init, average|stepwise|lower "
+                                      "(Bae et al., 2024)")] = "average",
+    heal_steps: Annotated[int, typer.Option(help="recursive: uptraining steps of every weight after the "
+                                            "conversion (0: none)")] = 0,
     progress: Annotated[bool, typer.Option(help="show a progress bar while fine-tuning")] = True,
     tasks: Tasks = None,
     probe_items: ProbeItems = PROBE_ITEMS,
     probe_seed: ProbeSeed = 0,
     trust_pickle: TrustPickle = False,
 ) -> None:
-    """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, or remove its norms."""
+    """Turn a Pre-LN model into its exact Pre-RMSNorm / Pre-CRMSNorm equivalent, remove its norms, or make it a
+    recursive model (looped shared blocks with per-block LoRA)."""
     _choice("conversion target", to, CONVERT_TARGETS)
     if tasks is not None:
         probe_tasks(tasks)  # an unknown probe is answered before torch loads
@@ -531,8 +542,38 @@ def convert(
     _quiet_hf()
     record = run_convert(model, to=to, out=out, data=data, tokens=tokens, steps=steps, lr=lr, seed=seed,
                          control=control, progress=progress, tasks=tasks, probe_items=probe_items,
-                         probe_seed=probe_seed)
+                         probe_seed=probe_seed, loops=loops, lora_rank=lora_rank, init=init, heal_steps=heal_steps)
     _print(convert_lines(record), out)
+
+
+GROW_EXAMPLE = """
+Examples:
+
+  layerlab grow runs/tiny-pre-layernorm-L4-d256 --layers 2x --method stack --out runs/tiny-L8-stacked
+
+  layerlab grow runs/tiny-pre-layernorm-L4-d256 --layers 6 --width 384 --method msg --out runs/tiny-L6-d384
+
+Inside a run: layerlab train --grow-at 100:layers=2x,200:width=384 --grow-method msg --grow-ramp 20
+"""
+
+
+@app.command(epilog=GROW_EXAMPLE)
+def grow(
+    model: Annotated[Path, typer.Argument(help="layerlab model or run directory")],
+    out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
+    layers: Annotated[str | None, typer.Option(help="new depth: 2x (a multiple) or N blocks")] = None,
+    width: Annotated[int | None, typer.Option(help="new width (msg only; a multiple of the head dimension)")] = None,
+    method: Annotated[str, typer.Option(help="msg (masked, function-preserving) | stack (the stack on top of "
+                                        "itself) | interp (each block next to itself)")] = "msg",
+    seed: Annotated[int, typer.Option(help="seed of the new weights (msg) and of the check windows")] = 0,
+) -> None:
+    """Grow a trained layerlab model in depth and/or width (Masked Structural Growth, stacking, interpolation)."""
+    _choice("growth method", method, ("msg", "stack", "interp"))
+    _inputs(model, out=out)
+    from .grow import grow_dir, grow_lines
+
+    _quiet_hf()
+    _print(grow_lines(grow_dir(model, out, layers=layers, width=width, method=method, seed=seed)), out)
 
 
 SWEEP_EXAMPLE = """

@@ -9,7 +9,9 @@ ranges and names; every error reaches the user as a one-line :class:`~layerlab.e
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -32,6 +34,7 @@ from .errors import LayerlabError, choices_error, close_match
 from .registry import (
     BLOCKS,
     FFN_SHARINGS,
+    MLPS,
     NORMS,
     OPTIMIZERS,
     PLACEMENT_ALIASES,
@@ -115,6 +118,71 @@ class _Config(BaseModel):
         return self.model_dump()
 
 
+# mlp moe's fields and their defaults: 8 experts, top-2 (Mixtral, Jiang et al., 2024), GELU experts as the default
+# dense MLP, the balancing loss weighted 0.01 (Switch Transformers' alpha = 10^-2, Fedus et al., 2021, Sec. 2.2)
+MOE_DEFAULTS = {"experts": 8, "top_k": 2, "expert_mlp": "gelu", "router_aux_coef": 0.01}
+
+
+def _check_moe(cfg: ModelConfig) -> None:
+    """The mixture-of-experts fields: set only with mlp moe (which fills in :data:`MOE_DEFAULTS`), in range."""
+    if cfg.mlp != "moe":
+        given = [f"{k}={getattr(cfg, k)!r}" for k in MOE_DEFAULTS if getattr(cfg, k) is not None]
+        if given:
+            raise LayerlabError(f"{', '.join(given)} set for mlp {cfg.mlp!r}; the expert fields are for mlp 'moe'")
+        return
+    for k, v in MOE_DEFAULTS.items():
+        if getattr(cfg, k) is None:
+            cfg.__dict__[k] = v  # not setattr: that would validate the model again, from inside its validation
+    if cfg.experts < 2:
+        raise LayerlabError(f"mlp 'moe' needs at least 2 experts, got {cfg.experts}")
+    if not 1 <= cfg.top_k <= cfg.experts:
+        raise LayerlabError(f"top_k must be in 1..{cfg.experts} (the experts), got {cfg.top_k}")
+    if cfg.router_aux_coef < 0:
+        raise LayerlabError(f"router_aux_coef must be non-negative, got {cfg.router_aux_coef}")
+    if cfg.ffn_sharing != "none":
+        raise LayerlabError(f"mlp 'moe' does not combine with ffn_sharing {cfg.ffn_sharing!r}")
+    inner = [p for p in dict.fromkeys(cfg.block_placements()) if PLACEMENTS[p].inner_norm]
+    if inner:
+        raise LayerlabError(f"mlp 'moe' does not combine with placement {inner[0]!r} (a norm inside each MLP)")
+
+
+def _check_loops(cfg: ModelConfig) -> None:
+    """Recursive blocks (layerlab.recursive): loops divides the layers; a LoRA rank only where blocks are shared."""
+    if cfg.loops < 1 or cfg.layers % cfg.loops:
+        raise LayerlabError(f"loops must be a positive divisor of layers {cfg.layers}, got {cfg.loops}")
+    if cfg.loop_lora_rank < 0:
+        raise LayerlabError(f"loop_lora_rank must be non-negative, got {cfg.loop_lora_rank}")
+    if cfg.loops == 1:
+        if cfg.loop_lora_rank:
+            raise LayerlabError(f"loop_lora_rank {cfg.loop_lora_rank} needs loops > 1 (blocks that share weights)")
+        return
+    # what the shared blocks cannot be: one FFN for every block already, experts, blocks lacking a sublayer
+    other = [f"ffn_sharing {cfg.ffn_sharing!r}"] if cfg.ffn_sharing != "none" else []
+    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in ("gelu", "swiglu") else []
+    other += [f"{k} {getattr(cfg, k)}" for k in ("drop_attn", "drop_mlp") if getattr(cfg, k)]
+    if other:
+        raise LayerlabError(f"loops {cfg.loops} does not combine with {other[0]}")
+
+
+def _check_mod(cfg: ModelConfig) -> None:
+    """Mixture-of-Depths (layerlab.mod): a capacity in (0, 1]; the routed blocks add each sublayer to the residual
+    stream, and the designs it is not written for are refused."""
+    if not 0 < cfg.mod_capacity <= 1:
+        raise LayerlabError(f"mod_capacity must be in (0, 1], got {cfg.mod_capacity}")
+    routed = cfg.mod_blocks()
+    if cfg.mod_capacity < 1 and not routed:
+        raise LayerlabError(f"mod_capacity routes every other block (1, 3, ...); the model has {cfg.layers} layer")
+    placements = cfg.block_placements()
+    other = [f"wiring {cfg.wiring!r}"] if cfg.wiring != "residual" else []
+    other += [f"loops {cfg.loops}"] if cfg.loops > 1 else []
+    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in ("gelu", "swiglu") else []
+    other += [f"{k} naming routed block {i}" for k in ("drop_attn", "drop_mlp") for i in getattr(cfg, k) if i in routed]
+    other += [f"placement {placements[i]!r} on routed block {i}" for i in routed
+              if not PLACEMENTS[placements[i]].residual_sublayers]
+    if routed and other:
+        raise LayerlabError(f"mod_capacity {cfg.mod_capacity} does not combine with {other[0]}")
+
+
 def _at_least_one(cls: type[_Config], values: _Config, names: Iterable[str]) -> None:
     for name in names:
         if getattr(values, name) < 1:
@@ -129,7 +197,7 @@ class ModelConfig(_Config):
     layers: Int = 4
     width: Int = 256
     heads: Int = 4
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: str = "gelu"  # the MLP (layerlab.registry.MLPS): gelu, swiglu, or moe (a mixture of experts, below)
     mlp_hidden: Int | None = None  # default: 4*width for gelu, 8/3*width rounded to 64 for swiglu
     positions: Literal["learned", "rope"] = "learned"
     rope_theta: Float = 10000.0
@@ -156,12 +224,34 @@ class ModelConfig(_Config):
     # hidden width (mlp_hidden, or its default) for a wide shared FFN
     ffn_sharing: str = "none"
     ffn_mult: Float = 1.0
+    # mlp moe (layerlab.moe): E experts, each an MLP of expert_mlp's dense hidden width (so k = 1 runs as many
+    # parameters per token as the dense model), top_k of them per token, the load-balancing loss weighted by
+    # router_aux_coef; None unless mlp is moe, where the defaults are 8, 2 (Mixtral), gelu and 0.01 (Switch)
+    experts: Int | None = None
+    top_k: Int | None = None
+    expert_mlp: Literal["gelu", "swiglu"] | None = None
+    router_aux_coef: Float | None = None
+    # recursive blocks (layerlab.recursive; Bae et al., 2024, Relaxed Recursive Transformers): loops N > 1 runs
+    # layers / N unique blocks N times (CYCLE), each block with its own LoRA of rank loop_lora_rank on shared weights
+    loops: Int = 1
+    loop_lora_rank: Int = 0
+    # Mixture-of-Depths (layerlab.mod; Raposo et al., 2024): below 1, every other block (1, 3, ...) runs only on the
+    # top mod_capacity fraction of each sequence's tokens, chosen by a router; 1.0 is off
+    mod_capacity: Float = 1.0
+    # MSG's masks on a grown model (layerlab.grow; Yao et al., 2023), written by `grow --method msg` and `--grow-at`:
+    # the new blocks msg_blocks, and the residual coordinates >= msg_width and MLP neurons >= msg_hidden (0: no
+    # width growth), all at the mask value msg_mask (0 at growth, 1 the plain model)
+    msg_blocks: Blocks = Field(default_factory=list)
+    msg_width: Int = 0
+    msg_hidden: Int = 0
+    msg_mask: Float = 1.0
 
-    @field_validator("norm", "block", "wiring", "ffn_sharing")
+    @field_validator("norm", "block", "wiring", "ffn_sharing", "mlp")
     @classmethod
     def _registered(cls, name: str, info: ValidationInfo) -> str:
         """A name of the field's registry (the registry's one-line error for any other)."""
-        registry = {"norm": NORMS, "block": BLOCKS, "wiring": WIRINGS, "ffn_sharing": FFN_SHARINGS}[info.field_name]
+        registry = {"norm": NORMS, "block": BLOCKS, "wiring": WIRINGS, "ffn_sharing": FFN_SHARINGS,
+                    "mlp": MLPS}[info.field_name]
         return registry.check(name)
 
     @field_validator("placement")
@@ -211,6 +301,15 @@ class ModelConfig(_Config):
         _at_least_one(type(self), self, ("denseformer_dilation", "denseformer_period"))
         if not self.ffn_mult > 0:
             raise LayerlabError(f"ffn_mult must be positive, got {self.ffn_mult}")
+        _check_moe(self)
+        _check_loops(self)
+        _check_mod(self)
+        if any(not 0 <= i < self.layers for i in self.msg_blocks) or not 0 <= self.msg_mask <= 1 or (
+                self.msg_width and not (0 < self.msg_width < self.width and self.msg_width % self.head_dim == 0
+                                        and 0 < self.msg_hidden <= self.hidden)):
+            raise LayerlabError(f"bad MSG masks: msg_blocks {self.msg_blocks}, msg_width {self.msg_width}, msg_hidden "
+                                f"{self.msg_hidden}, msg_mask {self.msg_mask} for {self.layers} blocks of width "
+                                f"{self.width}")
         for name in ("drop_attn", "drop_mlp"):
             for i in getattr(self, name):
                 if not 0 <= i < self.layers:
@@ -231,7 +330,8 @@ class ModelConfig(_Config):
         """Width of the MLP's inner layer: ``mlp_hidden``, or the default below, times ``ffn_mult`` (rounded)."""
         if self.mlp_hidden:
             base = self.mlp_hidden
-        elif self.mlp == "swiglu":  # 2/3 of 4d keeps SwiGLU's parameters equal to GELU's (Shazeer, 2020)
+        elif (self.expert_mlp if self.mlp == "moe" else self.mlp) == "swiglu":
+            # 2/3 of 4d keeps SwiGLU's parameters equal to GELU's (Shazeer, 2020); a moe expert: its activation's
             base = -(-int(8 * self.width / 3) // 64) * 64
         else:
             base = 4 * self.width
@@ -243,6 +343,11 @@ class ModelConfig(_Config):
             return list(self.placement)
         schedule = PLACEMENTS[self.placement].schedule
         return schedule(self.layers, self.mix_alpha) if schedule else [self.placement] * self.layers
+
+    def mod_blocks(self) -> list[int]:
+        """The blocks Mixture-of-Depths routes: every other one, 1, 3, ..., where mod_capacity < 1 (the paper routes
+        every other block; block 0 runs on every token)."""
+        return list(range(1, self.layers, 2)) if self.mod_capacity < 1 else []
 
     def has_final_norm(self) -> bool:
         """Whether the model ends with a norm before the head: Post-LN's last block already ends in one."""
@@ -302,6 +407,59 @@ class LISASettings(_Config):
     def _ranges(self) -> LISASettings:
         _at_least_one(type(self), self, ("every", "layers"))
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowSpec:
+    """One growth (layerlab.grow): ``layers`` "2x" (a multiple) or "12" (a depth), ``width``; None keeps it."""
+
+    layers: str | None = None
+    width: int | None = None
+
+    def __str__(self) -> str:
+        return "+".join([f"layers={self.layers}"] * bool(self.layers) + [f"width={self.width}"] * bool(self.width))
+
+
+def parse_grow_spec(text: str) -> GrowSpec:
+    """``layers=2x``, ``layers=12``, ``width=128``, or two of them joined by ``+`` (``layers=2x+width=128``)."""
+    found: dict[str, str] = {}
+    for part in str(text).strip().split("+"):
+        m = re.fullmatch(r"(layers)=(\d+x|\d+)|(width)=(\d+)", part.strip())
+        if m is None:
+            raise LayerlabError(f"bad growth spec {text!r}: expected layers=2x, layers=N, width=N, or two of them "
+                                "joined by + (layers=2x+width=128)")
+        found[m.group(1) or m.group(3)] = m.group(2) or m.group(4)
+    return GrowSpec(found.get("layers"), int(found["width"]) if "width" in found else None)
+
+
+def parse_grow_schedule(text: str, steps: int) -> tuple[tuple[int, GrowSpec], ...]:
+    """``STEP:SPEC,...`` (``100:layers=2x,200:width=128``): each growth before step STEP's update, STEP in
+    1..steps-1 and increasing."""
+    out: list[tuple[int, GrowSpec]] = []
+    for entry in str(text).split(","):
+        step, sep, spec = entry.strip().partition(":")
+        if not sep or not step.strip().isdigit():
+            raise LayerlabError(f"bad grow_at entry {entry.strip()!r}: expected STEP:SPEC, e.g. 100:layers=2x")
+        g = int(step)
+        if not 1 <= g < steps:
+            raise LayerlabError(f"grow_at step {g} is outside the run: a growth needs a step in 1..{steps - 1} "
+                                f"(steps {steps})")
+        if out and g <= out[-1][0]:
+            raise LayerlabError(f"grow_at steps must increase, got {out[-1][0]} then {g}")
+        out.append((g, parse_grow_spec(spec)))
+    return tuple(out)
+
+
+def _check_grow(tc: TrainConfig) -> None:
+    """grow_at's syntax and steps, grow_ramp >= 1, and (msg) growths at least grow_ramp apart: MSG grows a model
+    whose masks have reached 1."""
+    if tc.grow_ramp < 1:
+        raise LayerlabError(f"grow_ramp must be at least 1, got {tc.grow_ramp}")
+    steps = [g for g, _ in parse_grow_schedule(tc.grow_at, tc.steps)]
+    for a, b in zip(steps, steps[1:]):
+        if tc.grow_method == "msg" and b - a < tc.grow_ramp:
+            raise LayerlabError(f"grow_at steps {a} and {b} are closer than grow_ramp {tc.grow_ramp}: MSG grows a "
+                                "model whose masks have reached 1")
 
 
 class TrainConfig(_Config):
@@ -364,6 +522,12 @@ class TrainConfig(_Config):
     # block, R = early_exit_rotation, the set moving up one block a step) or none (all); the last block always
     early_exit_curriculum: Literal["gradual", "rotational", "none"] = "gradual"
     early_exit_rotation: Int = 2
+    # growth inside the run (layerlab.grow): "STEP:SPEC,..." grows before step STEP's update, SPEC layers=2x,
+    # layers=N, width=N or layers=..+width=..; by grow_method (msg, stack, interp); MSG's masks ramp to 1 over
+    # grow_ramp steps (MSG's public script ramps over 5% of its run)
+    grow_at: str | None = None
+    grow_method: Literal["msg", "stack", "interp"] = "msg"
+    grow_ramp: Int = 20
 
     @model_validator(mode="before")
     @classmethod
@@ -407,6 +571,8 @@ class TrainConfig(_Config):
         for name in ("input_norm_decay", "output_norm_decay"):
             if getattr(self, name) < 0:
                 raise LayerlabError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.grow_at is not None:
+            _check_grow(self)
         return self
 
     def flat_dict(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from .config import MODEL_FIELDS, ModelConfig
 from .errors import LayerlabError
 from .norms import build_norm, lns_scale
 from .packed import register_quantizer
-from .registry import BLOCKS, FFN_SHARINGS, PLACEMENTS, WIRINGS
+from .registry import BLOCKS, FFN_SHARINGS, MLPS, PLACEMENTS, WIRINGS
 
 KNOWN_CACHE_NAMES = ("past_key_values", "cache")
 
@@ -75,8 +75,15 @@ class LayerlabOutput(CausalLMOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
 
 
+# ModelConfig fields whose names transformers reserves in a model config, stored in config.json under another name:
+# top_k (mlp moe's experts per token) is a generation parameter, which PreTrainedConfig drops from its keyword
+# arguments and refuses to save
+HF_RENAMED = {"top_k": "moe_top_k"}
+
+
 class LayerlabConfig(PreTrainedConfig):
-    """Hugging Face view of :class:`~layerlab.config.ModelConfig` (the fields are stored as-is)."""
+    """Hugging Face view of :class:`~layerlab.config.ModelConfig` (the fields are stored as-is, but
+    :data:`HF_RENAMED`)."""
 
     model_type = "layerlab"
     attribute_map = {
@@ -88,10 +95,12 @@ class LayerlabConfig(PreTrainedConfig):
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig) -> LayerlabConfig:
-        return cls(**cfg.to_dict(), tie_word_embeddings=cfg.tie_embeddings)
+        fields = {HF_RENAMED.get(k, k): v for k, v in cfg.to_dict().items()}
+        return cls(**fields, tie_word_embeddings=cfg.tie_embeddings)
 
     def to_model_config(self) -> ModelConfig:
-        return ModelConfig(**{k: getattr(self, k) for k in MODEL_FIELDS if hasattr(self, k)})
+        names = {k: HF_RENAMED.get(k, k) for k in MODEL_FIELDS}
+        return ModelConfig(**{k: getattr(self, name) for k, name in names.items() if hasattr(self, name)})
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +327,7 @@ class Block(nn.Module):
         if not has_mlp:
             self.mlp = None
         else:
-            self.mlp = MLP(cfg, inner_norm=p.inner_norm) if shared_mlp is None else SharedMLP(shared_mlp)
+            self.mlp = MLPS[cfg.mlp](cfg, inner_norm=p.inner_norm) if shared_mlp is None else SharedMLP(shared_mlp)
         if p.out_norms:
             self.ln1_out = norm() if has_attn else None
             self.ln2_out = norm() if has_mlp else None
@@ -326,6 +335,11 @@ class Block(nn.Module):
         self.dwa = MIXERS[mixer](cfg, index) if mixer is not None else None
         forward = form.forward_for(p)
         self._forward = forward if callable(forward) else FORWARDS[forward]
+        self.mod_router = None  # Mixture-of-Depths (layerlab.mod): a routed block runs on the tokens its router picks
+        if index in cfg.mod_blocks():
+            from .mod import DepthRouter
+
+            self.mod_router = DepthRouter(cfg)
         if p.init_gain is not None:  # Magneto: the value and output projections and the FFN take the gain
             gain = p.init_gain(cfg.layers)
             if self.attn is not None:  # the output projection, and the value rows of the fused qkv
@@ -336,7 +350,10 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, mask=None, history=None):
         """``history``: the depth wiring's record of this forward's block outputs (DenseFormer), else unused."""
-        out = self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
+        if self.mod_router is not None:
+            out = self.mod_router.route(self, x, rope, cache, mask)
+        else:
+            out = self._forward(self, x, {"rope": rope, "cache": cache, "mask": mask})
         return out if self.dwa is None else self.dwa(out, history)
 
     def extra_repr(self) -> str:
@@ -368,9 +385,17 @@ class LayerlabForCausalLM(PreTrainedModel, GenerationMixin):
         ffn_of = {g: self.shared_ffn[n] for n, g in enumerate(shared)}
         self.blocks = nn.ModuleList(Block(cfg, i, p, shared_mlp=ffn_of.get(groups[i]))
                                     for i, p in enumerate(placements))
+        if cfg.loops > 1:  # recursive blocks: each shared linear stored once, in loop_shared (layerlab.recursive)
+            from .recursive import share_loops
+
+            self.loop_shared = share_loops(self.blocks, cfg)
         self.ln_f = build_norm(cfg.norm if cfg.has_final_norm() else "none", cfg.width, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=cfg.head_bias)
         self.post_init()
+        if cfg.msg_blocks or cfg.msg_width:  # MSG's masks on a grown model (layerlab.msg)
+            from .msg import install_masks
+
+            install_masks(self)
 
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, init_std); output projections N(0, init_std/sqrt(2L)) when init is 'scaled'.
@@ -529,13 +554,20 @@ def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **change
 # The block designs (layerlab.registry BLOCKS, WIRINGS, FFN_SHARINGS) that the compressors and export are written
 # for; a model of another design is refused by them until they are taught it (each would edit it wrongly: a pruned
 # DenseFormer's averages, one shared FFN quantized per block, a parallel block's norm folded into one sublayer).
-PLAIN_DESIGN = {"block": "sequential", "wiring": "residual", "ffn_sharing": "none"}
+PLAIN_DESIGN = {"block": "sequential", "wiring": "residual", "ffn_sharing": "none", "loops": 1,
+                "mod_capacity": 1.0, "mlp": ("gelu", "swiglu"),  # a tuple: any of these is plain
+                "msg_blocks": [], "msg_width": 0}  # a grown model under MSG's masks (layerlab.grow)
+
+
+def _unplain(cfg: ModelConfig) -> list[str]:
+    """The design fields of ``cfg`` that are not plain (:data:`PLAIN_DESIGN`)."""
+    return [k for k, v in PLAIN_DESIGN.items() if getattr(cfg, k) not in (v if isinstance(v, tuple) else (v,))]
 
 
 def design_note(cfg: ModelConfig) -> str:
     """``", block parallel, wiring denseformer"``: the design fields that differ from the plain design's, for a
     summary line."""
-    changed = [k for k, v in PLAIN_DESIGN.items() if getattr(cfg, k) != v]
+    changed = _unplain(cfg)
     return "".join(f", {k.replace('_', ' ')} {getattr(cfg, k)}" for k in changed)
 
 
@@ -544,7 +576,7 @@ def refuse_design(model: nn.Module, command: str) -> None:
     cfg = getattr(model, "cfg", None)
     if not isinstance(model, LayerlabForCausalLM) or cfg is None:
         return
-    other = [f"{k}={getattr(cfg, k)!r}" for k, v in PLAIN_DESIGN.items() if getattr(cfg, k) != v]
+    other = [f"{k}={getattr(cfg, k)!r}" for k in _unplain(cfg)]
     if other:
         raise LayerlabError(f"{command} handles layerlab models of the plain design "
                             f"({', '.join(f'{k}={v!r}' for k, v in PLAIN_DESIGN.items())}); this one has "

@@ -219,6 +219,14 @@ class FFNSharing:
     groups: Callable[[int], list[int]]
 
 
+# Every block's MLP is built as ``MLPS[cfg.mlp](cfg, inner_norm=...)``: the dense MLP (GELU, or SwiGLU; Shazeer,
+# 2020), or a mixture of experts with top-k routing (layerlab.moe: Switch Transformers, Mixtral).
+MLPS = Registry("mlp", {
+    "gelu": "layerlab.model:MLP",
+    "swiglu": "layerlab.model:MLP",
+    "moe": "layerlab.moe:MoEMLP",
+})
+
 FFN_SHARINGS = Registry("FFN sharing", {
     "none": FFNSharing("every block has its own FFN", _ffn_each),
     "all": FFNSharing("one FFN shared by every block, each block keeping its norms (Pires et al., 2023, One Wide "
@@ -236,7 +244,7 @@ SUBLAYERS = ("attn", "mlp")  # the sublayers of a block, as the adapters name th
 PRUNE_UNITS = ("block", *SUBLAYERS)
 HEAL_MODES = ("lora", "full")
 QUANT_IMPORTANCE = ("lim", "zd", "loss")
-CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm")
+CONVERT_TARGETS = ("rmsnorm", "crmsnorm", "no-norm", "recursive")  # recursive: layerlab.recursive
 EXPORT_TARGETS = ("gpt2", "folded")  # layerlab export --to: plain HF GPT-2, or its batch norms folded away
 
 # The capability probes (layerlab.probes, where each is defined and cited), each built as
@@ -267,7 +275,7 @@ def probe_tasks(spec: str | None) -> list[str]:
         return list(PROBES)
     return list(dict.fromkeys(PROBES.check(t) for t in names))
 
-__all__ = ["BLOCKS", "CONVERT_TARGETS", "EXPORT_TARGETS", "FFN_SHARINGS", "HEAL_MODES", "NORMS", "OPTIMIZERS",
+__all__ = ["BLOCKS", "CONVERT_TARGETS", "EXPORT_TARGETS", "FFN_SHARINGS", "HEAL_MODES", "MLPS", "NORMS", "OPTIMIZERS",
            "PLACEMENTS", "WIRINGS", "BlockForm", "FFNSharing", "Wiring", "block_form_placements",
            "PLACEMENT_ALIASES", "PROBES", "PROBE_ITEMS", "PRUNE_METRICS", "PRUNE_UNITS", "QUANT_IMPORTANCE",
            "SECTIONS", "SUBLAYERS", "Placement", "Registry", "block_placement_names", "probe_tasks",

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import LayerlabError, choices_error
+from ..mod import describe_routed
 from ..registry import PLACEMENTS, SUBLAYERS, residual_placement_names
 
 
@@ -87,7 +88,9 @@ ARCHS: dict[str, Arch] = {
     "layerlab": Arch("blocks", "embed", "ln_f", "lm_head", {"ln1": "ln1", "attn": "attn", "ln2": "ln2", "mlp": "mlp"},
                      "attn", "mlp", causal=True, placement="per-block",
                      out_proj={"attn": "attn.proj", "mlp": "mlp.proj"}, mlp_in=(("mlp.fc",),), mlp_act=("gelu_tanh",),
-                     mlp_gated="mlp.gated", mlp_gate_act="silu", mlp_inner_norm="mlp.inner_norm"),
+                     mlp_gated="mlp.gated", mlp_gate_act="silu", mlp_inner_norm="mlp.inner_norm",
+                     # mlp moe (layerlab.moe): the tree of transformers' sparse MoE blocks, read as the "moe" entry's
+                     experts="mlp.experts", router="mlp.gate"),
     "gpt2": Arch("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
                  {"ln1": "ln_1", "attn": "attn", "ln2": "ln_2", "mlp": "mlp"}, "attn", "mlp",
                  causal=True, placement="pre", out_proj={"attn": "attn.c_proj", "mlp": "mlp.c_proj"},
@@ -430,6 +433,7 @@ class LayerView:
         n = self.num_layers
         t = Trace([None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
         handles = []
+        routing: list = [None] * n  # a Mixture-of-Depths block's (router weights, tokens through) (layerlab.mod)
 
         def pre(store, i):
             def fn(module, args, kwargs):
@@ -452,6 +456,9 @@ class LayerView:
                     for store in (t.mid, t.mlp):
                         if store[i] is not None and store[i].dim() == 2 < t.resid_out[i].dim():
                             store[i] = store[i].view(*t.resid_out[i].shape[:-1], store[i].shape[-1])
+                if routing[i] is not None:  # a routed block: its sublayers' outputs as the stream has them
+                    describe_routed(t, i, routing[i])
+                    routing[i] = None
                 if mid_is_out:
                     t.mid[i] = t.resid_out[i]
                 elif sublayers and self.arch.parallel:  # the stream with attention added, as if sequential
@@ -478,6 +485,9 @@ class LayerView:
                                          (b.mlp_out, t.mlp, self.arch.inplace_mlp_out)):
                     if out is not None:
                         handles.append(out.register_forward_hook(post(store, b.index, copy)))
+                if getattr(b.module, "mod_router", None) is not None:
+                    handles.append(b.module.mod_router.register_forward_hook(
+                        lambda m, a, o, i=b.index: routing.__setitem__(i, o)))
                 mid = _find(b.module, self.arch.mid) if self.arch.mid else b.ln2
                 if self.arch.parallel:  # mid is computed when the block returns
                     pass

@@ -425,8 +425,12 @@ def _convert_family(model, tok, to: str, data, tokens, seed: int, decisions: lis
 def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path | None = None,
             tokens: int | None = None, steps: int = CONVERT_STEPS, lr: float = CONVERT_LR, seed: int = 0,
             control: bool = False, progress: bool = False, tasks: str | list[str] | None = None,
-            probe_items: int = PROBE_ITEMS, probe_seed: int = 0) -> dict:
+            probe_items: int = PROBE_ITEMS, probe_seed: int = 0, loops: int | None = None, lora_rank: int = 0,
+            init: str = "average", heal_steps: int = 0) -> dict:
     """Convert a Pre-LN model to ``to`` (rmsnorm | crmsnorm | no-norm) and write it to ``out``.
+
+    ``recursive`` (any plain layerlab model) is :func:`layerlab.compress.recursive.convert_to_recursive`: ``loops``,
+    ``lora_rank``, ``init`` and ``heal_steps`` (uptraining at ``lr``, ``seed``) are its own.
 
     ``rmsnorm``/``crmsnorm`` are exact: the record holds the largest logit difference against the
     original. ``no-norm`` fine-tunes for ``steps`` steps (learning rate ``lr``, ``seed``) on the
@@ -457,6 +461,14 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
     if not (lr > 0 and math.isfinite(lr)):
         raise LayerlabError(f"--lr must be positive, got {lr}")
     probes = probe_spec(tasks, probe_items, probe_seed)  # checked before the model loads
+    if to == "recursive":  # Relaxed Recursive Transformers (Bae et al., 2024): layerlab.compress.recursive
+        from .recursive import convert_to_recursive
+
+        return convert_to_recursive(model_dir, out=out, loops=loops, rank=lora_rank, init=init, heal_steps=heal_steps,
+                                    data=data, tokens=tokens, lr=lr, seed=seed, progress=progress, probes=probes,
+                                    measure=_stage, logit_diff=max_logit_diff, check_batch=CHECK_BATCH)
+    if loops is not None or lora_rank or heal_steps or init != "average":
+        raise LayerlabError("--loops, --lora-rank, --init and --heal-steps are options of --to recursive")
     # the exact targets read text only to measure: without a tokenizer they still convert, checked on random ids
     model, tok, v = open_input(model_dir, "convert", need_tokenizer=to == "no-norm" or data is not None
                                or tokens is not None)
@@ -518,6 +530,10 @@ def convert(model_dir: str | Path, *, to: str, out: str | Path, data: str | Path
 def convert_lines(record: dict) -> list[str]:
     """What ``layerlab convert`` prints: what became what, how exact, and the table on its named slice (or, for
     an input without a tokenizer, the random ids it was checked on and sizes alone)."""
+    if record["to"] == "recursive":
+        from .recursive import recursive_lines
+
+        return recursive_lines(record)
     label = {"rmsnorm": "Pre-RMSNorm", "crmsnorm": "Pre-CRMSNorm", "no-norm": "no normalization"}[record["to"]]
     lines = [f"converted Pre-LN ({record['source']}) to {label}"]
     columns = [("params", 12, lambda r: f"{r['params']:,d}"), ("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}")]

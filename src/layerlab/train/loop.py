@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .. import grow
 from ..adapters import load_model
 from ..config import TrainConfig
 from ..data import TokenData
@@ -178,6 +179,9 @@ def _setup(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     sched = schedule_of(spec, state, start)
     torch.manual_seed(tc.seed)
     model: LayerlabForCausalLM = build_model(mc)
+    if tc.grow_at:  # growth in the run (layerlab.grow): checked, and the checkpoint's grown structure rebuilt
+        grow.check_run(mc, tc, d)
+        model = grow.replay(model, tc, start)
     set_norm_schedule(model, sched.steps * tc.grad_accum)
     add_layer_dropout(model, tc.layer_dropout, tc.layer_dropout_schedule)  # LayerSkip; off in eval mode
     n_params = num_params(model)
@@ -436,6 +440,7 @@ def _one_step(run: Run, at: _Progress, ctrl_c: CtrlC) -> tuple[float, float, flo
     at.tok_since += run.tokens_per_step
     if want_tel:
         record["update_ratio_block"] = run.par.update_ratios(before)
+        record.update(telemetry.router_record(stats.get("router_counts"), d.reduce))  # mlp moe: the router load
         stats = d.residual_stats(stats)
         record["resid_rms_block"] = stats["resid_rms"]
         record["max_abs_block"] = stats["max_abs"]
@@ -486,6 +491,7 @@ def _steps(run: Run, at: _Progress, ctrl_c: CtrlC, progress: bool) -> None:
             # a step boundary: one process may act on its own Ctrl-C at once, several on the vote
             if at.stop_voted or (not d.active and ctrl_c.requested):
                 break
+            grow.before_step(run, at, add_layer_dropout)  # --grow-at: growth, and MSG's masks, for this step
             _finish_step(run, at, *_one_step(run, at, ctrl_c))
         if at.step < tc.steps:  # stopped by Ctrl-C at a step boundary, on every process at the same one
             ctrl_c.saving = True

@@ -47,6 +47,17 @@ _NAME_PARTS: dict[str, Callable[[Any], str]] = {
     "denseformer_period": lambda v: f"per{v}",
     "ffn_sharing": lambda v: f"ffnshare-{v}",
     "ffn_mult": lambda v: f"ffnx{v:g}",
+    "experts": lambda v: f"x{v}",
+    "top_k": lambda v: f"top{v}",
+    "expert_mlp": lambda v: f"experts-{v}",
+    "router_aux_coef": lambda v: f"aux{v:g}",
+    "loops": lambda v: f"loops{v}",
+    "loop_lora_rank": lambda v: f"lora{v}",
+    "mod_capacity": lambda v: f"mod{v:g}",
+    "msg_blocks": lambda v: "msg" + ".".join(map(str, v)),
+    "msg_width": lambda v: f"msgw{v}",
+    "msg_hidden": lambda v: f"msgff{v}",
+    "msg_mask": lambda v: f"msgm{v:g}",
 }
 
 

@@ -1,4 +1,5 @@
-"""Per-block training telemetry: gradient norm, update/weight ratio, residual RMS, max |activation|."""
+"""Per-block training telemetry: gradient norm, update/weight ratio, residual RMS, max |activation|, and for a
+mixture-of-experts model (``mlp: moe``) each block's router load (entropy and max share, adapters.router_stats)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,9 @@ def update_ratios(model: nn.Module, before: list[list[torch.Tensor]]) -> list[fl
 def residual_stats(model: nn.Module):
     """Record the RMS and max |x| of the residual stream leaving each block during one forward.
 
-    Yields a dict that fills with ``resid_rms`` and ``max_abs`` lists (one entry per block).
-    The hooks keep two floats per block, never the activations.
+    Yields a dict that fills with ``resid_rms`` and ``max_abs`` lists (one entry per block), and, for a
+    mixture-of-experts model, ``router_counts`` (:func:`router_counts`; :func:`router_record` reduces them).
+    The hooks keep two floats per block (and the MoE router's counts), never the activations.
     """
     stats: dict[str, list[float]] = {"resid_rms": [0.0] * len(model.blocks), "max_abs": [0.0] * len(model.blocks)}
 
@@ -56,7 +58,36 @@ def residual_stats(model: nn.Module):
 
     handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(model.blocks)]
     try:
-        yield stats
+        with router_counts(model) as counts:
+            if counts:
+                stats["router_counts"] = counts
+            yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def router_counts(model: nn.Module):
+    """Per block, how often the mixture-of-experts router picked each expert in the forwards inside: the analysis'
+    own counter (:func:`layerlab.adapters.core.router_load`) on a layerlab model with ``mlp: moe``; an empty list
+    for any other model."""
+    if getattr(getattr(model, "cfg", None), "mlp", None) != "moe":
+        yield []
+        return
+    from ..adapters.core import LayerView, router_load
+
+    with router_load(LayerView(model, "layerlab")) as counts:
+        yield counts
+
+
+def router_record(counts: list[torch.Tensor | None] | None, reduce) -> dict[str, list[float | None]]:
+    """``router_entropy_block`` and ``router_max_share_block`` (:func:`layerlab.adapters.core.router_stats`) of the
+    counts of :func:`router_counts`, summed over the processes by ``reduce`` (a list of floats, summed); {} without
+    counts (a dense model)."""
+    if not counts:
+        return {}
+    from ..adapters.core import router_stats
+
+    stats = [{} if c is None else router_stats(torch.tensor(reduce(c.tolist()))) for c in counts]
+    return {f"{key}_block": [s.get(key) for s in stats] for key in ("router_entropy", "router_max_share")}
