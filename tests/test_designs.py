@@ -279,6 +279,71 @@ def test_denseformer_and_shared_ffn_with_every_norm_and_placement(norm, placemen
 # ------------------------------------------------------------------ names and bad input
 
 
+@pytest.mark.parametrize("norm,placement", [(n, p) for n in NORMS for p in PLACEMENTS if not PLACEMENTS[p].inner_norm])
+def test_moe_with_every_norm_and_placement(norm, placement):
+    """Two experts that are both copies of a dense model's MLP, top-2 (weights renormalised to sum to 1): the MoE
+    model computes the dense model's logits, with every norm and each placement the MoE MLP combines with."""
+    dense = build(layers=2, width=16, context=16, norm=norm, placement=placement, scale=0.02)
+    moe = build(layers=2, width=16, context=16, norm=norm, placement=placement, mlp="moe", experts=2, top_k=2)
+    state = {k: v for k, v in dense.state_dict().items() if ".mlp." not in k}
+    for i, b in enumerate(dense.blocks):
+        p = f"blocks.{i}.mlp.experts."
+        state.update({p + "fc": torch.stack([b.mlp.fc.weight] * 2), p + "proj": torch.stack([b.mlp.proj.weight] * 2),
+                      p + "fc_bias": b.mlp.fc.bias.repeat(2), p + "proj_bias": b.mlp.proj.bias.repeat(2),
+                      f"blocks.{i}.mlp.gate.weight": moe.blocks[i].mlp.gate.weight})
+    moe.load_state_dict(state, strict=True)
+    x = ids(B=2, T=5)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,placement", [(n, p) for n in NORMS for p in PLACEMENTS])
+def test_recursive_with_every_norm_and_placement(norm, placement):
+    """Four blocks looped as 2 x 2 at LoRA rank 0 equal a plain model whose blocks i and i + 2 were given the same
+    linear weights by hand (norms and biases per block), with every norm and placement."""
+    rec = build(layers=4, width=16, context=16, norm=norm, placement=placement, loops=2)
+    plain = build(layers=4, width=16, context=16, norm=norm, placement=placement)
+    have = rec.state_dict()
+    state = {}
+    for name in plain.state_dict():
+        if name in have:
+            state[name] = have[name]
+        else:  # a shared linear's weight: block i runs unique block i % 2's, stored once in loop_shared
+            i, rest = name.split(".", 2)[1:]
+            state[name] = have[f"loop_shared.{int(i) % 2}.{rest}"]
+    plain.load_state_dict(state, strict=True)
+    assert not torch.equal(plain.blocks[0].attn.qkv.weight, plain.blocks[1].attn.qkv.weight)
+    x = ids(B=2, T=5)
+    with torch.no_grad():
+        torch.testing.assert_close(rec(x).logits, plain(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,placement", [(n, p) for n in NORMS for p in block_placement_names()
+                                            if PLACEMENTS[p].residual_sublayers])
+def test_mod_with_every_norm_and_placement(norm, placement):
+    """A routed block in training (capacity 0.5) equals the block's own forward run by hand on the top half of each
+    row's tokens by router score (in position order), the update scaled by the score, the others passed on; with
+    every norm and each placement Mixture-of-Depths routes (its sublayers add to the stream)."""
+    model = build(layers=2, width=16, context=16, norm=norm, placement=placement, mod_capacity=0.5).train()
+    b = model.blocks[1]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 16, generator=g)
+    buffers = {k: v.clone() for k, v in b.state_dict().items()}  # batch norms move their statistics in training
+    with torch.no_grad():
+        got = b(x)
+        b.load_state_dict(buffers)
+        want = x.clone()
+        r = [[float((x[row, t] * b.mod_router.router.weight[0]).sum()) for t in range(6)] for row in range(2)]
+        tops = [sorted(sorted(range(6), key=lambda t, row=row: -r[row][t])[:3]) for row in range(2)]
+        xs = torch.stack([x[row, top] for row, top in enumerate(tops)])  # both rows at once: batch norms' statistics
+        out = b._forward(b, xs, {"rope": None, "cache": None, "mask": None})
+        for row, top in enumerate(tops):
+            for n, t in enumerate(top):
+                want[row, t] = xs[row, n] + r[row][t] * (out[row, n] - xs[row, n])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, b._forward(b, x, {"rope": None, "cache": None, "mask": None}), atol=1e-3)
+
+
 def test_designs_are_fields_on_the_command_line_and_in_yaml(tmp_path):
     extra = parse_extra(["--block", "parallel2", "--wiring=denseformer", "--denseformer-period", "2",
                          "--ffn-sharing", "all", "--ffn-mult", "1.5"])
