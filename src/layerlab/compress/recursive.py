@@ -10,7 +10,6 @@ own row and equality measures (``_stage``, ``max_logit_diff``), so that this mod
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,11 +76,11 @@ def convert_to_recursive(model_dir: str | Path, *, out: str | Path, loops: int |
                          check_batch: int) -> dict:
     """``layerlab convert MODEL --to recursive``: :func:`to_recursive`, then ``heal_steps`` of uptraining (every
     weight; :func:`layerlab.compress.heal.heal`, mode ``full``, at ``lr``) on the training part of ``data``, written
-    to ``out``. The record holds the parameter counts and the validation loss of the original (``before``), the
-    recursive model as initialised (``recursive``) and, after healing, ``healed``; and the largest |logit
-    difference| of the initialised model against the original (zero to rounding at full rank). ``measure`` and
-    ``logit_diff`` are convert's ``_stage`` and ``max_logit_diff``, ``check_batch`` the windows the latter reads
-    without a tokenizer."""
+    to ``out`` (``lr`` checked by convert). The record holds the parameter counts and the validation loss of the
+    original (``before``), the recursive model as initialised (``recursive``) and, after healing, ``healed``; and
+    the largest |logit difference| of the initialised model against the original (zero to rounding at full rank).
+    ``measure`` and ``logit_diff`` are convert's ``_stage`` and ``max_logit_diff``, ``check_batch`` the windows the
+    latter reads without a tokenizer."""
     if loops is None:
         raise LayerlabError("convert --to recursive needs --loops N (the times the unique blocks are looped)")
     if loops < 2:
@@ -92,8 +91,6 @@ def convert_to_recursive(model_dir: str | Path, *, out: str | Path, loops: int |
         raise choices_error("recursive init", init, INITS)
     if heal_steps < 0:
         raise LayerlabError(f"--heal-steps must be >= 0, got {heal_steps}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise LayerlabError(f"--lr must be positive, got {lr}")
     model, tok, _ = open_input(model_dir, "convert", need_tokenizer=heal_steps > 0 or data is not None
                                or tokens is not None)
     if not isinstance(model, LayerlabForCausalLM):
