@@ -9,7 +9,11 @@ Placements add ``ln1_out``/``ln2_out`` (peri) or ``attn.inner_norm``/``mlp.inner
 A block named in ``drop_attn`` (``drop_mlp``) has ``ln1``, ``attn`` (``ln2``, ``mlp``) and its output norm set to None.
 A parallel block (``block: parallel``) has no ``ln2``: ``ln1`` feeds both sublayers. With ``wiring: denseformer`` each
 block ends with ``dwa`` (:class:`DepthWeightedAverage`). With ``ffn_sharing: all`` the one FFN is ``shared_ffn[0]`` and
-every block's ``mlp`` is a :class:`SharedMLP` that calls it.
+every block's ``mlp`` is a :class:`SharedMLP` that calls it. With ``mlp: moe`` a block's ``mlp`` is
+:class:`layerlab.moe.MoEMLP` (``mlp.gate``, ``mlp.experts``); with ``loops`` > 1 its linears are
+:class:`layerlab.recursive.LoopLinear` over the weights stored once in ``loop_shared``; a block that Mixture-of-Depths
+routes (``mod_capacity`` < 1) has ``mod_router`` (:class:`layerlab.mod.DepthRouter`); a grown model under MSG's masks
+carries :mod:`layerlab.msg`'s hooks.
 """
 
 from __future__ import annotations
