@@ -511,9 +511,10 @@ def convert(
     tokens: Annotated[int | None, typer.Option(help="tokens for each perplexity (default: the whole "
                                                "validation split)")] = None,
     steps: Annotated[int, typer.Option(help="no-norm: fine-tune steps while the norms are fixed")] = CONVERT_STEPS,
-    lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate")] = CONVERT_LR,
-    seed: Annotated[int, typer.Option(help="no-norm: seed of the fine-tune; for an input without a tokenizer, "
-                                      "of the random ids the conversion is checked on")] = 0,
+    lr: Annotated[float, typer.Option(help="no-norm: fine-tune learning rate; recursive: uptraining learning "
+                                      "rate")] = CONVERT_LR,
+    seed: Annotated[int, typer.Option(help="no-norm, recursive: seed of the fine-tune; for an input without a "
+                                      "tokenizer, of the random ids the conversion is checked on")] = 0,
     control: Annotated[bool, typer.Option(help="no-norm: also fine-tune a copy that keeps its norms, "
                                           "to separate the extra training from the norm removal")] = False,
     loops: Annotated[int | None, typer.Option(help="recursive: times the unique blocks are looped (divides the "
