@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import functools
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +60,8 @@ import torch
 from torch import nn
 
 from .config import GrowSpec, ModelConfig, TrainConfig, parse_grow_schedule, parse_grow_spec
-from .errors import TOKENIZER_FILES, LayerlabError
-from .io import check_model_dir, check_weights, output_dir, read_json, write_manifest
+from .errors import LayerlabError
+from .io import check_model_dir, check_weights, copy_tokenizer, output_dir, read_json, write_manifest
 from .msg import MASK_FIELDS, collapse, has_masks, set_mask
 
 METHODS = ("msg", "stack", "interp")
@@ -245,9 +244,7 @@ def grow_dir(model_dir: str | Path, out: str | Path, *, layers: str | None = Non
     args = {"model": str(model_dir), "layers": layers, "width": width, "method": method, "seed": seed}
     with output_dir(out, protect=(model_dir,)) as tmp:
         new.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:  # the input's tokenizer, byte for byte
-            if (model_dir / name).is_file():
-                shutil.copyfile(model_dir / name, tmp / name)
+        copy_tokenizer(model_dir, tmp)  # the input's tokenizer, byte for byte
         write_manifest(tmp, "grow", args, **record)
     return record
 

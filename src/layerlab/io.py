@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import LayerlabError
+from .errors import TOKENIZER_FILES, LayerlabError
 from .version import __version__
 
 
@@ -87,6 +87,13 @@ def cache_dir() -> Path:
 def write_manifest(directory: str | Path, command: str, args: dict[str, Any], **fields: Any) -> None:
     """Write ``layerlab.json``: what was done, with which arguments, library versions, and results."""
     atomic_write_json(Path(directory) / MANIFEST, {"command": command, "args": args, "versions": versions(), **fields})
+
+
+def copy_tokenizer(src: str | Path, dst: Path) -> None:
+    """Copy the tokenizer files byte for byte, so the output tokenizes exactly as the input."""
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
 
 
 def check_output(out: str | Path, *, protect: tuple[str | Path, ...] = (), also: str = "") -> Path:

@@ -6,7 +6,6 @@ and returns its record; the CLI prints the lines :func:`table` lays out (library
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 
 from ..adapters import Loaded, load_model
-from ..errors import TOKENIZER_FILES, LayerlabError
-from ..io import output_dir, write_manifest
+from ..errors import LayerlabError
+from ..io import copy_tokenizer, output_dir, write_manifest
 from ..model import refuse_design
 from ..packed import refuse_quantized
 
@@ -78,13 +77,6 @@ def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dt
 def param_bytes(model) -> int:
     """Bytes of the parameters in memory, tied ones counted once."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def copy_tokenizer(src: str | Path, dst: Path) -> None:
-    """Copy the tokenizer files byte for byte, so the output tokenizes exactly as the input."""
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copyfile(Path(src) / name, dst / name)
 
 
 @dataclass
