@@ -93,7 +93,7 @@ def block_sources(old: int, new: int, method: str) -> list[int | None]:
 
 def plan(cfg: ModelConfig, spec: GrowSpec, method: str) -> tuple[ModelConfig, list[int | None]]:
     """The grown config and the source of each new block; every refusal a one-line error."""
-    from .model import PLAIN_DESIGN
+    from .model import unplain_fields
 
     if method not in METHODS:
         raise LayerlabError(f"unknown growth method {method!r}; valid: {', '.join(METHODS)}")
@@ -113,8 +113,7 @@ def plan(cfg: ModelConfig, spec: GrowSpec, method: str) -> tuple[ModelConfig, li
     if W != C and cfg.norm not in WIDTH_NORMS:
         raise LayerlabError(f"width growth keeps the function only with {', '.join(WIDTH_NORMS)} (statistics "
                             f"restricted to the old coordinates); this model has norm {cfg.norm!r}")
-    other = [f"{k}={getattr(cfg, k)!r}" for k, v in PLAIN_DESIGN.items() if k not in (*MASK_FIELDS, "block")
-             and getattr(cfg, k) not in (v if isinstance(v, tuple) else (v,))]
+    other = [f"{k}={getattr(cfg, k)!r}" for k in unplain_fields(cfg) if k not in (*MASK_FIELDS, "block")]
     if other:
         raise LayerlabError(f"grow handles layerlab models of the plain design (either block form); this one has "
                             f"{', '.join(other)}")
