@@ -118,6 +118,8 @@ class _Config(BaseModel):
         return self.model_dump()
 
 
+DENSE_MLPS = ("gelu", "swiglu")  # the MLPs (registry.MLPS) that are one dense MLP per block, the plain design's
+
 # mlp moe's fields and their defaults: 8 experts, top-2 (Mixtral, Jiang et al., 2024), GELU experts as the default
 # dense MLP, the balancing loss weighted 0.01 (Switch Transformers' alpha = 10^-2, Fedus et al., 2021, Sec. 2.2)
 MOE_DEFAULTS = {"experts": 8, "top_k": 2, "expert_mlp": "gelu", "router_aux_coef": 0.01}
@@ -158,7 +160,7 @@ def _check_loops(cfg: ModelConfig) -> None:
         return
     # what the shared blocks cannot be: one FFN for every block already, experts, blocks lacking a sublayer
     other = [f"ffn_sharing {cfg.ffn_sharing!r}"] if cfg.ffn_sharing != "none" else []
-    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in ("gelu", "swiglu") else []
+    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in DENSE_MLPS else []
     other += [f"{k} {getattr(cfg, k)}" for k in ("drop_attn", "drop_mlp") if getattr(cfg, k)]
     if other:
         raise LayerlabError(f"loops {cfg.loops} does not combine with {other[0]}")
@@ -175,7 +177,7 @@ def _check_mod(cfg: ModelConfig) -> None:
     placements = cfg.block_placements()
     other = [f"wiring {cfg.wiring!r}"] if cfg.wiring != "residual" else []
     other += [f"loops {cfg.loops}"] if cfg.loops > 1 else []
-    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in ("gelu", "swiglu") else []
+    other += [f"mlp {cfg.mlp!r}"] if cfg.mlp not in DENSE_MLPS else []
     other += [f"{k} naming routed block {i}" for k in ("drop_attn", "drop_mlp") for i in getattr(cfg, k) if i in routed]
     other += [f"placement {placements[i]!r} on routed block {i}" for i in routed
               if not PLACEMENTS[placements[i]].residual_sublayers]

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import MODEL_FIELDS, ModelConfig
+from .config import DENSE_MLPS, MODEL_FIELDS, ModelConfig
 from .errors import LayerlabError
 from .norms import build_norm, lns_scale
 from .packed import register_quantizer
@@ -561,7 +561,7 @@ def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **change
 # for; a model of another design is refused by them until they are taught it (each would edit it wrongly: a pruned
 # DenseFormer's averages, one shared FFN quantized per block, a parallel block's norm folded into one sublayer).
 PLAIN_DESIGN = {"block": "sequential", "wiring": "residual", "ffn_sharing": "none", "loops": 1,
-                "mod_capacity": 1.0, "mlp": ("gelu", "swiglu"),  # a tuple: any of these is plain
+                "mod_capacity": 1.0, "mlp": DENSE_MLPS,  # a tuple: any of these is plain
                 "msg_blocks": [], "msg_width": 0}  # a grown model under MSG's masks (layerlab.grow)
 
 
