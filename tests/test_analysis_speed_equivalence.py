@@ -12,7 +12,7 @@ from conftest import FakeTok, measure_fake_ids, tiny_cfg
 import layerlab
 from layerlab.analysis import stats
 from layerlab.analysis.analyze import _rel_diff, analyze_model
-from layerlab.analysis.stats import StreamStats, anisotropy, intrinsic_dimension
+from layerlab.analysis.stats import StreamStats, anisotropy, distinct_rows, intrinsic_dimension
 
 
 def _batch(dtype, L=4, B=3, T=7, C=16, seed=0):
@@ -187,6 +187,23 @@ def test_anisotropy_is_the_mean_cosine_over_distinct_pairs():
     U = [z.double() / max(float(z.double().norm()), 1e-12) for z in Z]
     want = sum(float(U[i] @ U[j]) for i in range(40) for j in range(40) if i != j) / (40 * 39)
     assert anisotropy(Z) == pytest.approx(want, rel=1e-12)
+
+
+def test_distinct_rows_keeps_the_rows_np_unique_keeps_in_their_first_order():
+    """Against np.unique(axis=0) as sets of rows, with repeats in and out of order, a row that differs only in the
+    sign of a zero (equal as numbers), and a row that differs in the last bit; the kept order is first occurrence."""
+    g = np.random.default_rng(6)
+    X = g.standard_normal((50, 7))
+    X[[3, 9, 30]] = X[20]
+    X[12, 0], X[13] = 0.0, X[12]
+    X[13, 0] = -0.0
+    X[40] = np.nextafter(X[41], np.inf)
+    got = distinct_rows(X)
+    want = np.unique(X, axis=0)
+    assert got.shape == want.shape == (46, 7)
+    assert {r.tobytes() for r in got + 0.0} == {r.tobytes() for r in want + 0.0}
+    first = [i for i in range(50) if not any((X[j] == X[i]).all() for j in range(i))]
+    assert np.array_equal(got, X[first] + 0.0)
 
 
 @pytest.mark.parametrize("shape", [(300, 40), (200, 12)])

@@ -28,8 +28,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .. import allocator
 from ..adapters import load_model, router_load, router_stats, view
-from ..allocator import return_freed_memory
 from ..data import batches, default_split, describe_slice, split_ids, window_length
 from ..defaults import ANALYZE_TOKENS, REMOVAL_TOKENS, SAMPLE_SEQUENCES, SAMPLE_TOKENS
 from ..errors import LayerlabError
@@ -86,7 +86,9 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
         raise LayerlabError(f"--tokens must be at least 1, got {tokens}")
     if sections:
         check_sections(sections, offloaded=offloaded is not None)
-    return_freed_memory()  # the per-batch buffers are freed batch after batch (layerlab.allocator)
+    # the per-batch buffers are freed batch after batch: returned to the system for a large or streamed model,
+    # kept for reuse for a small one (layerlab.allocator)
+    allocator.for_weights(0 if offloaded is not None else allocator.param_bytes(model), offloaded is not None)
     v = offloaded.view if offloaded is not None else view(model)
     device = offloaded.device if offloaded is not None else next(model.parameters()).device
     dtype = offloaded.dtype if offloaded is not None else next(model.parameters()).dtype

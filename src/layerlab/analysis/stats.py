@@ -563,6 +563,16 @@ def anisotropy(Z: torch.Tensor) -> float:
 TWONN_DISCARD = 0.1
 
 
+def distinct_rows(X: np.ndarray) -> np.ndarray:
+    """The rows of a float array that differ from every earlier row, in their order (0.0 and -0.0 count as equal):
+    the rows ``np.unique(X, axis=0)`` keeps, without its lexicographic sort (3.4 ms against 1.0 ms for 1024 x 256
+    float64 rows, measured here)."""
+    X = X + 0.0  # -0.0 + 0.0 is 0.0: equal rows get equal bytes
+    first: dict[bytes, int] = {}
+    keep = [i for i, row in enumerate(map(bytes, X)) if first.setdefault(row, i) == i]
+    return X if len(keep) == len(X) else X[keep]
+
+
 def intrinsic_dimension(Z: torch.Tensor) -> float:
     """TwoNN intrinsic dimension (Facco et al., 2017, "Estimating the intrinsic dimension of datasets by a minimal
     neighborhood information").
@@ -575,12 +585,12 @@ def intrinsic_dimension(Z: torch.Tensor) -> float:
     dropped. Written here rather than called from scikit-dimension, whose import (numba) took 1.6 s and 232 MiB of
     resident memory, a tenth of a 1.1B checkpoint's analysis peak; ``tests/test_analysis_speed_equivalence.py``
     checks it against scikit-dimension's ``TwoNN`` to 1e-9."""
-    X = np.unique(Z.double().numpy(), axis=0)  # TwoNN needs distinct points
+    X = distinct_rows(Z.double().numpy())  # TwoNN needs distinct points
     if X.shape[0] < 10:
         return float("nan")
     Y = torch.from_numpy(X)
     sq = (Y * Y).sum(1)
-    d2 = (sq[:, None] + sq[None, :] - 2 * (Y @ Y.T)).clamp_min_(0)
+    d2 = torch.add(sq[:, None], sq[None, :]).sub_(Y @ Y.T, alpha=2).clamp_min_(0)  # (|x|^2 + |y|^2) - 2 x.y
     d2.fill_diagonal_(math.inf)  # a point is not its own neighbour
     r = d2.topk(2, dim=1, largest=False).values.sqrt_().numpy()  # (n, 2): r1 <= r2
     with np.errstate(divide="ignore", invalid="ignore"):

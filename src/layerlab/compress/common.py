@@ -74,11 +74,6 @@ def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dt
     return Loaded(model, tok, om.view), om
 
 
-def param_bytes(model) -> int:
-    """Bytes of the parameters in memory, tied ones counted once."""
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
 @dataclass
 class Staging:
     """The output being written: ``dir`` becomes ``--out`` when the block completes; ``record`` goes into its

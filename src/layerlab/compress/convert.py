@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from ..adapters import view
+from ..allocator import param_bytes
 from ..data import batches, measure_ids, window_length
 from ..defaults import CONVERT_LR, CONVERT_STEPS
 from ..errors import LayerlabError, choices_error
@@ -60,7 +61,7 @@ from ..norms import CRMSNormWithBias, LayerNorm, RMSNormWithBias
 from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import CONVERT_TARGETS as TARGETS
 from ..registry import PROBE_ITEMS
-from .common import loss_columns, open_input, param_bytes, staged_output, table
+from .common import loss_columns, open_input, staged_output, table
 from .heal import lm_step, train_ids
 from .recenter import (
     CONFIG_KEY,

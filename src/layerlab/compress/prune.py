@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import SUBLAYERS, LayerView, view
+from ..allocator import param_bytes
 from ..analysis.stats import RemovalSums, angular, last_token_index
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
@@ -76,7 +77,6 @@ from .common import (
     loss_columns,
     open_input,
     open_offloaded_input,
-    param_bytes,
     staged_output,
     table,
 )

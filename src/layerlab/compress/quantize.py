@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from ..adapters import view
+from ..allocator import param_bytes
 from ..data import window_length
 from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
@@ -89,7 +90,6 @@ from .common import (
     loss_columns,
     open_input,
     open_offloaded_input,
-    param_bytes,
     staged_output,
     table,
 )
