@@ -298,3 +298,108 @@ def test_optimizer_state_of_a_growth():
         assert torch.equal(m, want)
         assert st[new.blocks[0].attn.qkv.weight]["step"] == opt.optimizer.state[q]["step"]
         assert new.blocks[3].attn.qkv.weight not in st  # MSG's fresh block 3; stack's copy of block 0
+
+
+# ------------------------------------------------------------------ train --init-from a model directory
+BASE = {"layers": 1, "width": 32, "heads": 2, "context": 32, "steps": 6, "batch_size": 2, "eval_every": 6,
+        "eval_batches": 2, "save_every": 6, "log_every": 1, "telemetry_every": 0, "warmup": 2}
+CONT = {k: v for k, v in BASE.items() if k not in ("layers", "width", "heads", "context")}
+
+
+@pytest.fixture(scope="module")
+def base_and_grown(tmp_path_factory):
+    """A trained 1-block run, and its MSG growth to 2 blocks of width 64 (masks at 0: the same function)."""
+    from layerlab.grow import grow_dir
+
+    root = tmp_path_factory.mktemp("init")
+    train(preset="debug", overrides=dict(BASE), out=root / "base", **QUIET)
+    grow_dir(root / "base", root / "grown", layers="2x", width=64, method="msg")
+    return root / "base", root / "grown"
+
+
+def _manifest(run):
+    return json.loads((run / "layerlab.json").read_text())
+
+
+def _last_curve_loss(run):
+    """The run's last validation point of the training curve (the first eval_batches windows)."""
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in lines if "val_loss" in r][-1]
+
+
+def test_init_from_starts_where_the_directory_ends(base_and_grown, tmp_path):
+    """The step-0 validation loss of a run started from a model directory is the directory's final one (same
+    batches), and the run trains the directory's architecture, with its tokenizer."""
+    base, _ = base_and_grown
+    out = tmp_path / "cont"
+    train(preset="debug", overrides={**CONT, "init_from": str(base)}, out=out, **QUIET)
+    results = _manifest(out)["results"]
+    assert results["val_loss_step0"] == pytest.approx(_last_curve_loss(base), rel=1e-6)
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["layers"], cfg["width"], cfg["heads"], cfg["context"]) == (1, 32, 2, 32)  # not debug's 2 x 64
+    assert results["val_loss"] < results["val_loss_step0"]
+    assert _manifest(out)["args"]["train"]["init_from"] == str(base)
+
+
+def test_init_from_a_msg_growth_ramps_its_masks_and_removes_them(base_and_grown, tmp_path, monkeypatch):
+    """Masks at 0 in the directory: step 0 evaluates the old function; they ramp 1/3, 2/3, 1 over grow_ramp 3
+    steps and are removed before step 3, so the run ends as the plain grown model."""
+    import layerlab.grow as grow_mod
+
+    base, grown = base_and_grown
+    seen = []
+    real = grow_mod.set_mask
+    monkeypatch.setattr(grow_mod, "set_mask", lambda model, value: (seen.append(value), real(model, value)))
+    out = tmp_path / "ramp"
+    train(preset="debug", overrides={**CONT, "init_from": str(grown), "grow_ramp": 3}, out=out, **QUIET)
+    assert _manifest(out)["results"]["val_loss_step0"] == pytest.approx(_last_curve_loss(base), rel=1e-5)
+    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0])
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["layers"], cfg["width"], cfg["msg_blocks"], cfg["msg_width"], cfg["msg_mask"]) == (2, 64, [], 0, 1.0)
+
+
+@pytest.mark.parametrize("at", [2, 4])
+def test_init_from_a_msg_growth_resumes_exactly(base_and_grown, tmp_path, at):
+    """Stopped mid-ramp (2) or after the masks are gone (4), the resumed run ends with the uninterrupted one's
+    weights."""
+    _, grown = base_and_grown
+    over = {**CONT, "init_from": str(grown), "grow_ramp": 3}
+    train(preset="debug", overrides=dict(over), out=tmp_path / "whole", **QUIET)
+    real = loop_mod.lr_at
+
+    def lr_at(step, tc):
+        if step == at:
+            raise KeyboardInterrupt
+        return real(step, tc)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop_mod, "lr_at", lr_at)
+        with pytest.raises(SystemExit):
+            train(preset="debug", overrides=dict(over), out=tmp_path / "cut", **QUIET)
+    train(resume=tmp_path / "cut", **QUIET)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_bad_input_is_one_line(base_and_grown, tmp_path):
+    from layerlab.recipe import resolve
+
+    base, grown = base_and_grown
+    with pytest.raises(LayerlabError, match=r"--init-from .*: layers is 1 there, 4 asked; the architecture is"):
+        resolve("debug", None, {"init_from": str(base), "layers": 4})
+    assert resolve("debug", None, {"init_from": str(base), "layers": 1}).model.layers == 1  # repeating is fine
+    with pytest.raises(LayerlabError, match="uses that directory's tokenizer; drop --tokenizer"):
+        resolve("debug", None, {"init_from": str(base), "tokenizer": "bpe:300"})
+    with pytest.raises(LayerlabError, match="model path does not exist"):
+        resolve("debug", None, {"init_from": str(tmp_path / "nowhere")})
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(LayerlabError, match="needs a layerlab model directory .* holds a gpt2 model"):
+        resolve("debug", None, {"init_from": str(other)})
+    with pytest.raises(LayerlabError, match=r"grow_at 2: the model starts under MSG masks, which reach 1 at step "
+                                            r"grow_ramp 3"):
+        train(preset="debug", overrides={**CONT, "init_from": str(grown), "grow_ramp": 3, "grow_at": "2:layers=3"},
+              out=tmp_path / "r", **QUIET)
+    r = CliRunner().invoke(app, ["train", "--init-from", str(base), "--width", "64", "--out", str(tmp_path / "c")])
+    assert isinstance(r.exception, LayerlabError) and "width is 32 there, 64 asked" in str(r.exception)

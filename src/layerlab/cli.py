@@ -139,6 +139,8 @@ Examples:
 
   layerlab train --log tensorboard --keep-every 50          # scalars in RUN/tb/, weights in RUN/steps/step<N>/
 
+  layerlab train --init-from runs/grown --steps 300 --out runs/grown-trained   # start from a model directory
+
 Any config field can be given as --field value (see presets in src/layerlab/presets/).
 """
 
@@ -554,6 +556,7 @@ Examples:
 
   layerlab grow runs/tiny-pre-layernorm-L4-d256 --layers 6 --width 384 --method msg --out runs/tiny-L6-d384
 
+Train the output further: layerlab train --init-from runs/tiny-L8-stacked --steps 300 --out runs/tiny-L8-trained
 Inside a run: layerlab train --grow-at 100:layers=2x,200:width=384 --grow-method msg --grow-ramp 20
 """
 
@@ -574,7 +577,7 @@ def grow(
     from .grow import grow_dir, grow_lines
 
     _quiet_hf()
-    _print(grow_lines(grow_dir(model, out, layers=layers, width=width, method=method, seed=seed)), out)
+    _print(grow_lines(grow_dir(model, out, layers=layers, width=width, method=method, seed=seed), out), out)
 
 
 SWEEP_EXAMPLE = """

@@ -530,6 +530,10 @@ class TrainConfig(_Config):
     grow_at: str | None = None
     grow_method: Literal["msg", "stack", "interp"] = "msg"
     grow_ramp: Int = 20
+    # start from a layerlab model directory (a run, or what grow or convert wrote): its architecture, weights and
+    # tokenizer; the training settings are this run's own. MSG masks it holds below 1 (a `grow --method msg`
+    # output) ramp to 1 over grow_ramp steps from step 0, as after a growth in a run
+    init_from: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -590,6 +594,10 @@ GROUPS: dict[str, type[_Config]] = {"llr": LLRSettings, "noise": NoiseSettings, 
 NESTED = {f"{g}_{name}": (g, name) for g, cls in GROUPS.items() for name in cls.model_fields}
 
 MODEL_FIELDS = dict(ModelConfig.model_fields)
+# ModelConfig fields whose names transformers reserves in a model config, stored in config.json under another name:
+# top_k (mlp moe's experts per token) is a generation parameter, which PreTrainedConfig drops from its keyword
+# arguments and refuses to save
+HF_RENAMED = {"top_k": "moe_top_k"}
 # the flat namespace of TrainConfig: its own fields, and each optimizer's settings by flat name
 TRAIN_FIELDS = {**{k: f for k, f in TrainConfig.model_fields.items() if k not in GROUPS},
                 **{flat: GROUPS[g].model_fields[name] for flat, (g, name) in NESTED.items()}}

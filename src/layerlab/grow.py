@@ -45,6 +45,10 @@ slice after a width growth; for stack and interp, the first copy of each old blo
 entries of its moments 0; every other parameter (MSG's new blocks, the second copies of stack and interp) starts
 with empty state, as a fresh AdamW. The LR schedule goes on unchanged.
 
+A model grown offline (``layerlab grow``) trains on with ``layerlab train --init-from DIR``: the run takes the
+directory's architecture, weights and tokenizer, and MSG masks below 1 ramp from their value to 1 over grow_ramp
+steps from step 0 and are then removed, as after a growth at step 0 (:func:`masked_start`).
+
 Compute, for comparing a grown run with one trained from scratch: FLOPs ~ 6 x params x tokens, summed over the
 steps with the params of each step (:func:`schedule_flops`).
 """
@@ -248,13 +252,15 @@ def grow_dir(model_dir: str | Path, out: str | Path, *, layers: str | None = Non
     return record
 
 
-def grow_lines(record: dict[str, Any]) -> list[str]:
-    """The printed summary of :func:`grow_dir`."""
+def grow_lines(record: dict[str, Any], out: str | Path = "OUT") -> list[str]:
+    """The printed summary of :func:`grow_dir` (written to ``out``)."""
     (l0, l1), (w0, w1), (p0, p1) = record["layers"], record["width"], record["params"]
     note = " (MSG: 0 up to float error, the masks start at 0)" if record["method"] == "msg" else ""
     return [f"grow {record['method']} {record['spec']}: {l0} -> {l1} blocks, width {w0} -> {w1}",
             f"params {p0:,} -> {p1:,}",
-            f"max |delta logit| against the original on 4 random windows: {record['max_abs_logit_change']:.3g}{note}"]
+            f"max |delta logit| against the original on 4 random windows: {record['max_abs_logit_change']:.3g}{note}",
+            f"train it further: layerlab train --init-from {out} --steps N --out RUN"
+            + (" (the masks ramp to 1 over --grow-ramp steps)" if record["method"] == "msg" else "")]
 
 
 # ---------------------------------------------------------------------------------------------- in a run
@@ -262,19 +268,37 @@ def schedule(tc: TrainConfig) -> tuple[tuple[int, GrowSpec], ...]:
     return _parse_schedule(tc.grow_at, tc.steps) if tc.grow_at else ()
 
 
-def mask_at(step: int, grown: int, ramp: int) -> float:
-    """MSG's linear ramp: m = min(1, (t - g + 1) / ramp) at step t after a growth at step g."""
-    return min(1.0, (step - grown + 1) / ramp)
+def mask_at(step: int, grown: int, ramp: int, start: float = 0.0) -> float:
+    """MSG's linear ramp: m = min(1, (t - g + 1) / ramp) at step t after a growth at step g; from a mask value
+    ``start`` (a masked start), m = min(1, start + (1 - start)(t - g + 1) / ramp)."""
+    return min(1.0, start + (1.0 - start) * (step - grown + 1) / ramp)
 
 
 def _seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + 7919 * step + 1) % (2**63)
 
 
+def masked_start(mc: ModelConfig) -> bool:
+    """Whether a run starts under MSG masks below 1 (``--init-from`` a ``grow --method msg`` output): they ramp
+    from their value m0 to 1 over grow_ramp steps from step 0 (:func:`mask_at`), as after a growth at step 0.
+    Masks already at 1 are removed when the model is built (:func:`replay`)."""
+    return has_masks(mc) and mc.msg_mask < 1
+
+
+def _growth_steps(mc: ModelConfig, tc: TrainConfig) -> list[int]:
+    """The steps after which masks ramp: the growths of the schedule, and 0 for a masked start."""
+    return [0] * masked_start(mc) + [g for g, _ in schedule(tc)]
+
+
 def check_run(mc: ModelConfig, tc: TrainConfig, d=None) -> None:
-    """A run's growth schedule against its model: every growth possible, one line each where not."""
+    """A run's growth schedule against its model: every growth possible, one line each where not. A masked start
+    needs its masks at 1 (grow_ramp steps) before the first growth."""
     from .norms import is_batch_norm
 
+    events = schedule(tc)
+    if masked_start(mc) and events and events[0][0] < tc.grow_ramp:
+        raise LayerlabError(f"grow_at {events[0][0]}: the model starts under MSG masks, which reach 1 at step "
+                            f"grow_ramp {tc.grow_ramp}; grow at that step or later")
     if not tc.grow_at:
         return
     if d is not None and d.active:
@@ -296,7 +320,9 @@ def check_run(mc: ModelConfig, tc: TrainConfig, d=None) -> None:
 def replay(model: nn.Module, tc: TrainConfig, start: int) -> nn.Module:
     """The model with the structure of the run's checkpoint of step ``start`` (growths before it; its masks gone
     where they had reached 1): its weights are then loaded over it."""
-    grown = None
+    if has_masks(model.cfg) and model.cfg.msg_mask >= 1:  # masks already at 1: the plain model
+        collapse(model)
+    grown = 0 if masked_start(model.cfg) else None
     for g, spec in schedule(tc):
         if g >= start:
             break
@@ -337,18 +363,37 @@ def before_step(run, at, add_layer_dropout) -> None:
     rebuilt, of the same classes; ``add_layer_dropout`` the loop's LayerSkip hooks), set this step's mask value."""
     tc = run.tc
     events = schedule(tc)
-    if not events:
+    if not events and not masked_start(run.mc):
         return
     step = at.step
-    past = [g for g, _ in events if g <= step]
+    past = [g for g in _growth_steps(run.mc, tc) if g <= step]
     model = run.model
     if has_masks(model.cfg) and past and step >= past[-1] + tc.grow_ramp and past[-1] != step:
         collapse(model)
     spec = dict(events).get(step)
     if spec is not None:
         _grow_in_run(run, at, spec, add_layer_dropout)
-    if has_masks(run.model.cfg):
-        set_mask(run.model, mask_at(step, past[-1], tc.grow_ramp))
+    if has_masks(run.model.cfg):  # from the start's mask value while the start's ramp runs
+        start = run.mc.msg_mask if masked_start(run.mc) and past[-1] == 0 else 0.0  # (grow_at steps are >= 1)
+        set_mask(run.model, mask_at(step, past[-1], tc.grow_ramp, start))
+
+
+def load_init(model: nn.Module, model_dir: str | Path) -> None:
+    """Load the weights of a layerlab model directory (``train --init-from``) into ``model``, built from the
+    directory's config (:func:`layerlab.recipe.init_model_fields`); a directory whose weights do not fit it is
+    refused in one line."""
+    from .model import LayerlabForCausalLM
+
+    path = check_model_dir(model_dir)
+    check_weights(path)
+    source = LayerlabForCausalLM.from_pretrained(path, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    missing = [k for k in missing if k not in model.all_tied_weights_keys]
+    if missing or unexpected:
+        raise LayerlabError(f"--init-from {path}: its weights do not fit its config (missing {missing[:3]}, extra "
+                            f"{unexpected[:3]})")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
 
 
 def _grow_in_run(run, at, spec: GrowSpec, add_layer_dropout) -> None:

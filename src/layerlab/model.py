@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreT
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import DENSE_MLPS, MODEL_FIELDS, ModelConfig
+from .config import DENSE_MLPS, HF_RENAMED, MODEL_FIELDS, ModelConfig
 from .errors import LayerlabError
 from .norms import build_norm, lns_scale
 from .packed import register_quantizer
@@ -77,12 +77,6 @@ class LayerlabOutput(CausalLMOutputWithPast):
     weighted; None where no module set one. ``loss`` stays the plain cross-entropy; training adds ``aux_loss``."""
 
     aux_loss: torch.FloatTensor | None = None
-
-
-# ModelConfig fields whose names transformers reserves in a model config, stored in config.json under another name:
-# top_k (mlp moe's experts per token) is a generation parameter, which PreTrainedConfig drops from its keyword
-# arguments and refuses to save
-HF_RENAMED = {"top_k": "moe_top_k"}
 
 
 class LayerlabConfig(PreTrainedConfig):

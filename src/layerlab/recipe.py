@@ -10,8 +10,9 @@ from typing import Any
 
 import yaml
 
-from .config import MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, check_fields
+from .config import HF_RENAMED, MODEL_FIELDS, TRAIN_FIELDS, ModelConfig, TrainConfig, check_fields
 from .errors import LayerlabError, choices_error
+from .io import check_model_dir, read_json
 
 
 def flatten_yaml(doc: Any, source: str) -> dict[str, Any]:
@@ -91,8 +92,36 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
         preset = "tiny"
     if preset is not None:
         values.update(read_preset(preset))
+    given: dict[str, Any] = {}  # what the config file and the command line set, over the preset
     if config_file is not None:
-        values.update(read_yaml(config_file))
-    values.update(check_fields(overrides or {}, source="command line"))
+        given.update(read_yaml(config_file))
+    given.update(check_fields(overrides or {}, source="command line"))
+    values.update(given)
     model, train = split_fields(values)
+    if train.get("init_from"):
+        model = init_model_fields(train["init_from"],
+                                  {k: v for k, v in given.items() if k in MODEL_FIELDS or k == "tokenizer"})
     return RunSpec(ModelConfig(**model), TrainConfig(**train), preset=preset)
+
+
+def init_model_fields(model_dir: str | Path, given: dict[str, Any]) -> dict[str, Any]:
+    """The model fields of a run started ``--init-from model_dir``: those of the directory's config.json (a layerlab
+    model), which a field ``given`` on the command line or in a config file may repeat but not change; a preset's
+    model fields give way. ``tokenizer`` is refused: the run reads the directory's own."""
+    path = check_model_dir(model_dir)
+    saved = read_json(path / "config.json")
+    kind = saved.get("model_type") if isinstance(saved, dict) else None
+    if kind != "layerlab":
+        raise LayerlabError(f"--init-from needs a layerlab model directory (a run, or what grow or convert wrote); "
+                            f"{path} holds a {kind or 'unknown'} model")
+    if "tokenizer" in given:
+        raise LayerlabError(f"--init-from {path}: the run uses that directory's tokenizer; drop --tokenizer")
+    fields = {k: saved[HF_RENAMED.get(k, k)] for k in MODEL_FIELDS if HF_RENAMED.get(k, k) in saved}
+    loaded = ModelConfig(**fields).to_dict()
+    asked = ModelConfig(**{**fields, **given}).to_dict() if given else loaded
+    changed = sorted(k for k in given if k in loaded and asked[k] != loaded[k])
+    if changed:
+        k = changed[0]
+        raise LayerlabError(f"--init-from {path}: {k} is {loaded[k]!r} there, {asked[k]!r} asked; the architecture "
+                            "is the model directory's (drop the model fields, or start a run without --init-from)")
+    return fields

@@ -28,6 +28,7 @@ from ..errors import LayerlabError
 from ..evaluate import lm_loss
 from ..io import MANIFEST, read_json, write_manifest
 from ..model import LayerlabForCausalLM, build_model, design_note, num_params
+from ..msg import has_masks
 from ..norms import is_batch_norm, set_norm_schedule
 from ..recipe import RunSpec
 from . import distributed, logs, telemetry
@@ -179,8 +180,10 @@ def _setup(spec: RunSpec, run_dir: Path, continuing: bool, d: distributed.Dist, 
     sched = schedule_of(spec, state, start)
     torch.manual_seed(tc.seed)
     model: LayerlabForCausalLM = build_model(mc)
-    if tc.grow_at:  # growth in the run (layerlab.grow): checked, and the checkpoint's grown structure rebuilt
-        grow.check_run(mc, tc, d)
+    if tc.init_from and state is None:  # the model directory's weights (its architecture is mc: recipe.resolve)
+        grow.load_init(model, tc.init_from)
+    if tc.grow_at or has_masks(mc):  # growth in the run (layerlab.grow), or masks to ramp: checked, and the
+        grow.check_run(mc, tc, d)  # checkpoint's grown (or unmasked) structure rebuilt
         model = grow.replay(model, tc, start)
     set_norm_schedule(model, sched.steps * tc.grad_accum)
     add_layer_dropout(model, tc.layer_dropout, tc.layer_dropout_schedule)  # LayerSkip; off in eval mode

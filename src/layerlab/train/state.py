@@ -91,6 +91,8 @@ def tokens(tc: TrainConfig, mc: ModelConfig, run_dir: Path, state: dict | None,
     Every rank reads the run directory before rank 0 writes to it."""
     if state is not None:
         tokenizer = load_tokenizer(run_dir)
+    elif tc.init_from:  # the model directory's own tokenizer (grow and convert copy their input's)
+        tokenizer = load_tokenizer(Path(tc.init_from))
     else:
         # BPE merges are learnt from the training part only, so validation text never shapes them
         tokenizer = d.broadcast(build_tokenizer(tc.tokenizer, lambda: head_documents(tc.data, 1 - VAL_FRACTION))
@@ -98,7 +100,11 @@ def tokens(tc: TrainConfig, mc: ModelConfig, run_dir: Path, state: dict | None,
     with d.rank0_first():  # rank 0 writes the token cache, the others read it
         data = TokenData.prepare(tc.data, tokenizer, cache_dir(), val_fraction=VAL_FRACTION)
     data.check_length(mc.context)
-    mc.vocab_size = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
+    vocab = max(64 * math.ceil(tokenizer.vocab_size / 64), 64)  # padded for matmul speed
+    if tc.init_from and state is None and vocab != mc.vocab_size:
+        raise LayerlabError(f"--init-from {tc.init_from}: its tokenizer gives a vocabulary of {vocab} (padded), its "
+                            f"model has {mc.vocab_size} rows")
+    mc.vocab_size = vocab
     return tokenizer, data
 
 
