@@ -231,11 +231,8 @@ def test_grow_at_grows_the_run(whole):
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
 
 
-@pytest.mark.parametrize("at", [4, 6, 9])
-def test_grow_at_resumes_exactly(whole, tmp_path, at):
-    """Stopped at step ``at`` (4: just after the growth, before its first update; 6: masks ramping; 9: after the
-    width growth), the resumed run ends with the uninterrupted run's weights and optimizer state."""
-    out = tmp_path / "cut"
+def _stopped_and_resumed(overrides: dict, out, at: int) -> None:
+    """A debug run with ``overrides`` stopped by Ctrl-C at step ``at``'s boundary, then resumed to its end."""
     real = loop_mod.lr_at
 
     def lr_at(step, tc):
@@ -246,8 +243,16 @@ def test_grow_at_resumes_exactly(whole, tmp_path, at):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(loop_mod, "lr_at", lr_at)
         with pytest.raises(SystemExit):
-            train(preset="debug", overrides=dict(RUN), out=out, **QUIET)
+            train(preset="debug", overrides=dict(overrides), out=out, **QUIET)
     train(resume=out, **QUIET)
+
+
+@pytest.mark.parametrize("at", [4, 6, 9])
+def test_grow_at_resumes_exactly(whole, tmp_path, at):
+    """Stopped at step ``at`` (4: just after the growth, before its first update; 6: masks ramping; 9: after the
+    width growth), the resumed run ends with the uninterrupted run's weights and optimizer state."""
+    out = tmp_path / "cut"
+    _stopped_and_resumed(RUN, out, at)
     a, b = load_file(whole / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa = torch.load(whole / "optimizer.pt", weights_only=True)["optimizer"]["state"]
@@ -365,18 +370,7 @@ def test_init_from_a_msg_growth_resumes_exactly(base_and_grown, tmp_path, at):
     _, grown = base_and_grown
     over = {**CONT, "init_from": str(grown), "grow_ramp": 3}
     train(preset="debug", overrides=dict(over), out=tmp_path / "whole", **QUIET)
-    real = loop_mod.lr_at
-
-    def lr_at(step, tc):
-        if step == at:
-            raise KeyboardInterrupt
-        return real(step, tc)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop_mod, "lr_at", lr_at)
-        with pytest.raises(SystemExit):
-            train(preset="debug", overrides=dict(over), out=tmp_path / "cut", **QUIET)
-    train(resume=tmp_path / "cut", **QUIET)
+    _stopped_and_resumed(over, tmp_path / "cut", at)
     a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
