@@ -384,6 +384,11 @@ def test_init_from_bad_input_is_one_line(base_and_grown, tmp_path):
     assert resolve("debug", None, {"init_from": str(base), "layers": 1}).model.layers == 1  # repeating is fine
     with pytest.raises(LayerlabError, match="uses that directory's tokenizer; drop --tokenizer"):
         resolve("debug", None, {"init_from": str(base), "tokenizer": "bpe:300"})
+    bpe = tmp_path / "bpe"  # a directory whose tokenizer layerlab trained: the manifest names it
+    bpe.mkdir()
+    (bpe / "config.json").write_text((base / "config.json").read_text())
+    (bpe / "tokenizer_config.json").write_text(json.dumps({"layerlab_tokenizer": "bpe:300"}))
+    assert resolve("debug", None, {"init_from": str(bpe)}).train.tokenizer == "bpe:300"
     with pytest.raises(LayerlabError, match="model path does not exist"):
         resolve("debug", None, {"init_from": str(tmp_path / "nowhere")})
     other = tmp_path / "gpt2"

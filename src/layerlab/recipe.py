@@ -101,6 +101,11 @@ def resolve(preset: str | None = None, config_file: str | Path | None = None,
     if train.get("init_from"):
         model = init_model_fields(train["init_from"],
                                   {k: v for k, v in given.items() if k in MODEL_FIELDS or k == "tokenizer"})
+        # the run reads the directory's tokenizer: its manifest names it ("byte", "bpe:N") where layerlab wrote it
+        saved = Path(train["init_from"]) / "tokenizer_config.json"
+        name = read_json(saved).get("layerlab_tokenizer") if saved.is_file() else None
+        if isinstance(name, str) and (name == "byte" or name.startswith("bpe:")):
+            train["tokenizer"] = name
     return RunSpec(ModelConfig(**model), TrainConfig(**train), preset=preset)
 
 
