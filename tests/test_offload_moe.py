@@ -142,7 +142,7 @@ def test_transformers_own_converter_gives_the_same_tensors(family, tmp_path, mon
     """The general path (transformers' WeightConverter run on the tensors read), forced here, builds the same."""
     model = _build(family)
     d = _save(model, tmp_path / "m")
-    monkeypatch.setattr(off, "_stack_then_concat", lambda converter: None)
+    monkeypatch.setattr(off.fusion, "_stack_then_concat", lambda converter: None)
     om = open_offloaded(d)
     tensors = dir_tensors(d)
     for i in range(3):
@@ -182,7 +182,7 @@ def test_a_missing_expert_is_one_line(general, tmp_path, monkeypatch):
         with pytest.raises(LayerlabError, match=line):
             open_offloaded(d)
         return
-    monkeypatch.setattr(off, "_stack_then_concat", lambda converter: None)
+    monkeypatch.setattr(off.fusion, "_stack_then_concat", lambda converter: None)
     om = open_offloaded(d)
     with om.block(0):
         pass
