@@ -543,7 +543,7 @@ def test_block_removal_rewrites_which_qwen3_moe_blocks_are_dense():
     """decoder_sparse_step=2 makes block 1 of 3 sparse, 0 and 2 dense; without block 0 the kept blocks are
     (sparse, dense), which no step expresses: the pruned config lists the dense one, and plain transformers builds
     the same kinds of MLP, with logits equal to the hand-deleted model's."""
-    from layerlab.compress.prune import without_blocks
+    from layerlab.compress.removal import without_blocks
 
     torch.manual_seed(0)
     cfg = FAMILIES["qwen3_moe"]()

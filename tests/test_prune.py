@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 import layerlab
 from layerlab.adapters import load_model, view
 from layerlab.compress import METRICS, prune, without_blocks
-from layerlab.compress.prune import present_sublayers, without_sublayers
+from layerlab.compress.removal import present_sublayers, without_sublayers
 from layerlab.errors import LayerlabError
 from layerlab.evaluate import masked_loss_sum
 from layerlab.model import CACHE_NAME, output_cache

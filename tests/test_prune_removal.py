@@ -29,7 +29,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from layerlab.compress import prune
-from layerlab.compress.prune import present_sublayers, remove_sublayers, sublayer_removal
+from layerlab.compress.removal import present_sublayers, remove_sublayers, sublayer_removal
 
 V, D, F_, L = 320, 32, 64, 4  # vocabulary, width, MLP width, blocks
 QUIET = {"tokens": 512, "measure_tokens": 512}

@@ -2,8 +2,9 @@
 function lays it out for the CLI (the shared pipeline is in :mod:`layerlab.compress.common`)."""
 
 from .convert import TARGETS, convert, convert_lines
-from .prune import METRICS, prune, prune_lines, without_blocks
+from .prune import METRICS, prune, prune_lines
 from .quantize import IMPORTANCE, allocate, quantize, quantize_lines
+from .removal import without_blocks
 
 __all__ = ["IMPORTANCE", "METRICS", "TARGETS", "allocate", "convert", "convert_lines", "prune", "prune_lines",
            "quantize", "quantize_lines", "without_blocks"]
