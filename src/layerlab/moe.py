@@ -19,7 +19,7 @@ of the dense model's MLP (plus the router's E x C), the "equal active parameters
   them over the blocks); an eval forward sets none.
 
 The module tree is that of transformers 5's sparse MoE blocks (MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock), so the
-adapter's mixture-of-experts path reads it unchanged (``layerlab.adapters.core``: Arch.router, Arch.experts):
+adapter's mixture-of-experts path reads it unchanged (``layerlab.adapters.archs``: Arch.router, Arch.experts):
 ``mlp.gate`` is the router, whose forward returns (router_logits (N, E), top_k_weights (N, k), top_k_index (N, k))
 and whose ``weight`` is (E, C); ``mlp.experts`` holds every expert's weights as 3-d parameters, ``fc`` (E, F or 2F,
 C) and ``proj`` (E, C, F), (experts, out, in) as transformers stores them. Biases (with ``bias``) are kept flat,

@@ -154,7 +154,7 @@ class BlockForm:
     """How a block's two sublayers meet the residual stream. ``forwards`` maps the forward a placement names
     (:attr:`Placement.forward`) to this form's forward in ``layerlab.model`` (or the function itself); a
     placement whose forward is not a key is refused with this form. ``form`` is the adapters' name for it
-    (``layerlab.adapters.core.FORMS``); ``shared_norm``: one input norm (``ln1``) feeds both sublayers."""
+    (``layerlab.adapters.archs.FORMS``); ``shared_norm``: one input norm (``ln1``) feeds both sublayers."""
 
     doc: str
     forwards: dict[str, str | Callable] | None = None  # None: the placement's own forward (every placement)

@@ -37,22 +37,16 @@ from .. import model as _registers_layerlab  # noqa: F401  (the Auto classes lea
 from ..errors import VOCAB_FILES, LayerlabError, no_tokenizer_error
 from ..io import check_model_dir, check_weights
 from ..registry import SUBLAYERS  # noqa: F401  (re-exported)
+from .archs import ARCHS, FORMS, MODEL_TYPES, VARIANTS, Arch, arch_of, unsupported_error  # noqa: F401
 from .core import (  # noqa: F401  (re-exported: the package is the adapters' public face)
-    ARCHS,
-    FORMS,
-    MODEL_TYPES,
-    VARIANTS,
-    Arch,
     BlockView,
     LayerView,
     Trace,
     _find,
     _first,
     _get,
-    arch_of,
     router_load,
     router_stats,
-    unsupported_error,
 )
 
 

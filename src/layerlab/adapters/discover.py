@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..errors import LayerlabError
-from .core import Arch, LayerView, _first
+from .archs import Arch
+from .core import LayerView, _first
 
 DISCOVERED = "discovered"  # the view's arch_name, and the report's "arch"
 UNKNOWN = "unknown"  # the placement and form of a discovered block: where its norms sit and how its sublayers
