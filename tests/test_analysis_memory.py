@@ -200,3 +200,15 @@ def test_small_models_reuse_freed_buffers_and_large_or_streamed_ones_return_them
     kept = subprocess.run([sys.executable, "-c", _FAULTS, "0", "0"], capture_output=True, text=True, check=True,
                           env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"}).stdout.split()
     assert kept[0] == "None"  # the user's own setting is left alone
+
+
+def test_model_bytes_counts_tied_parameters_once_and_buffers():
+    """The size that picks the allocator mode: a packed low-bit model keeps its weights in buffers."""
+    from layerlab.allocator import model_bytes, param_bytes
+
+    m = torch.nn.Module()
+    m.a = torch.nn.Linear(4, 3, bias=False)  # 12 float32
+    m.b = torch.nn.Linear(4, 3, bias=False)
+    m.b.weight = m.a.weight  # tied: counted once
+    m.register_buffer("packed", torch.zeros(10, dtype=torch.uint8))
+    assert param_bytes(m) == 48 and model_bytes(m) == 58

@@ -83,6 +83,12 @@ def param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def model_bytes(model) -> int:
+    """Bytes of a model in memory: its parameters (tied ones once) and its buffers (a packed low-bit model keeps
+    its weights there)."""
+    return param_bytes(model) + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
 def for_weights(weight_bytes: int, streamed: bool = False) -> str | None:
     """Set the mode that suits a model with ``weight_bytes`` of weights (see the module doc); returns the mode in
     place, or None where none could be set."""

@@ -88,7 +88,7 @@ def analyze_model(model, tokenizer, *, name: str, path: str | None, data=None, t
         check_sections(sections, offloaded=offloaded is not None)
     # the per-batch buffers are freed batch after batch: returned to the system for a large or streamed model,
     # kept for reuse for a small one (layerlab.allocator)
-    allocator.for_weights(0 if offloaded is not None else allocator.param_bytes(model), offloaded is not None)
+    allocator.for_weights(0 if offloaded is not None else allocator.model_bytes(model), offloaded is not None)
     v = offloaded.view if offloaded is not None else view(model)
     device = offloaded.device if offloaded is not None else next(model.parameters()).device
     dtype = offloaded.dtype if offloaded is not None else next(model.parameters()).dtype
