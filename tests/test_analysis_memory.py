@@ -181,9 +181,9 @@ print(mode, faults() - before)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_small_models_reuse_freed_buffers_and_large_or_streamed_ones_return_them():
-    """for_weights: a small model's analysis reuses freed 8 MiB buffers (almost no page faults over 20 steps after
-    a warm-up), a large or streamed one's maps each afresh (2048 faults of 4 KiB pages per buffer and write), in
-    fresh interpreters."""
+    """for_weights: a small model's analysis reuses freed 8 MiB buffers (no page faults per step after a warm-up),
+    a large or streamed one's maps each afresh (2048 faults of 4 KiB pages per buffer and write), in fresh
+    interpreters."""
     from layerlab.allocator import LARGE_WEIGHTS
 
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
@@ -194,7 +194,9 @@ def test_small_models_reuse_freed_buffers_and_large_or_streamed_ones_return_them
         return out[0], int(out[1])
 
     small, large, streamed = run(40 << 20, False), run(LARGE_WEIGHTS, False), run(40 << 20, True)
-    assert small[0] == "reuse" and small[1] < 500, small
+    # reuse: at most a fresh 8 MiB region or two over the 20 steps (the heap's layout varies with the process:
+    # 0 faults in a shell, 1920-2048 under pytest), against two 8 MiB buffers faulted in every step under return
+    assert small[0] == "reuse" and small[1] < 5000, small
     assert large[0] == "return" and large[1] > 20 * 1000, large
     assert streamed[0] == "return" and streamed[1] > 20 * 1000, streamed
     kept = subprocess.run([sys.executable, "-c", _FAULTS, "0", "0"], capture_output=True, text=True, check=True,
