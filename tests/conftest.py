@@ -1,6 +1,7 @@
 import importlib
 import math
 import os
+from contextlib import contextmanager
 
 # Idle OpenMP threads sleep instead of spinning: with spinning, two threads on a loaded 2-core
 # machine slow tiny forwards down by an order of magnitude. Set before torch starts its thread pool.
@@ -54,6 +55,44 @@ def idle_blocks(model, blocks):
                 proj.weight.zero_()
                 proj.bias.zero_()
     return model
+
+
+def fit_on_bytes(model, steps: int, n_bytes: int, seed: int = 0, lr: float = 3e-3):
+    """Train a byte-level ``model`` for ``steps`` AdamW steps, each on 8 windows of 32 next-byte predictions drawn
+    (from ``seed``) out of the first ``n_bytes`` of the embedded corpus; returns it in eval mode."""
+    import torch.nn.functional as F
+
+    from layerlab.data import embedded_documents
+
+    text = torch.frombuffer(bytearray(b"".join(embedded_documents())[:n_bytes]), dtype=torch.uint8).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(text) - 33, (8,), generator=gen).tolist()
+        rows = torch.stack([text[s : s + 33] for s in starts])
+        logits = model(input_ids=rows[:, :-1]).logits
+        F.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@contextmanager
+def ctrl_c_at(step: int):
+    """Training meets Ctrl-C at the boundary before step ``step`` (0-based): the run saves its checkpoint of that
+    step and exits (SystemExit), as after a real Ctrl-C there."""
+    from layerlab.train import loop as loop_mod
+
+    real = loop_mod.lr_at
+
+    def lr_at(s, tc):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(s, tc)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop_mod, "lr_at", lr_at)
+        yield
 
 
 def save_model(model, path):

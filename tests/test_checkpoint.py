@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import ctrl_c_at
 
 from layerlab.errors import LayerlabError
 from layerlab.io import sha256_file
-from layerlab.train import loop as loop_mod
 from layerlab.train import train
 
 FAST = {"steps": 8, "eval_every": 4, "save_every": 4, "log_every": 1, "telemetry_every": 4}
@@ -28,17 +28,8 @@ def _rewrite_optimizer(run_dir, state) -> None:
 def cut(tmp_path_factory):
     """A run stopped by Ctrl-C after its checkpoint of step 4."""
     out = tmp_path_factory.mktemp("ckpt") / "cut"
-    real = loop_mod.lr_at
-
-    def lr_at(step, tc):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(step, tc)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop_mod, "lr_at", lr_at)
-        with pytest.raises(SystemExit):
-            train(preset="debug", overrides=dict(FAST), out=out, **QUIET)
+    with ctrl_c_at(4), pytest.raises(SystemExit):
+        train(preset="debug", overrides=dict(FAST), out=out, **QUIET)
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 4
     return out
 

@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import digest, perturb, save_model, tiny_cfg
+from conftest import digest, fit_on_bytes, perturb, save_model, tiny_cfg
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -19,7 +18,6 @@ from transformers import (
 import layerlab
 from layerlab.compress import TARGETS, convert, convert_lines
 from layerlab.compress.convert import _fixable, fold_norms, removal_schedule, to_rmsnorm
-from layerlab.data import embedded_documents
 from layerlab.errors import LayerlabError
 from layerlab.norms import NORMS, NoNorm
 
@@ -55,17 +53,7 @@ def trained(tmp_path_factory):
     """A tiny Pre-LN model trained for 40 steps on the embedded corpus (bytes), saved with its tokenizer."""
     torch.manual_seed(0)
     model = layerlab.build_model(tiny_cfg(layers=2, width=32, context=32, vocab_size=V))
-    text = torch.frombuffer(bytearray(b"".join(embedded_documents())[:200_000]), dtype=torch.uint8).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        starts = torch.randint(0, len(text) - 33, (8,), generator=gen).tolist()
-        rows = torch.stack([text[s : s + 33] for s in starts])
-        logits = model(input_ids=rows[:, :-1]).logits
-        F.cross_entropy(logits.reshape(-1, V), rows[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-    return save_model(model.eval(), tmp_path_factory.mktemp("m") / "trained")
+    return save_model(fit_on_bytes(model, 40, 200_000), tmp_path_factory.mktemp("m") / "trained")
 
 
 # ---------------------------------------------------------------- exact conversion

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import digest, perturb, save_model, tiny_cfg
+from conftest import ctrl_c_at, digest, perturb, save_model, tiny_cfg
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -15,7 +15,6 @@ from layerlab.config import ModelConfig, TrainConfig
 from layerlab.errors import LayerlabError
 from layerlab.grow import GrowSpec, collapse, grow_model, parse_spec, plan, set_mask
 from layerlab.model import build_model, num_params
-from layerlab.train import loop as loop_mod
 from layerlab.train import train
 
 QUIET = {"progress": False, "echo": lambda *a, **k: None}
@@ -233,17 +232,8 @@ def test_grow_at_grows_the_run(whole):
 
 def _stopped_and_resumed(overrides: dict, out, at: int) -> None:
     """A debug run with ``overrides`` stopped by Ctrl-C at step ``at``'s boundary, then resumed to its end."""
-    real = loop_mod.lr_at
-
-    def lr_at(step, tc):
-        if step == at:
-            raise KeyboardInterrupt
-        return real(step, tc)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(loop_mod, "lr_at", lr_at)
-        with pytest.raises(SystemExit):
-            train(preset="debug", overrides=dict(overrides), out=out, **QUIET)
+    with ctrl_c_at(at), pytest.raises(SystemExit):
+        train(preset="debug", overrides=dict(overrides), out=out, **QUIET)
     train(resume=out, **QUIET)
 
 

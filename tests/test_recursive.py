@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dir_tensors, perturb, save_model
+from conftest import dir_tensors, fit_on_bytes, perturb, save_model
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -19,7 +19,6 @@ import layerlab
 from layerlab.cli import app, parse_extra
 from layerlab.compress.recursive import to_recursive
 from layerlab.config import ModelConfig, check_fields
-from layerlab.data import embedded_documents
 from layerlab.errors import LayerlabError
 from layerlab.model import num_params
 from layerlab.recipe import resolve
@@ -236,18 +235,8 @@ def test_compressors_and_export_refuse_a_recursive_model(tmp_path):
 def trained(tmp_path_factory):
     """A tiny 4-block Pre-LN model trained 30 steps on the embedded corpus (bytes), saved with its tokenizer."""
     torch.manual_seed(0)
-    Vb = 320
-    model = layerlab.build_model(ModelConfig(layers=4, width=C, heads=2, context=32, vocab_size=Vb))
-    text = torch.frombuffer(bytearray(b"".join(embedded_documents())[:100_000]), dtype=torch.uint8).long()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        starts = torch.randint(0, len(text) - 33, (8,), generator=gen).tolist()
-        rows = torch.stack([text[s : s + 33] for s in starts])
-        F.cross_entropy(model(input_ids=rows[:, :-1]).logits.reshape(-1, Vb), rows[:, 1:].reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad()
-    return save_model(model.eval(), tmp_path_factory.mktemp("m") / "trained")
+    model = layerlab.build_model(ModelConfig(layers=4, width=C, heads=2, context=32, vocab_size=320))
+    return save_model(fit_on_bytes(model, 30, 100_000), tmp_path_factory.mktemp("m") / "trained")
 
 
 def test_convert_to_recursive_via_the_cli_heals_and_writes_a_model_that_loads(trained, tmp_path):

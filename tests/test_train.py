@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ctrl_c_at
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import layerlab
@@ -256,7 +257,7 @@ def test_existing_directories_are_protected(tmp_path, debug_run):
         train(resume=other, progress=False)
 
 
-def test_extending_a_finished_run_keeps_its_lr_schedule(tmp_path, monkeypatch):
+def test_extending_a_finished_run_keeps_its_lr_schedule(tmp_path):
     """--steps 8 on a finished 4-step run: the cosine keeps its 4 steps, steps 5-8 train at its final LR (no jump
     back up); a note says so and how to get an 8-step schedule; cut by Ctrl-C, the extension resumes exactly."""
     base = {**FAST, "steps": 4, "eval_every": 4, "save_every": 4}
@@ -278,18 +279,9 @@ def test_extending_a_finished_run_keeps_its_lr_schedule(tmp_path, monkeypatch):
     man = json.loads((a / "layerlab.json").read_text())
     assert man["status"] == "finished" and man["schedule_steps"] == 4
 
-    real = loop_mod.lr_at
-
-    def ctrl_c_at_6(step, tc):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, tc)
-
-    monkeypatch.setattr(loop_mod, "lr_at", ctrl_c_at_6)
-    with pytest.raises(SystemExit):
+    with ctrl_c_at(6), pytest.raises(SystemExit):
         train(resume=b, overrides={"steps": 8}, progress=False, echo=lambda *a: None)
     assert json.loads((b / "trainer_state.json").read_text())["step"] == 6
-    monkeypatch.setattr(loop_mod, "lr_at", real)
     train(resume=b, progress=False, echo=lambda *a: None)  # the steps saved (8), the schedule saved (4)
     same = [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _metrics(b)]
     assert same == [{k: v for k, v in r.items() if k != "tok_per_s"} for r in _metrics(a)]
