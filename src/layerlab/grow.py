@@ -382,18 +382,12 @@ def load_init(model: nn.Module, model_dir: str | Path) -> None:
     """Load the weights of a layerlab model directory (``train --init-from``) into ``model``, built from the
     directory's config (:func:`layerlab.recipe.init_model_fields`); a directory whose weights do not fit it is
     refused in one line."""
-    from .model import LayerlabForCausalLM
+    from .model import LayerlabForCausalLM, load_weights_into
 
     path = check_model_dir(model_dir)
     check_weights(path)
     source = LayerlabForCausalLM.from_pretrained(path, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    missing = [k for k in missing if k not in model.all_tied_weights_keys]
-    if missing or unexpected:
-        raise LayerlabError(f"--init-from {path}: its weights do not fit its config (missing {missing[:3]}, extra "
-                            f"{unexpected[:3]})")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
+    load_weights_into(model, source.state_dict(), f"--init-from {path}: its weights do not fit its config")
 
 
 def _grow_in_run(run, at, spec: GrowSpec, add_layer_dropout) -> None:

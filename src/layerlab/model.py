@@ -551,6 +551,17 @@ def rebuild(model: LayerlabForCausalLM, state: dict[str, torch.Tensor], **change
     return carry_ids(model, new).to(next(model.parameters()).device).eval()
 
 
+def load_weights_into(model: LayerlabForCausalLM, weights: dict[str, torch.Tensor], misfit: str) -> None:
+    """Load a state dict into a built model: every parameter given but the tied head, nothing extra, or a one-line
+    error ``"{misfit}: missing [...], extra [...]"``; the head is tied again where the config ties it."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if k not in model.all_tied_weights_keys]
+    if missing or unexpected:
+        raise LayerlabError(f"{misfit}: missing {missing}, extra {unexpected}")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+
+
 # The block designs (layerlab.registry BLOCKS, WIRINGS, FFN_SHARINGS) that the compressors and export are written
 # for; a model of another design is refused by them until they are taught it (each would edit it wrongly: a pruned
 # DenseFormer's averages, one shared FFN quantized per block, a parallel block's norm folded into one sublayer).

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from ..errors import LayerlabError
 from ..io import atomic_write_json, current_umask, read_json, sha256_file, write_manifest
+from ..model import load_weights_into
 
 STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -174,12 +175,7 @@ def load_weights(run_dir: Path, model) -> int:
         weights = load_file(run_dir / WEIGHTS)
     except Exception as e:  # safetensors raises several types for a corrupt file
         raise LayerlabError(f"cannot read {run_dir / WEIGHTS}: {e}") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if k not in model.all_tied_weights_keys]
-    if missing or unexpected:
-        raise LayerlabError(f"checkpoint in {run_dir} does not fit the model: missing {missing}, extra {unexpected}")
-    if model.config.tie_word_embeddings:
-        model.tie_weights()
+    load_weights_into(model, weights, f"checkpoint in {run_dir} does not fit the model")
     return int(state["step"])
 
 
