@@ -12,7 +12,7 @@ from conftest import FakeTok, measure_fake_ids, tiny_cfg
 import layerlab
 from layerlab.analysis import stats
 from layerlab.analysis.analyze import _rel_diff, analyze_model
-from layerlab.analysis.stats import StreamStats, anisotropy, distinct_rows, intrinsic_dimension
+from layerlab.analysis.stats import StreamStats, anisotropy, distinct_rows, intrinsic_dimension, two_nearest
 
 
 def _batch(dtype, L=4, B=3, T=7, C=16, seed=0):
@@ -275,3 +275,22 @@ def test_layers_measured_side_by_side_equal_one_at_a_time(monkeypatch):
     for a, b in zip(one, four, strict=True):
         assert a.keys() == b.keys() and all(same(a[k], b[k]) for k in a), a["index"]
     assert sum(isinstance(v, float) and math.isfinite(v) for v in one[2].values()) > 5
+
+
+@pytest.mark.parametrize("n,block", [(1024, 256), (300, 64), (257, 256), (37, 8), (12, 256)])
+def test_two_nearest_equals_the_whole_distance_matrix(n, block):
+    """The block-by-block search gives each point's two smallest squared distances of the whole n x n matrix,
+    for sizes that fill the blocks, leave a partial last block (of one point too), and fit one block; duplicate
+    points give a distance of 0 (up to the rounding of |x|^2 + |y|^2 - 2 x.y), and no point is its own neighbour."""
+    g = torch.Generator().manual_seed(8)
+    Y = (torch.randn(n, 5, generator=g) @ torch.randn(5, 24, generator=g) + 3).double()
+    Y[n // 2] = Y[0]
+    sq = (Y * Y).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * (Y @ Y.T)).clamp_min(0)
+    d2.fill_diagonal_(math.inf)
+    want = d2.topk(2, dim=1, largest=False).values
+    got = two_nearest(Y, block)
+    assert got.shape == (n, 2)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-9 * float(sq.max()))
+    assert got[0, 0] <= 1e-9 * float(sq.max()) and got[n // 2, 0] <= 1e-9 * float(sq.max())  # 0 up to rounding
+    assert bool((got[:, 0] <= got[:, 1]).all())
