@@ -318,7 +318,8 @@ def test_cli_analyze_and_block_prune_a_discovered_family(family, tmp_path):
     """Through the CLI, with no monkeypatching: ``analyze`` discovers the structure (report labelled
     "discovered", the fidelity certificate passed), ``prune`` removes a block into a directory that plain
     transformers loads with the same logits as the model with that block deleted by hand (GPT-Neo: its per-block
-    global/local attention list is cut with it), and ``prune --unit attn`` is refused in one line."""
+    global/local attention list is cut with it), ``prune --unit attn`` is refused in one line, and ``quantize``
+    (4 bits) and ``eval`` of its input and output report finite figures."""
     import json
 
     from conftest import save_model
@@ -349,3 +350,52 @@ def test_cli_analyze_and_block_prune_a_discovered_family(family, tmp_path):
 
     r = run(app, ["prune", str(src), "--remove", "1", "--unit", "attn", "--out", str(tmp_path / "a")])
     assert r.exit_code != 0 and SUBLAYERS_UNKNOWN in str(r.exception) and not (tmp_path / "a").exists()
+
+    # quantize and eval read the discovered blocks too
+    r = run(app, ["quantize", str(src), "--bits", "4", "--importance", "lim", "--calibration-tokens", "256",
+                  "--no-baselines", "--tokens", "256", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "q" / "layerlab.json").read_text())
+    assert rec["after"]["avg_bits"] == pytest.approx(4.0) and np.isfinite(rec["after"]["loss"])
+    assert rec["after"]["bytes"] < rec["before"]["bytes"]
+    for d in (src, tmp_path / "q"):
+        r = run(app, ["eval", str(d), "--tokens", "256"])
+        assert r.exit_code == 0, r.output
+        assert "perplexity" in r.output
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """The one line that ``layerlab ARGV`` writes to stderr as it exits with status 2, nothing on stdout."""
+    import sys
+
+    from layerlab.cli import main
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["layerlab", *argv])
+        with pytest.raises(SystemExit) as e:
+            main()
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "", (out, err)
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_refuses_an_undiscoverable_family_and_offload_of_a_discovered_one_in_one_line(tmp_path, capsys):
+    """Through the CLI: Granite (a logit scale after the head) fails discovery in one line that names what was
+    found, for analyze and prune; a discovered family (its structure comes from a probe forward of the whole
+    model) is refused ``--offload`` in one line that says to measure it in memory. Nothing is written."""
+    from conftest import save_model
+
+    torch.manual_seed(0)
+    granite = perturb(AutoModelForCausalLM.from_config(transformers.GraniteConfig(
+        **SMALL, num_key_value_heads=2, logits_scaling=4.0)), 0.05).eval()
+    src = save_model(granite, tmp_path / "granite")
+    for argv in (["analyze", str(src), "--tokens", "128", "--no-spectra", "--out", str(tmp_path / "r")],
+                 ["prune", str(src), "--remove", "1", "--out", str(tmp_path / "p")]):
+        err = _cli_error(argv, capsys)
+        assert "'granite'" in err and "logits are not the output of the head lm_head" in err, err
+    src = save_model(_build("persimmon"), tmp_path / "persimmon")
+    err = _cli_error(["analyze", str(src), "--offload", "--tokens", "128", "--out", str(tmp_path / "r")], capsys)
+    assert "offload needs a family with an adapter entry" in err and "'persimmon' has none" in err, err
+    assert "--no-offload" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "p").exists()

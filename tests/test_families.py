@@ -4,7 +4,8 @@ the residual themselves), sandwich/Peri-LN blocks with soft-capped logits (Gemma
 output-normalised sublayers, and mixture-of-experts MLPs (Mixtral, Qwen3-MoE, OLMoE), each checked against
 computations that do not go through layerlab's view.
 
-Per family, a tiny random model built from the installed transformers' config class (nothing is downloaded):
+The families layerlab read before (gpt2, and llama, mistral, qwen2 through the ``llama`` entry) are held to the same
+checks. Per family, a tiny random model built from the installed transformers' config class (nothing is downloaded):
 - the trace equals ``output_hidden_states``: HF's entry l (l < L) is the stream entering block l, and its last
   entry is the final norm of the last block's output (every family here applies the final norm before
   recording it), so it is compared with the model's own final norm of ``resid_out[-1]``; the sublayer outputs
@@ -44,6 +45,12 @@ MOE = dict(num_experts_per_tok=2, **TOKENS)
 
 # label -> config; the label is the model_type, or model_type + "_" + the form that differs
 FAMILIES = {
+    # the families layerlab read before issue 13, held to the same tests
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=2, n_inner=64, n_positions=64,
+                                            **TOKENS),
+    "llama": lambda: transformers.LlamaConfig(**SMALL, **TOKENS),
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=4, **TOKENS),
+    "qwen2": lambda: transformers.Qwen2Config(**SMALL, **TOKENS),
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "phi3": lambda: transformers.Phi3Config(**SMALL, **TOKENS),
     "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16),
@@ -84,6 +91,7 @@ PATHS = {
     "opt": ("model.decoder.layers", "model.decoder.final_layer_norm", {"attn": "self_attn.out_proj", "mlp": "fc2"}),
     "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm",
                  {"attn": "attention.dense", "mlp": "mlp.dense_4h_to_h"}),
+    "gpt2": (*_GPTX, {"attn": "attn.c_proj", "mlp": "mlp.c_proj"}),
     "gptj": (*_GPTX, {"attn": "attn.out_proj", "mlp": "mlp.fc_out"}),
     "phi": ("model.layers", "model.final_layernorm", {"attn": "self_attn.dense", "mlp": "mlp.fc2"}),
     "falcon": (*_GPTX, {"attn": "self_attention.dense", "mlp": "mlp.dense_4h_to_h"}),
@@ -467,8 +475,8 @@ def test_post_ln_opt_is_refused_in_one_line(tmp_path):
 
 
 # the Pre-LN LayerNorm families that convert --to rmsnorm maps exactly (tested with convert's own tests)
-CONVERTIBLE = {"opt", "gpt_neox", "gpt_neox_seq", "gptj", "phi", "falcon", "falcon_new", "falcon_seq", "falcon_alibi",
-               "bloom"}
+CONVERTIBLE = {"gpt2", "opt", "gpt_neox", "gpt_neox_seq", "gptj", "phi", "falcon", "falcon_new", "falcon_seq",
+               "falcon_alibi", "bloom"}
 
 
 @pytest.mark.parametrize("saved", sorted(set(FAMILIES) - CONVERTIBLE - {"falcon_alibi"}), indirect=True)

@@ -72,12 +72,11 @@ def test_model_matches_between_cpu_and_cuda(positions):
 
 
 def test_analysis_runs_on_cuda():
-    from conftest import tiny_cfg
-    from test_analysis import _FakeTok
+    from conftest import FakeTok, tiny_cfg
 
     from layerlab.analysis.analyze import analyze_model
 
     model = layerlab.build_model(tiny_cfg(layers=3, context=32, vocab_size=64)).cuda().eval()
-    entry = analyze_model(model, _FakeTok(), name="m", path=None, tokens=256, seq_len=16, spectra=False,
+    entry = analyze_model(model, FakeTok(), name="m", path=None, tokens=256, seq_len=16, spectra=False,
                           intrinsic=False, progress=False)
     assert entry["layers"][0]["angular_distance"] > 0
