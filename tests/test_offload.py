@@ -201,6 +201,29 @@ def test_one_pass_removal_equals_deleted_models(family, offload, tmp_path, monke
             assert entry["layers"][i][key] == pytest.approx(total / norm, rel=1e-4, abs=1e-6)
 
 
+def test_eval_runs_a_bf16_checkpoint_in_bf16_unless_told(tmp_path, capsys, monkeypatch):
+    """``eval`` loads a checkpoint in its own dtype (no float32 copy of a bf16 model) and says which; ``--dtype
+    float32`` widens it, giving the same loss within bf16's rounding; an unknown --dtype is one line."""
+    import sys
+
+    from layerlab.cli import main
+    from layerlab.evaluate import evaluate
+
+    d = _save(_build("llama"), tmp_path / "bf16", dtype=torch.bfloat16)
+    native, wide = evaluate(d, tokens=512), evaluate(d, tokens=512, dtype="float32")
+    assert native["dtype"] == "bfloat16" and wide["dtype"] == "float32"
+    # the same rounding argument as the analysis below: measured 1e-5 relative on this model's analysis loss
+    assert native["loss"] == pytest.approx(wide["loss"], rel=1e-3) and native["loss"] != wide["loss"]
+    r = CliRunner().invoke(app, ["eval", str(d), "--tokens", "512"])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("(bfloat16)"), r.output
+    monkeypatch.setattr(sys, "argv", ["layerlab", "eval", str(d), "--dtype", "int8"])
+    capsys.readouterr()  # what the loads above wrote
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: unknown --dtype 'int8'") and err.count("\n") == 1, err
+
+
 def test_bf16_checkpoint_runs_in_bf16_and_matches_float32(tmp_path, fresh_cache, monkeypatch):
     model = _build("llama")
     d = _save(model, tmp_path / "bf16", dtype=torch.bfloat16)

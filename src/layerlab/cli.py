@@ -652,10 +652,12 @@ def eval_(
     lm_eval_include: Annotated[Path | None, typer.Option(help="a directory of lm-eval task YAML files (local "
                                                          "data)")] = None,
     lm_eval_limit: Annotated[int | None, typer.Option(help="lm-eval: the first N documents of each task")] = None,
+    dtype: Dtype = "auto",
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Loss, perplexity and bits per byte of a model directory, on a named slice of text; with --tasks, the offline
-    capability probes, and with --lm-eval, lm-evaluation-harness tasks."""
+    capability probes, and with --lm-eval, lm-evaluation-harness tasks. The model runs in its checkpoint's dtype
+    unless --dtype says otherwise."""
     if split is not None and split not in ("all", "validation"):
         raise LayerlabError(f"unknown --split {split!r}; valid: all, validation")
     check_loss_tokens(tokens)
@@ -669,9 +671,9 @@ def eval_(
 
     _quiet_hf()
     r = evaluate(model, data=data, tokens=tokens, split=split, tasks=tasks, probe_items=probe_items, seed=seed,
-                 lm_eval=lm_eval, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit)
+                 lm_eval=lm_eval, lm_eval_include=lm_eval_include, lm_eval_limit=lm_eval_limit, dtype=dtype)
     typer.echo(f"{model}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
-               f"{r['bits_per_byte']:.4f} bits/byte on the {r['slice']}")
+               f"{r['bits_per_byte']:.4f} bits/byte on the {r['slice']} ({r['dtype']})")
     for line in probe_lines(r.get("probes", {})) + lm_eval_lines(r.get("lm_eval", {})):
         typer.echo(line)
 

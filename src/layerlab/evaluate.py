@@ -167,13 +167,20 @@ def lm_eval_lines(results: dict[str, dict]) -> list[str]:
 def evaluate(model_dir: str | Path, data: str | Path | None = None, tokens: int | None = None,
              split: str | None = None, *, tasks: str | list[str] | None = None, probe_items: int = PROBE_ITEMS,
              seed: int = 0, lm_eval: str | list[str] | None = None, lm_eval_include: str | Path | None = None,
-             lm_eval_limit: int | None = None) -> dict:
-    """:func:`lm_loss` of a model directory; ``split`` defaults to :func:`default_split` of ``data``. With
-    ``tasks``, the record adds ``probes``, :func:`layerlab.probes.measure` of them (``probe_items`` each, from
-    ``seed``, next_token on ``data``); with ``lm_eval``, ``lm_eval``, :func:`run_lm_eval` of those tasks."""
+             lm_eval_limit: int | None = None, dtype: str | torch.dtype = "auto") -> dict:
+    """:func:`lm_loss` of a model directory, loaded in ``dtype`` (``"auto"``: the checkpoint's own, so a bf16
+    checkpoint runs in bf16, with the loss summed in float32; ``record["dtype"]`` says which); ``split`` defaults
+    to :func:`default_split` of ``data``. With ``tasks``, the record adds ``probes``,
+    :func:`layerlab.probes.measure` of them (``probe_items`` each, from ``seed``, next_token on ``data``); with
+    ``lm_eval``, ``lm_eval``, :func:`run_lm_eval` of those tasks."""
     check_loss_tokens(tokens)
-    model, tok, _ = load_model(model_dir)
+    if isinstance(dtype, str) and dtype != "auto":
+        from .offload import resolve_dtype
+
+        dtype = resolve_dtype(dtype, None, None)  # an unknown name is one line, before the load
+    model, tok, _ = load_model(model_dir, dtype=dtype)
     record = lm_loss(model, tok, data, tokens, split=split or default_split(data))
+    record["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     if tasks:
         from .probes import measure
 
