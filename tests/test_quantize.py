@@ -196,7 +196,8 @@ def test_lim_ranks_blocks_that_change_nothing_lowest():
     torch.manual_seed(0)
     model = idle_blocks(perturb(layerlab.build_model(tiny_cfg(layers=4))), [1, 2]).eval()
     held = [(torch.randint(0, 64, (2, 16)), torch.ones(2, 16, dtype=torch.long))]
-    lim = lim_scores(model, held)
+    lim, fidelity = lim_scores(model, held)
+    assert fidelity["passed"] and fidelity["max_abs_logit_diff"] == 0.0  # float32 on CPU: the same forward
     assert lim[1] == pytest.approx(0, abs=1e-6) and lim[2] == pytest.approx(0, abs=1e-6)
     assert min(lim[0], lim[3]) > 1e-4
     alloc = allocate([1] * 4, 3.0, (2, 4), ranked_cost(lim, 3.0, (2, 4)), fill=True)

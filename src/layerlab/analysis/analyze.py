@@ -297,6 +297,17 @@ def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[
             "tolerance": tol, "passed": True}
 
 
+@torch.no_grad()
+def certify(v, input_ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """:func:`check_fidelity` where a command's own forwards are not traced (prune's ``loss`` metric): a traced
+    forward of the batch's :func:`fidelity_rows` against the plain forward of the same rows."""
+    rows = fidelity_rows(mask)
+    input_ids, mask = input_ids[rows], mask[rows]
+    with v.trace(sublayers=False) as t:
+        out = v.forward(input_ids, mask)
+    return check_fidelity(v, input_ids, mask, [t.resid_in[0], *t.resid_out], out)
+
+
 def _rows_of(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     return None if x is None else x[rows]
 

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from ..adapters import SUBLAYERS, LayerView, view
 from ..allocator import param_bytes
+from ..analysis.analyze import certify, check_fidelity, fidelity_rows
 from ..analysis.stats import RemovalSums, angular, last_token_index
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
@@ -135,6 +136,10 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
     attention and MLP) is x_out of attention and x_in of the MLP. ``present`` (per block) overrides
     :func:`present_sublayers`, for an offloaded model whose weights are not in memory: the traced forwards
     then stream its blocks, one pass per batch.
+
+    ``fidelity``: analyze's certificate (:func:`~layerlab.analysis.analyze.check_fidelity`) on the first batch,
+    before anything is kept: the traced stream against the model's plain forward of one or two of its rows. A
+    mismatch is an error naming the first block that diverged, never a choice made on a wrong stream.
     """
     v = view(model)
     L = v.num_layers
@@ -143,10 +148,12 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
     S = L + 1 if unit == "block" else L
     ang = torch.zeros((S, S) if unit == "block" else S, dtype=torch.float64)
     cos = torch.zeros(L, dtype=torch.float64)
-    seqs, toks = 0, 0
+    seqs, toks, fidelity = 0, 0, None
     for ids, mask in _held_batches(model, tok, data, tokens):
         with v.trace(sublayers=unit != "block") as t:
-            v.forward(ids, mask)
+            out = v.forward(ids, mask)
+        if fidelity is None:
+            fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
         if unit == "block":
             x_in, x_out = t.resid_in, t.resid_out
         else:
@@ -165,9 +172,9 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
         seqs, toks = seqs + ids.shape[0], toks + int(m.sum())
     influence = [1 - float(c) / max(toks, 1) if p else None for c, p in zip(cos, present, strict=True)]
     if unit == "block":
-        return {"angular_distance": (ang / max(seqs, 1)).tolist(), "influence": influence}
+        return {"angular_distance": (ang / max(seqs, 1)).tolist(), "influence": influence, "fidelity": fidelity}
     return {"angular_distance": [float(a) / max(seqs, 1) if p else None for a, p in zip(ang, present, strict=True)],
-            "influence": influence}
+            "influence": influence, "fidelity": fidelity}
 
 
 def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
@@ -176,12 +183,12 @@ def by_angular(model, tok, n: int, data, tokens: int, unit: str = "block") -> tu
 
 def angular_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
     """``angular``'s choice from :func:`stream_measures`."""
-    d = measures["angular_distance"]
+    d, fidelity = measures["angular_distance"], measures["fidelity"]
     if unit != "block":
-        return _lowest(d, n), {"angular_distance": d}
+        return _lowest(d, n), {"angular_distance": d, "fidelity": fidelity}
     ends = [d[s][s + n] for s in range(len(d) - n)]  # d(x_l, x_l+n) for every start l
     start = min(range(len(ends)), key=ends.__getitem__)
-    return list(range(start, start + n)), {"distance": ends[start], "distances": ends}
+    return list(range(start, start + n)), {"distance": ends[start], "distances": ends, "fidelity": fidelity}
 
 
 def by_bi(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
@@ -191,7 +198,8 @@ def by_bi(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[l
 def bi_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
     """``bi``'s choice from :func:`stream_measures`."""
     bi = measures["influence"]
-    return _lowest(bi, n), {"block_influence" if unit == "block" else "influence": bi}
+    return _lowest(bi, n), {"block_influence" if unit == "block" else "influence": bi,
+                            "fidelity": measures["fidelity"]}
 
 
 @torch.no_grad()
@@ -207,6 +215,7 @@ def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "bl
 def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
     v = view(model)
     held = _held_batches(model, tok, data, tokens)
+    fidelity = certify(v, *held[0])  # the view's blocks are what the model runs, before any is skipped
     present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit)
     removed: list[int] = []
     steps = []
@@ -216,7 +225,7 @@ def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple
         best = min(trials, key=trials.get)
         removed.append(best)
         steps.append({"removed": best, "loss": trials[best]})
-    return sorted(removed), {"greedy": steps}
+    return sorted(removed), {"greedy": steps, "fidelity": fidelity}
 
 
 for _name, _fn in {"angular": by_angular, "bi": by_bi, "loss": by_loss}.items():
@@ -332,8 +341,8 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
         record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
         if heal_steps:
             record["healed_on"] = train_slice(tok, data, HEAL_TOKENS)
-        record.update(metric=metric, scores=scores, stages=list(stages), **stages,
-                      after=stages["healed" if heal_steps else "pruned"], offload=False)
+        record.update(metric=metric, fidelity=scores.pop("fidelity", None), scores=scores, stages=list(stages),
+                      **stages, after=stages["healed" if heal_steps else "pruned"], offload=False)
         stage.record = record
     return record
 
@@ -368,6 +377,7 @@ def _greedy_loss_streamed(model, tok, n: int, data, tokens: int, v: LayerView) -
     same pass (n passes in all, where :func:`by_loss` runs one forward per candidate and step). Extra memory:
     one (B, T, C) stream per remaining block, of one batch."""
     held = _held_batches(model, tok, data, tokens)
+    fidelity = certify(v, *held[0])
     removed: list[int] = []
     steps = []
     for _ in range(n):
@@ -381,7 +391,7 @@ def _greedy_loss_streamed(model, tok, n: int, data, tokens: int, v: LayerView) -
         best = min(trials, key=trials.get)
         removed.append(best)
         steps.append({"removed": best, "loss": trials[best]})
-    return sorted(removed), {"greedy": steps}
+    return sorted(removed), {"greedy": steps, "fidelity": fidelity}
 
 
 def _check_offload(metric: str, unit: str, heal_steps: int) -> None:
@@ -463,8 +473,8 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
         stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned, probes=probes)}
         del pruned
         record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
-        record.update(metric=metric, scores=scores, stages=list(stages), **stages, after=stages["pruned"],
-                      offload=True)
+        record.update(metric=metric, fidelity=scores.pop("fidelity", None), scores=scores, stages=list(stages),
+                      **stages, after=stages["pruned"], offload=True)
         stage.record = record
     return record
 

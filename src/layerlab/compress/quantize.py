@@ -55,6 +55,7 @@ import torch
 
 from ..adapters import view
 from ..allocator import param_bytes
+from ..analysis.analyze import check_fidelity, fidelity_rows
 from ..data import window_length
 from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
@@ -234,19 +235,23 @@ def _loss(model, held) -> float:
 
 
 @torch.no_grad()
-def lim_scores(model, held) -> list[float]:
-    """LIM per block: 1 - mean over tokens of cos(block input, block output)."""
+def lim_scores(model, held) -> tuple[list[float], dict | None]:
+    """LIM per block: 1 - mean over tokens of cos(block input, block output); and analyze's fidelity certificate
+    (:func:`~layerlab.analysis.analyze.check_fidelity`) of the first batch's traced stream, checked before
+    anything is kept (a mismatch is an error naming the first block that diverged)."""
     v = view(model)
     sums = [0.0] * v.num_layers
-    count = 0
-    with v.trace(sublayers=False) as t:
-        for ids, mask in held:
-            v.forward(ids, mask)
-            for i in range(v.num_layers):
-                cos = torch.nn.functional.cosine_similarity(t.resid_in[i].float(), t.resid_out[i].float(), dim=-1)
-                sums[i] += float(cos[mask.bool()].sum())
-            count += int(mask.sum())
-    return [1 - s / count for s in sums]
+    count, fidelity = 0, None
+    for ids, mask in held:
+        with v.trace(sublayers=False) as t:
+            out = v.forward(ids, mask)
+        if fidelity is None:  # outside the trace: the plain forward must not be recorded
+            fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+        for i in range(v.num_layers):
+            cos = torch.nn.functional.cosine_similarity(t.resid_in[i].float(), t.resid_out[i].float(), dim=-1)
+            sums[i] += float(cos[mask.bool()].sum())
+        count += int(mask.sum())
+    return [1 - s / count for s in sums], fidelity
 
 
 def zd_scores(q: Quantizer, hold: Callable[[int], AbstractContextManager] | None = None) -> list[float]:
@@ -521,7 +526,11 @@ def _record(tok, data, held, importance: str, scores, chosen: list[int], bits: f
             note: str | None) -> dict:
     """quantize's record (both modes)."""
     chosen_on = train_slice(tok, data, sum(ids.numel() for ids, _ in held)) if held else None
-    return {"importance": importance, "chosen_on": chosen_on, "scores": scores, "allocation": chosen,
+    # the fidelity certificate of the traced stream LIM reads (zd reads weights, loss whole-model losses: None)
+    fidelity = scores.get("fidelity")
+    scores = {k: v for k, v in scores.items() if k != "fidelity"}
+    return {"importance": importance, "chosen_on": chosen_on, "fidelity": fidelity, "scores": scores,
+            "allocation": chosen,
             "budget_bits": bits, "widths": list(widths), "group": group, "weights_per_block": sizes, "runs": rows,
             "before": before, "after": rows[importance], "input_disk_bytes": _disk(model_dir), "offload": offload,
             "format": output, "format_note": note,
@@ -553,7 +562,11 @@ def _importance(q: Quantizer, model, held, importance: str, bits: float, widths:
     if importance == "loss":
         deltas = loss_deltas(q, held, widths, progress)
         return {"loss_delta": [{str(b): d for b, d in row.items()} for row in deltas]}, deltas
-    scores = {importance: lim_scores(model, held) if importance == "lim" else zd_scores(q, hold)}
+    if importance == "lim":
+        lim, fidelity = lim_scores(model, held)
+        scores = {"lim": lim, "fidelity": fidelity}  # _record lifts the certificate out of the scores
+    else:
+        scores = {"zd": zd_scores(q, hold)}
     # higher LIM is more important; for ZD smaller is (LWQ)
     imp = scores["lim"] if importance == "lim" else [1 - z for z in scores["zd"]]
     return scores, ranked_cost(imp, bits, widths)
