@@ -188,12 +188,22 @@ def test_compressors_certify_the_stream_they_choose_on(run, tmp_path, monkeypatc
     assert "\n" not in str(e.value) and not (tmp_path / "bent").exists()
 
 
-@pytest.mark.parametrize("argv", [["prune", "--remove", "1"], ["prune", "--remove", "1", "--unit", "mlp"],
-                                  ["prune", "--remove", "1", "--offload"], ["quantize", "--bits", "4"],
-                                  ["eval", "--tokens", "64"]])
-def test_an_encoder_is_refused_by_the_commands_that_report_language_model_loss(argv, tmp_path, capsys, monkeypatch):
-    """BERT (the real MiniLM): prune and quantize write and score causal LMs, eval reports a language-model loss;
-    each refuses the encoder in one line on stderr (exit 2), naming why, and writes nothing."""
+ENCODER_REFUSED = {  # argv after the model -> what the one line says
+    ("prune", "--remove", "1", "--unit", "mlp"): "--unit mlp needs blocks that add each sublayer to the residual",
+    ("prune", "--remove", "1", "--offload"): "prune --offload streams causal LMs",
+    ("prune", "--remove", "1", "--heal-steps", "2"): "healing trains a causal LM; this model is an encoder",
+    ("prune", "--remove", "1", "--tasks", "all"): "--tasks probe a causal LM; this model is an encoder",
+    ("quantize", "--bits", "4", "--importance", "loss"): "--importance loss ranks blocks by language-model loss",
+    ("quantize", "--bits", "4", "--offload"): "quantize --offload streams causal LMs",
+    ("eval", "--tokens", "64"): "bert models have no language-model loss",
+}
+
+
+@pytest.mark.parametrize("argv", sorted(ENCODER_REFUSED))
+def test_what_an_encoder_cannot_take_is_one_line(argv, tmp_path, capsys, monkeypatch):
+    """BERT (the real MiniLM) is pruned (blocks) and quantized (lim, zd) in memory (tests/test_encoder_compress.py);
+    what reads a language model's loss or predictions, trains one, streams one, or removes a sublayer from its
+    Post-LN blocks is refused in one line on stderr (exit 2), naming why, and nothing is written."""
     import sys
 
     from layerlab.cli import main
@@ -205,5 +215,5 @@ def test_an_encoder_is_refused_by_the_commands_that_report_language_model_loss(a
         main()
     stdout, err = capsys.readouterr()
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
-    assert ("encoder" in err if argv[0] != "eval" else "bert models have no language-model loss" in err), err
-    assert not (tmp_path / "out").exists() and "Traceback" not in err
+    assert ENCODER_REFUSED[argv] in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

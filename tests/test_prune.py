@@ -385,7 +385,7 @@ def _embedded_splits() -> tuple[str, str]:
 
 def record_reads(monkeypatch, module) -> list[tuple[str, torch.Tensor]]:
     """Record the token ids every forward of ``module``'s command feeds the model, as (phase, ids): ``score``
-    inside ``lm_loss`` (the before/after table), ``heal`` inside healing, ``choose`` anywhere else.
+    inside the table's measure (``Quality``: ``lm_loss`` here), ``heal`` inside healing, ``choose`` anywhere else.
 
     The ids are taken where the model reads them, at its input embedding (a pre-hook: healing's peft wrapper
     calls ``forward`` directly, past any hook on the model itself), whichever data function produced them."""
@@ -401,10 +401,10 @@ def record_reads(monkeypatch, module) -> list[tuple[str, torch.Tensor]]:
         return model
 
     def in_phase(name, fn):
-        def wrapped(model, *args, **kwargs):
+        def wrapped(model, *args, quality=None, **kwargs):
             phase[0] = name
             try:
-                return fn(hook(model), *args, **kwargs)
+                return fn(*([quality] if quality is not None else []), hook(model), *args, **kwargs)
             finally:
                 phase[0] = "choose"
         return wrapped
@@ -417,7 +417,11 @@ def record_reads(monkeypatch, module) -> list[tuple[str, torch.Tensor]]:
         return loaded
 
     monkeypatch.setattr(module, "open_input", opened)
-    monkeypatch.setattr(module, "lm_loss", in_phase("score", module.lm_loss))
+    # every row of the table is measured by the compressors' Quality (lm_loss for these causal LMs)
+    from layerlab.compress.common import Quality
+
+    score = in_phase("score", Quality.__call__)
+    monkeypatch.setattr(Quality, "__call__", lambda self, model, *a, **k: score(model, *a, quality=self, **k))
     if hasattr(module, "run_heal"):
         monkeypatch.setattr(module, "run_heal", in_phase("heal", module.run_heal))
     return reads

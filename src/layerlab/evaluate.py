@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import load_model, view
-from .data import default_split, describe_slice, split_ids, stream_tokenizer, window_length
+from .data import batches, default_split, describe_slice, split_ids, stream_tokenizer, window_length
 from .errors import LayerlabError, check_loss_tokens, close_match
 from .registry import PROBE_ITEMS
 
@@ -71,6 +71,50 @@ def lm_loss(model, tokenizer, data: str | Path | None = None, tokens: int | None
     n_bytes = max(len(text.encode("utf-8")), 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": loss / math.log(2) * n / n_bytes,
             "tokens": used, "predictions": n, "slice": describe_slice(data, split, used, available)}
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) float32 mean of ``hidden`` (B, T, C) over the real tokens of each row: a sentence embedding (the
+    pooling of sentence-transformers' MiniLM)."""
+    m = mask.unsqueeze(-1).float()
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def embedding_similarity(model, tokenizer, data: str | Path | None = None, tokens: int | None = None,
+                         split: str = "validation", reference: torch.Tensor | None = None,
+                         batch_size: int = 8) -> tuple[dict, torch.Tensor]:
+    """An encoder's counterpart of :func:`lm_loss` in the compressors' tables, which has no language-model loss:
+    how close its sentence embeddings stay to the input model's.
+
+    The first ``tokens`` tokens (default all) of ``split`` of ``data`` are read in windows as ``analyze`` reads
+    an encoder's ([CLS] ... [SEP], :data:`~layerlab.data.ENCODER_SEQ_LEN` tokens); each window's embedding is
+    the mean of the last hidden state over its tokens (:func:`mean_pooled`). ``embedding_cosine`` is the mean
+    over windows of the cosine between this model's embedding and ``reference``'s row for the same window (the
+    input model's, from an earlier call), 1.0 without a reference. Returns the row and the (windows, C) float32
+    embeddings on the CPU, the reference for later calls."""
+    v = view(model)
+    if v.causal:
+        raise LayerlabError("embedding_similarity measures encoders; a causal LM is measured by lm_loss")
+    check_loss_tokens(tokens)
+    stream = split_ids(tokenizer, data, split)
+    available = len(stream)
+    used = available if tokens is None else min(tokens, available)
+    if used < 2:
+        raise LayerlabError(f"data too short: the {split} split holds fewer than 2 tokens")
+    device = next(model.parameters()).device
+    pooled = []
+    for ids, mask in batches(tokenizer, stream[:used].tolist(), used, window_length(model.config, False),
+                             batch_size, causal=False):
+        ids, mask = ids.to(device), mask.to(device)
+        pooled.append(mean_pooled(v.forward(ids, mask).last_hidden_state, mask).cpu())
+    emb = torch.cat(pooled)
+    if reference is not None and reference.shape != emb.shape:
+        raise LayerlabError(f"embedding_similarity: the reference holds {tuple(reference.shape)} embeddings, "
+                            f"this model gives {tuple(emb.shape)} on the same text")
+    cos = 1.0 if reference is None else float(F.cosine_similarity(emb.double(), reference.double(), dim=-1).mean())
+    return {"embedding_cosine": cos, "tokens": used, "windows": int(emb.shape[0]),
+            "slice": describe_slice(data, split, used, available)}, emb
 
 
 LM_EVAL_EXTRA = "pip install 'layerlab[lm-eval]' (or: pip install lm-eval)"

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import mean_pooled
+
 # The most float32 values a streaming reduction makes at once (a chunk of tokens of every state, or of the logits):
 # 2^22 values, 16 MiB, whatever the batch, width, depth or vocabulary.
 CHUNK_VALUES = 1 << 22
@@ -330,10 +332,7 @@ def _max_abs(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(x.amax(), -x.amin())
 
 
-def _pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, C) mean of ``hidden`` (B, T, C) over the real tokens of each row."""
-    m = mask.unsqueeze(-1).float()
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+_pooled = mean_pooled  # (B, C) mean of ``hidden`` (B, T, C) over the real tokens of each row
 
 
 def output_loss_terms(causal: bool, out, input_ids: torch.Tensor, mask: torch.Tensor,

@@ -115,3 +115,40 @@ def table(rows: dict[str, dict[str, Any]], columns: list[Column], name_width: in
 def loss_columns(width: int = 10) -> list[Column]:
     """The loss and perplexity columns every compressor's table ends with."""
     return [("loss", width, lambda r: f"{r['loss']:.4f}"), ("ppl", width, lambda r: f"{r['perplexity']:.2f}")]
+
+
+class Quality:
+    """The measure in every row of a compressor's before/after table: a causal LM's validation loss and
+    perplexity (:func:`~layerlab.evaluate.lm_loss`); an encoder's, which has no language-model loss, the cosine of
+    its sentence embeddings to the input model's on the same windows
+    (:func:`~layerlab.evaluate.embedding_similarity`), the first model measured (the input) giving the
+    reference."""
+
+    def __init__(self, causal: bool):
+        self.causal = causal
+        self.reference: torch.Tensor | None = None
+
+    def __call__(self, model, tok, data, tokens: int | None) -> dict:
+        from ..evaluate import embedding_similarity, lm_loss
+
+        if self.causal:
+            return lm_loss(model, tok, data, tokens)
+        row, emb = embedding_similarity(model, tok, data, tokens, reference=self.reference)
+        if self.reference is None:
+            self.reference = emb
+        return row
+
+
+def quality_columns(rows: list[dict], width: int = 10) -> list[Column]:
+    """The table's last columns: :func:`loss_columns` for a causal LM's rows; the embedding cosine to the input
+    (:class:`Quality`) for an encoder's."""
+    if rows and all("embedding_cosine" in r for r in rows):
+        return [("cos to input", max(width, 13), lambda r: f"{r['embedding_cosine']:.6f}")]
+    return loss_columns(width)
+
+
+def quality_heading(row: dict) -> str:
+    """The line above the table: what its last columns measure, on which text (``row``: any of its rows)."""
+    if "embedding_cosine" in row:
+        return f"cosine of each window's mean-pooled embedding to the input model's, on the {row['slice']}"
+    return f"loss (nats/token) and perplexity on the {row['slice']}"

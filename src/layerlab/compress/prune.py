@@ -44,6 +44,10 @@ exactly, keeps the directory loadable by plain transformers, and does not shrink
 still builds the skipped modules, so every Hugging Face family is zeroed there. The record's ``surgery``
 says which was done (``"removed"`` / ``"zeroed"``) and ``note`` why.
 
+An encoder (BERT) is pruned by blocks, in memory: its angular distance is averaged over every real token, its
+``loss`` is the distance 1 - cos of its sentence embeddings to the whole model's, and each stage's row holds that
+cosine to the input's (:class:`~.common.Quality`) instead of a loss it does not have.
+
 How a removal is done to the model is :mod:`layerlab.compress.removal`'s; this module chooses what to remove,
 writes the output and records it.
 
@@ -68,17 +72,19 @@ from ..analysis.stats import RemovalSums, angular, last_token_index
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
-from ..evaluate import lm_loss, masked_loss_sum
+from ..evaluate import masked_loss_sum, mean_pooled
 from ..probes import measure_spec, probe_spec, stage_lines
 from ..registry import HEAL_MODES, PROBE_ITEMS
 from ..registry import PRUNE_METRICS as METRICS
 from ..registry import PRUNE_UNITS as UNITS
 from .common import (
+    Quality,
     copy_tokenizer,
     input_mode,
-    loss_columns,
     open_input,
     open_offloaded_input,
+    quality_columns,
+    quality_heading,
     staged_output,
     table,
 )
@@ -103,10 +109,11 @@ def _held_batches(model, tok, data, tokens: int) -> list[tuple[torch.Tensor, tor
     """Windows holding the first ``tokens`` tokens of the training split of ``data``, on the model's
     device: every metric chooses on these, so no choice is fitted to the validation text that the
     before/after perplexities are measured on."""
-    seq_len = window_length(model.config)
+    causal = view(model).causal  # an encoder's windows are [CLS] ... [SEP], as analyze reads them
+    seq_len = window_length(model.config, causal)
     device = next(model.parameters()).device
     ids = train_ids(tok, data, limit=2 * tokens).tolist()
-    return [(i.to(device), m.to(device)) for i, m in batches(tok, ids, tokens, seq_len, 8)]
+    return [(i.to(device), m.to(device)) for i, m in batches(tok, ids, tokens, seq_len, 8, causal=causal)]
 
 
 def choosing_slice(model, tok, data, tokens: int) -> str:
@@ -128,7 +135,8 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
 
     For blocks, with x_0..x_L the streams between blocks:
     - ``angular_distance``: the (L+1) x (L+1) matrix d(x_i, x_j) = arccos(cos(x_i, x_j))/pi of the last
-      token, mean over windows (Gromov et al., 2024);
+      token, mean over windows (Gromov et al., 2024); for an encoder, where no token is the one that predicts,
+      the mean over all real tokens (what ``analyze``'s ``best_block_to_prune`` reads for an encoder);
     - ``influence``: per block, 1 - cos(x_l, x_l+1), mean over all real tokens (ShortGPT's BI).
     For a sublayer, from x_in (entering it) to x_out = x_in + F (leaving it), per block, None where the
     sublayer is gone: ``angular_distance`` d(x_in, x_out) of the last token, mean over windows, and
@@ -166,13 +174,16 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
                 if unit != "block":
                     ang[i] += float(angular(c[rows, last]).sum())
         if unit == "block":
-            states = torch.stack([t.resid_in[0], *t.resid_out])[:, rows, last].float()  # (S, B, C): last tokens
-            u = F.normalize(states, dim=-1)
+            # (S, B, C): the last tokens; an encoder's (S, n, C): every real token
+            states = torch.stack([t.resid_in[0], *t.resid_out])[:, rows, last] if v.causal else \
+                torch.stack([t.resid_in[0], *t.resid_out])[:, m]
+            u = F.normalize(states.float(), dim=-1)
             ang += angular(torch.einsum("sbc,tbc->stb", u, u)).sum(-1).double().cpu()
         seqs, toks = seqs + ids.shape[0], toks + int(m.sum())
     influence = [1 - float(c) / max(toks, 1) if p else None for c, p in zip(cos, present, strict=True)]
     if unit == "block":
-        return {"angular_distance": (ang / max(seqs, 1)).tolist(), "influence": influence, "fidelity": fidelity}
+        return {"angular_distance": (ang / max(seqs if v.causal else toks, 1)).tolist(), "influence": influence,
+                "fidelity": fidelity}
     return {"angular_distance": [float(a) / max(seqs, 1) if p else None for a, p in zip(ang, present, strict=True)],
             "influence": influence, "fidelity": fidelity}
 
@@ -203,11 +214,19 @@ def bi_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
 
 
 @torch.no_grad()
-def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "block") -> float:
+def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "block",
+                  reference: list[torch.Tensor] | None = None) -> float:
+    """The loss with ``skip`` removed; an encoder's (``reference``: the whole model's sentence embeddings, per
+    batch) the mean of 1 - cos(embedding, the whole model's) over windows, as analyze's removal delta reads it."""
     total, count = 0.0, 0
     with v.skip(*skip) if unit == "block" else v.skip_sublayers(unit, *skip):
-        for ids, mask in batches_:
-            part, n = masked_loss_sum(v.forward(ids, mask).logits, ids, mask)
+        for k, (ids, mask) in enumerate(batches_):
+            out = v.forward(ids, mask)
+            if reference is None:
+                part, n = masked_loss_sum(out.logits, ids, mask)
+            else:
+                emb = mean_pooled(out.last_hidden_state, mask)
+                part, n = float((1 - F.cosine_similarity(emb, reference[k], dim=-1)).sum()), int(ids.shape[0])
             total, count = total + part, count + n
     return total / max(count, 1)
 
@@ -217,14 +236,17 @@ def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple
     held = _held_batches(model, tok, data, tokens)
     fidelity = certify(v, *held[0])  # the view's blocks are what the model runs, before any is skipped
     present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit)
+    # an encoder has no language-model loss: the distance of its sentence embeddings to the whole model's
+    reference = None if v.causal else [mean_pooled(v.forward(i, m).last_hidden_state, m) for i, m in held]
+    key = "loss" if v.causal else "embedding_distance"
     removed: list[int] = []
     steps = []
     for _ in range(n):
-        trials = {c: _skipped_loss(v, held, removed + [c], unit) for c in range(v.num_layers)
+        trials = {c: _skipped_loss(v, held, removed + [c], unit, reference) for c in range(v.num_layers)
                   if present[c] and c not in removed}
         best = min(trials, key=trials.get)
         removed.append(best)
-        steps.append({"removed": best, "loss": trials[best]})
+        steps.append({"removed": best, key: trials[best]})
     return sorted(removed), {"greedy": steps, "fidelity": fidelity}
 
 
@@ -260,13 +282,13 @@ def _record(model, v, tok, data, measure_tokens: int, unit: str, chosen: list[in
     return record
 
 
-def _stage(model, tok, data, tokens: int | None, om=None, probes: dict | None = None) -> dict:
-    """One stage's row: size, sublayer counts, validation loss, and with ``probes`` ({tasks, n, seed}) the
-    capability probes (:func:`layerlab.probes.measure`)."""
+def _stage(model, tok, data, tokens: int | None, quality: Quality, om=None, probes: dict | None = None) -> dict:
+    """One stage's row: size, sublayer counts, ``quality`` (validation loss; an encoder's embedding cosine to the
+    input), and with ``probes`` ({tasks, n, seed}) the capability probes (:func:`layerlab.probes.measure`)."""
     v = view(model)
     known = v.sublayers_known  # a discovered structure: how many sublayers is not known
     counts = {f"{u}_sublayers": sum(present_sublayers(model, u, om)) if known else None for u in SUBLAYERS}
-    row = {"layers": v.num_layers, **counts, "bytes": param_bytes(model), **lm_loss(model, tok, data, tokens)}
+    row = {"layers": v.num_layers, **counts, "bytes": param_bytes(model), **quality(model, tok, data, tokens)}
     if probes:
         row["probes"] = measure_spec(model, tok, probes, data)
     return row
@@ -308,32 +330,37 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
             "dtype": dtype, "offload": streamed, **({"probes": probes} if probes else {})}
     if streamed:
         _check_offload(metric, unit, heal_steps)
-        (_, tok, _), om = open_offloaded_input(model_dir, "prune", causal="writes causal LMs", dtype=dtype)
+        (_, tok, _), om = open_offloaded_input(model_dir, "prune", dtype=dtype,
+                                               causal="--offload streams causal LMs (prune an encoder in memory: "
+                                                      "--no-offload)")
         if announce is not None:
             announce(f"{model_dir}: {reason}")
         return _prune_offloaded(om, tok, model_dir=model_dir, remove=remove, metric=metric, unit=unit, out=out,
                                 data=data, tokens=tokens, measure_tokens=measure_tokens, args=args, probes=probes)
     # healing trains: with dtype auto it loads in float32, as before dtypes were kept (a bf16 optimizer step is lossy)
-    model, tok, v = open_input(model_dir, "prune", causal="writes causal LMs",
-                               dtype="float32" if heal_steps and dtype == "auto" else dtype)
+    model, tok, v = open_input(model_dir, "prune", dtype="float32" if heal_steps and dtype == "auto" else dtype)
+    if not v.causal and (heal_steps or probes):  # what trains or probes a language model
+        raise LayerlabError(f"{'healing trains' if heal_steps else '--tasks probe'} a causal LM; this model is an "
+                            "encoder (prune it without them)")
     if announce is not None:
         announce(f"{model_dir}: {reason}")
     _check_remove(model, v, unit, remove)
+    quality = Quality(v.causal)
     with staged_output(model_dir, out, "prune", args) as stage:  # --out checked before the slow work starts
-        before = _stage(model, tok, data, tokens, probes=probes)
+        before = _stage(model, tok, data, tokens, quality, probes=probes)
         chosen, scores = METRICS[metric](model, tok, remove, data, measure_tokens, unit=unit)
         if unit == "block":
             smaller, zeroed, why = without_blocks(model, chosen), [], ""
         else:
             smaller, zeroed, why = remove_sublayers(model, unit, chosen)
-        stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens, probes=probes)}
+        stages = {"before": before, "pruned": _stage(smaller, tok, data, tokens, quality, probes=probes)}
         if heal_steps:
             with _keeping_zeroed(smaller):
                 smaller = run_heal(smaller, tok, steps=heal_steps, mode=heal, data=data, progress=progress,
                                    frozen=tuple(sorted({name.rpartition(".")[0] for name in zeroed})))
             if any(bool(smaller.get_parameter(name).any()) for name in zeroed):  # _keeping_zeroed failed
                 raise LayerlabError("healing changed a zeroed sublayer; nothing was written")
-            stages["healed"] = _stage(smaller, tok, data, tokens, probes=probes)
+            stages["healed"] = _stage(smaller, tok, data, tokens, quality, probes=probes)
         stage.save_model(smaller)
         kept = set(smaller.state_dict())
         sublayers_left_out = unit != "block" and not zeroed and v.arch_name != "layerlab"
@@ -428,7 +455,8 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
     model, v = om.model, om.view
     _check_remove(model, v, unit, remove, om)
     with staged_output(model_dir, out, "prune", args) as stage:
-        before = _stage(model, tok, data, tokens, om, probes=probes)
+        quality = Quality(True)  # a streamed input is a causal LM (open_offloaded_input)
+        before = _stage(model, tok, data, tokens, quality, om, probes=probes)
         present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit, om)
         if metric == "loss":
             chosen, scores = _greedy_loss_streamed(model, tok, remove, data, measure_tokens, v)
@@ -470,7 +498,7 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
                 f.unlink()
             write_pruned(om, stage.dir, keep=keep, zeroed=zeroed)
             pruned = Offloaded(stage.dir, dtype=om.dtype, device=om.device)
-        stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, pruned, probes=probes)}
+        stages = {"before": before, "pruned": _stage(pruned.model, tok, data, tokens, quality, pruned, probes=probes)}
         del pruned
         record = _record(model, v, tok, data, measure_tokens, unit, chosen, zeroed, why, gone)
         record.update(metric=metric, fidelity=scores.pop("fidelity", None), scores=scores, stages=list(stages),
@@ -521,10 +549,9 @@ def prune_lines(record: dict) -> list[str]:
     columns = [("layers", 8, lambda r: f"{r['layers']:d}")]
     if unit != "block":
         columns.append((unit, 8, lambda r: f"{r[unit + '_sublayers']:d}"))
-    columns += [("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"), *loss_columns()]
+    stages = {name: record[name] for name in record["stages"]}
+    columns += [("MB", 10, lambda r: f"{r['bytes'] / 1e6:.2f}"), *quality_columns(list(stages.values()))]
     lines = [f"removed {what} by {metric}", f"chosen on the {record['chosen_on']}",
              *([f"healed on windows drawn from the {record['healed_on']}"] if "healed_on" in record else []),
-             f"loss (nats/token) and perplexity on the {record['before']['slice']}",
-             *table({name: record[name] for name in record["stages"]}, columns)]
-    stages = {name: record[name] for name in record["stages"]}
+             quality_heading(record["before"]), *table(stages, columns)]
     return lines + stage_lines(stages) + ([f"note: {record['note']}"] if "note" in record else [])

@@ -56,10 +56,10 @@ import torch
 from ..adapters import view
 from ..allocator import param_bytes
 from ..analysis.analyze import check_fidelity, fidelity_rows
-from ..data import window_length
+from ..data import batches, window_length
 from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
-from ..evaluate import lm_loss, masked_loss_sum
+from ..evaluate import masked_loss_sum
 from ..io import progress_bar
 from ..packed import (
     COMPRESSED,
@@ -84,11 +84,13 @@ from ..registry import QUANT_IMPORTANCE as IMPORTANCE
 from . import gpt2_linear
 from .bitwidths import allocate, average_bits, bracket, ranked_cost
 from .common import (
+    Quality,
     copy_tokenizer,
     input_mode,
-    loss_columns,
     open_input,
     open_offloaded_input,
+    quality_columns,
+    quality_heading,
     staged_output,
     table,
 )
@@ -209,14 +211,19 @@ class Quantizer:
 # ---------------------------------------------------------------------------- importance
 def _calibration(model, tokenizer, data, tokens: int, seq_len: int | None = None, batch_size: int = 8):
     """(ids, mask) batches of whole windows from the first ``tokens`` tokens of the training split (one
-    shorter window if there is no whole one), on the model's device."""
-    seq_len = window_length(model.config, seq_len=seq_len)
+    shorter window if there is no whole one), on the model's device. An encoder's windows are [CLS] ... [SEP],
+    as ``analyze`` reads them (:func:`~layerlab.data.batches`)."""
+    causal = view(model).causal
+    seq_len = window_length(model.config, causal, seq_len=seq_len)
     ids = train_ids(tokenizer, data, limit=max(tokens, seq_len))
     if len(ids) < 2:
         raise LayerlabError("data too short: fewer than 2 training tokens to calibrate on")
+    device = next(model.parameters()).device
+    if not causal:
+        return [(x.to(device), m.to(device))
+                for x, m in batches(tokenizer, ids.tolist(), tokens, seq_len, batch_size, causal=False)]
     rows = [ids[s:s + seq_len] for s in range(0, len(ids) - 1, seq_len)]
     rows = [r for r in rows if len(r) == seq_len] or [ids[:seq_len]]
-    device = next(model.parameters()).device
     out = []
     for i in range(0, len(rows), batch_size):
         x = torch.stack(rows[i:i + batch_size]).to(device)
@@ -335,17 +342,24 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
             raise LayerlabError(f"quantize in offload mode ranks blocks by {' or '.join(OFFLOAD_IMPORTANCE)}; "
                                 f"--importance {importance} runs a quantized forward of the whole model per block "
                                 "and width: use --no-offload")
-        (_, tok, _), om = open_offloaded_input(model_dir, "quantize", causal="reports language-model perplexity",
-                                               dtype=dtype)
+        (_, tok, _), om = open_offloaded_input(model_dir, "quantize", dtype=dtype,
+                                               causal="--offload streams causal LMs (quantize an encoder in "
+                                                      "memory: --no-offload)")
         if announce is not None:
             announce(f"{model_dir}: {reason}")
         return _quantize_offloaded(om, tok, model_dir=model_dir, out=out, bits=bits, importance=importance,
                                    widths=widths, group=group, data=data, tokens=tokens,
                                    calibration_tokens=calibration_tokens, seed=seed, baselines=baselines, args=args,
                                    output=output, probes=probes)
-    model, tok, v = open_input(model_dir, "quantize", causal="reports language-model perplexity", dtype=dtype)
+    model, tok, v = open_input(model_dir, "quantize", dtype=dtype)
+    if not v.causal and (importance == "loss" or probes):  # what reads a language model's loss or predictions
+        what = "--importance loss ranks blocks by language-model loss" if importance == "loss" else \
+            "--tasks probe a causal LM"
+        raise LayerlabError(f"{what}; this model is an encoder (quantize it by --importance lim or zd, without "
+                            "--tasks)")
     if announce is not None:
         announce(f"{model_dir}: {reason}")
+    quality = Quality(v.causal)  # an encoder's rows: its embeddings' cosine to the input's
     with staged_output(model_dir, out, "quantize", args) as stage:  # --out checked before the slow work starts
         q = Quantizer(model, group)
         q.output, note = _output_format(q, widths, output)
@@ -354,12 +368,12 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
         scores, cost = _importance(q, model, held, importance, bits, widths, progress)
         chosen = allocate(sizes, bits, widths, cost, fill=importance != "loss")  # LWQ fills the budget
         runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
-        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, probes)}
+        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, quality, probes)}
         rows = {"original": before}
         for name, alloc in runs.items():
             qm = q.quantized_copy(alloc)
             rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc), "bytes": q.storage_bytes(alloc),
-                          **_measure(qm, tok, data, tokens, probes if name == importance else None)}
+                          **_measure(qm, tok, data, tokens, quality, probes if name == importance else None)}
             del qm
         q.restore(model)
         final = q.quantized_copy(chosen)
@@ -407,11 +421,12 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
         scores, cost = _importance(q, model, held, importance, bits, widths, False, hold=om.block)
         chosen = allocate(sizes, bits, widths, cost, fill=True)
         runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
-        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, probes)}
+        quality = Quality(True)  # a streamed input is a causal LM (open_offloaded_input)
+        before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, quality, probes)}
         rows = {"original": before}
         for name, alloc in runs.items():
             with q.streamed(om, alloc) as seen:  # every forward reads every block, so all are packed
-                loss = _measure(model, tok, data, tokens, probes if name == importance else None)
+                loss = _measure(model, tok, data, tokens, quality, probes if name == importance else None)
             rows[name] = {"allocation": alloc, "avg_bits": average_bits(sizes, alloc),
                           "bytes": rest + sum(b for b, _ in seen.values()), **loss}
         specs: dict[str, dict] = {}
@@ -446,11 +461,12 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
     return stage.record
 
 
-def _measure(model, tok, data, tokens: int | None, probes: dict | None = None) -> dict:
+def _measure(model, tok, data, tokens: int | None, quality: Quality, probes: dict | None = None) -> dict:
     """The before/after measurement of every row of quantize's table (the input, each evaluated allocation):
-    loss and perplexity on the validation split, and with ``probes`` ({tasks, n, seed}) the capability probes
-    (:func:`layerlab.probes.measure`). One place, for both modes."""
-    row = lm_loss(model, tok, data, tokens)
+    ``quality``, loss and perplexity on the validation split (an encoder's: its embeddings' cosine to the
+    input's), and with ``probes`` ({tasks, n, seed}) the capability probes (:func:`layerlab.probes.measure`). One
+    place, for both modes."""
+    row = quality(model, tok, data, tokens)
     if probes:
         row["probes"] = measure_spec(model, tok, probes, data)
     return row
@@ -587,17 +603,17 @@ def _baselines(sizes: list[int], bits: float, widths: tuple[int, ...], seed: int
 def quantize_lines(record: dict) -> list[str]:
     """What ``layerlab quantize`` prints: the widths chosen, the average used against the budget, the texts
     chosen and scored on, the table, the size on disk."""
-    base = record["before"]["loss"]
+    key = "loss" if "loss" in record["before"] else "embedding_cosine"  # an encoder's rows have no loss
+    base = record["before"][key]
     columns = [("avg bits", 9, lambda r: f"{r['avg_bits']:.3f}" if r["avg_bits"] is not None else "fp"),
-               ("MB", 9, lambda r: f"{r['bytes'] / 1e6:.3f}"), *loss_columns(9),
-               ("Δloss", 9, lambda r: f"{r['loss'] - base:+.4f}")]
+               ("MB", 9, lambda r: f"{r['bytes'] / 1e6:.3f}"), *quality_columns(list(record["runs"].values()), 9),
+               ("Δloss" if key == "loss" else "Δcos", 9, lambda r: f"{r[key] - base:+.4f}")]
     chosen_on, used = record["chosen_on"], record["after"]["avg_bits"]
     return [f"widths per block by {record['importance']}: {record['allocation']}",
             *_format_lines(record),
             f"average {used:.3f} bits per block weight, of a budget of {record['budget_bits']:g}",
             f"chosen on the {chosen_on}" if chosen_on else "chosen on the weights alone (no text)",
-            f"loss (nats/token) and perplexity on the {record['before']['slice']}",
-            *table(record["runs"], columns, name_width=16),
+            quality_heading(record["before"]), *table(record["runs"], columns, name_width=16),
             f"on disk: {record['after']['disk_bytes'] / 1e6:.3f} MB of weights "
             f"(the input: {record['input_disk_bytes'] / 1e6:.3f} MB)", *stage_lines(record["runs"])]
 
