@@ -604,7 +604,7 @@ def two_nearest(Y: torch.Tensor, block: int = NEIGHBOUR_BLOCK) -> torch.Tensor:
             if a != b:
                 found[b].append(d2.topk(min(2, d2.shape[0]), dim=0, largest=False).values.T)
     near = [torch.cat(f, 1) for f in found]
-    return torch.cat([f.topk(2, dim=1, largest=False).values for f in near]) if near else torch.zeros(0, 2)
+    return torch.cat([f.topk(2, dim=1, largest=False).values for f in near]) if near else Y.new_zeros(0, 2)
 
 
 def intrinsic_dimension(Z: torch.Tensor) -> float:

@@ -162,6 +162,7 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
             out = v.forward(ids, mask)
         if fidelity is None:
             fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+        del out  # a batch's logits are not kept past the check
         if unit == "block":
             x_in, x_out = t.resid_in, t.resid_out
         else:
@@ -231,6 +232,7 @@ def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "bl
     return total / max(count, 1)
 
 
+@torch.no_grad()
 def by_loss(model, tok, n: int, data, tokens: int, unit: str = "block") -> tuple[list[int], dict]:
     v = view(model)
     held = _held_batches(model, tok, data, tokens)

@@ -254,6 +254,7 @@ def lim_scores(model, held) -> tuple[list[float], dict | None]:
             out = v.forward(ids, mask)
         if fidelity is None:  # outside the trace: the plain forward must not be recorded
             fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+        del out  # a batch's logits are not kept past the check
         for i in range(v.num_layers):
             cos = torch.nn.functional.cosine_similarity(t.resid_in[i].float(), t.resid_out[i].float(), dim=-1)
             sums[i] += float(cos[mask.bool()].sum())
@@ -541,7 +542,7 @@ def _record(tok, data, held, importance: str, scores, chosen: list[int], bits: f
             sizes: list[int], rows: dict, before: dict, model_dir, *, offload: bool, output: str,
             note: str | None) -> dict:
     """quantize's record (both modes)."""
-    chosen_on = train_slice(tok, data, sum(ids.numel() for ids, _ in held)) if held else None
+    chosen_on = train_slice(tok, data, sum(int(mask.sum()) for _, mask in held)) if held else None  # real tokens
     # the fidelity certificate of the traced stream LIM reads (zd reads weights, loss whole-model losses: None)
     fidelity = scores.get("fidelity")
     scores = {k: v for k, v in scores.items() if k != "fidelity"}

@@ -14,6 +14,9 @@ from .fields import (
     ALL_FIELDS,
     FIELD_SYNONYMS,
     GROUPS,
+    Blocks,
+    Float,
+    Int,
     check_fields,
     field_key,
     unknown_field_error,
@@ -35,6 +38,7 @@ from .train import (
 
 __all__ = [
     "ALL_FIELDS", "DENSE_MLPS", "FIELD_SYNONYMS", "GROUPS", "HF_RENAMED", "MODEL_FIELDS", "MOE_DEFAULTS", "NESTED",
+    "Blocks", "Float", "Int",
     "RESUMABLE_CHANGES", "TRAIN_FIELDS", "GrowSpec", "LISASettings", "LLRSettings", "ModelConfig", "NoiseSettings",
     "TrainConfig", "check_fields", "field_key", "parse_grow_schedule", "parse_grow_spec", "unknown_field_error",
     "unknown_name_error",
