@@ -376,7 +376,9 @@ Examples:
 
 @app.command(epilog=PRUNE_EXAMPLE)
 def prune(
-    model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
+    model: Annotated[Path, typer.Argument(help="model directory: a causal LM of any family in docs/architectures.md "
+                                          "(or one whose blocks can be discovered), or a BERT-style encoder "
+                                          "(whole blocks, in memory)")],
     remove: Annotated[int, typer.Option(help="number of blocks (or, with --unit attn|mlp, sublayers) to remove")] = ...,
     metric: Annotated[str, typer.Option(help=_names(PRUNE_METRICS))] = "angular",
     unit: Annotated[str, typer.Option(help=f"{_names(PRUNE_UNITS)}: remove whole blocks, or only their attention "
@@ -439,7 +441,9 @@ widths), and with --format layerlab, it is layerlab's packed format, which loads
 
 @app.command(epilog=QUANTIZE_EXAMPLE)
 def quantize(
-    model: Annotated[Path, typer.Argument(help="causal LM directory (layerlab, GPT-2 or Llama-style)")],
+    model: Annotated[Path, typer.Argument(help="model directory: a causal LM of any family in docs/architectures.md "
+                                          "(or one whose blocks can be discovered), or a BERT-style encoder "
+                                          "(--importance lim or zd, in memory)")],
     bits: Annotated[float, typer.Option(help="budget of average bits per block weight, fractional allowed (e.g. 3.5); "
                                       "lim/zd fill it, loss may use less")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,
@@ -504,7 +508,8 @@ Examples:
 
 @app.command(epilog=CONVERT_EXAMPLE)
 def convert(
-    model: Annotated[Path, typer.Argument(help="Pre-LN causal LM directory (layerlab pre+layernorm, or GPT-2)")],
+    model: Annotated[Path, typer.Argument(help="Pre-LN causal LM directory (layerlab pre+layernorm, or GPT-2; --to "
+                                          "rmsnorm also gpt_neox, opt, phi, falcon, gptj and bloom)")],
     to: Annotated[str, typer.Option(help=f"{_names(CONVERT_TARGETS)} (the first two exact, no-norm "
                                       "fine-tuned, recursive: shared looped blocks)")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,

@@ -305,17 +305,17 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
     """Remove ``remove`` blocks (or, with ``unit`` ``attn``/``mlp``, sublayers) chosen by ``metric``,
     optionally heal, and write the model to ``out``; :func:`prune_lines` lays out the result.
 
-    Returns the record also written to ``out/layerlab.json``: ``unit``, ``removed`` (a list of
-    ``{"block", "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size,
-    sublayer counts and validation loss/perplexity (on the first ``tokens`` of the validation split;
-    default all of it) before pruning, after pruning and (with ``heal_steps``) after healing on the
-    training split of ``data``. ``metric`` reads the first ``measure_tokens`` tokens of the training
-    split. ``chosen_on`` (and with healing ``healed_on``) names the text read, as each stage's ``slice``
-    names the text it is scored on. For sublayers, ``surgery`` says how they went: ``"removed"`` (a layerlab
-    model's ``drop_attn``/``drop_mlp``; a Hugging Face model's per-layer ``skip``, :func:`remove_sublayers`, with
-    ``removed_weights`` naming the weights left out) or ``"zeroed"`` (a Hugging Face family that the installed
-    transformers cannot build without them: ``zeroed`` names the weights, ``note`` says why; healing keeps them
-    zero).
+    Returns the record also written to ``out/layerlab.json``: ``unit``, ``removed`` (a list of ``{"block",
+    "unit"}``; for whole blocks also ``removed_blocks``), the metric's scores, and size, sublayer counts and
+    validation loss/perplexity (an encoder: ``embedding_cosine`` to the input model's, :class:`~.common.Quality`; on
+    the first ``tokens`` of the validation split; default all of it) before pruning, after pruning and (with
+    ``heal_steps``) after healing on the training split of ``data``. ``metric`` reads the first ``measure_tokens``
+    tokens of the training split. ``chosen_on`` (and with healing ``healed_on``) names the text read, as each
+    stage's ``slice`` names the text it is scored on. For sublayers, ``surgery`` says how they went: ``"removed"``
+    (a layerlab model's ``drop_attn``/``drop_mlp``; a Hugging Face model's per-layer ``skip``,
+    :func:`remove_sublayers`, with ``removed_weights`` naming the weights left out) or ``"zeroed"`` (a Hugging Face
+    family that the installed transformers cannot build without them: ``zeroed`` names the weights, ``note`` says
+    why; healing keeps them zero).
 
     The model loads in ``dtype`` (``"auto"``: the checkpoint's own; float32 when healing) and the output is
     written in it. With

@@ -310,8 +310,9 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
              probe_seed: int = 0) -> dict:
     """Quantize every block to one of ``widths`` within an average of ``bits``, chosen by ``importance``; write
     the packed model to ``out``. Returns the record (also in ``out/layerlab.json``) with every allocation's
-    size, average width and loss; ``budget_bits`` is ``bits``, ``after["avg_bits"]`` the average used (below
-    the budget only for ``loss``, see :func:`allocate`), ``chosen_on`` the text the importance was measured
+    size, average width and loss (an encoder: ``embedding_cosine`` to the input model's,
+    :class:`~.common.Quality`); ``budget_bits`` is ``bits``, ``after["avg_bits"]`` the average used (below the
+    budget only for ``loss``, see :func:`allocate`), ``chosen_on`` the text the importance was measured
     on (None for ``zd``, which reads the weights only); :func:`quantize_lines` lays out its table.
 
     ``output`` is the written format (:data:`~layerlab.packed.OUTPUT_FORMATS`): ``"compressed-tensors"``
