@@ -107,3 +107,45 @@ def test_quantize_an_encoder_by_lim_into_a_directory_plain_transformers_loads(or
     assert written.config.quantization_config is not None
     want = float(F.cosine_similarity(_embeddings(written, windows), _embeddings(plain, windows)).mean())
     assert record["after"]["embedding_cosine"] == pytest.approx(want, abs=1e-4)
+
+
+def _tensors(d) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("command", ["prune angular", "prune bi", "quantize lim"])
+def test_streamed_encoder_equals_in_memory(command, tmp_path):
+    """``--offload`` on the encoder never builds it, and chooses and writes what the in-memory path does: the same
+    blocks or widths, the same embedding cosines, every tensor equal; it also copies a tensor of the checkpoint
+    that the model does not read (MiniLM's stored ``embeddings.position_ids`` buffer), which plain transformers
+    ignores on load, as it does in the input."""
+    name, how = command.split()
+    runs = {}
+    for off in (False, True):
+        if name == "prune":
+            runs[off] = prune(SRC, remove=2, metric=how, out=tmp_path / str(off), tokens=TOKENS,
+                              measure_tokens=TOKENS, offload=off)
+        else:
+            runs[off] = quantize(SRC, bits=3.5, importance=how, out=tmp_path / str(off), tokens=TOKENS,
+                                 calibration_tokens=TOKENS, baselines=False, offload=off)
+    mem, streamed = runs[False], runs[True]
+    assert streamed["offload"] and not mem["offload"]
+    key = "removed_blocks" if name == "prune" else "allocation"
+    assert streamed[key] == mem[key]
+    stage = "pruned" if name == "prune" else "after"
+    assert streamed[stage]["embedding_cosine"] == pytest.approx(mem[stage]["embedding_cosine"], abs=1e-6)
+    assert 0 < mem[stage]["embedding_cosine"] < 1
+    a, b = _tensors(tmp_path / "False"), _tensors(tmp_path / "True")
+    assert set(b) - set(a) <= {"embeddings.position_ids"} and set(a) <= set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "False" / "config.json").read_text()) == \
+        json.loads((tmp_path / "True" / "config.json").read_text())
+    AutoModel.from_pretrained(tmp_path / "True")  # loads in plain transformers

@@ -190,20 +190,21 @@ def test_compressors_certify_the_stream_they_choose_on(run, tmp_path, monkeypatc
 
 ENCODER_REFUSED = {  # argv after the model -> what the one line says
     ("prune", "--remove", "1", "--unit", "mlp"): "--unit mlp needs blocks that add each sublayer to the residual",
-    ("prune", "--remove", "1", "--offload"): "prune --offload streams causal LMs",
+    ("prune", "--remove", "1", "--offload", "--metric", "loss"): "prune --offload --metric loss measures a causal",
     ("prune", "--remove", "1", "--heal-steps", "2"): "healing trains a causal LM; this model is an encoder",
     ("prune", "--remove", "1", "--tasks", "all"): "--tasks probe a causal LM; this model is an encoder",
     ("quantize", "--bits", "4", "--importance", "loss"): "--importance loss ranks blocks by language-model loss",
-    ("quantize", "--bits", "4", "--offload"): "quantize --offload streams causal LMs",
+    ("quantize", "--bits", "4", "--offload", "--tasks", "all"): "--tasks probe a causal LM; this model is an encoder",
     ("eval", "--tokens", "64"): "bert models have no language-model loss",
 }
 
 
 @pytest.mark.parametrize("argv", sorted(ENCODER_REFUSED))
 def test_what_an_encoder_cannot_take_is_one_line(argv, tmp_path, capsys, monkeypatch):
-    """BERT (the real MiniLM) is pruned (blocks) and quantized (lim, zd) in memory (tests/test_encoder_compress.py);
-    what reads a language model's loss or predictions, trains one, streams one, or removes a sublayer from its
-    Post-LN blocks is refused in one line on stderr (exit 2), naming why, and nothing is written."""
+    """BERT (the real MiniLM) is pruned (blocks) and quantized (lim, zd), in memory and streamed
+    (tests/test_encoder_compress.py); what reads a language model's loss or predictions, trains one, or removes a
+    sublayer from its Post-LN blocks is refused in one line on stderr (exit 2), naming why, and nothing is
+    written."""
     import sys
 
     from layerlab.cli import main

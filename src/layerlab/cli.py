@@ -378,7 +378,7 @@ Examples:
 def prune(
     model: Annotated[Path, typer.Argument(help="model directory: a causal LM of any family in docs/architectures.md "
                                           "(or one whose blocks can be discovered), or a BERT-style encoder "
-                                          "(whole blocks, in memory)")],
+                                          "(whole blocks)")],
     remove: Annotated[int, typer.Option(help="number of blocks (or, with --unit attn|mlp, sublayers) to remove")] = ...,
     metric: Annotated[str, typer.Option(help=_names(PRUNE_METRICS))] = "angular",
     unit: Annotated[str, typer.Option(help=f"{_names(PRUNE_UNITS)}: remove whole blocks, or only their attention "
@@ -443,7 +443,7 @@ widths), and with --format layerlab, it is layerlab's packed format, which loads
 def quantize(
     model: Annotated[Path, typer.Argument(help="model directory: a causal LM of any family in docs/architectures.md "
                                           "(or one whose blocks can be discovered), or a BERT-style encoder "
-                                          "(--importance lim or zd, in memory)")],
+                                          "(--importance lim or zd)")],
     bits: Annotated[float, typer.Option(help="budget of average bits per block weight, fractional allowed (e.g. 3.5); "
                                       "lim/zd fill it, loss may use less")] = ...,
     out: Annotated[Path, typer.Option(help="output directory (must not exist)")] = ...,

@@ -55,11 +55,11 @@ def input_mode(model_dir: str | Path, *, dtype: str = "auto", offload: bool | No
     return choose_offload(model_dir, offload, max_memory, dtype, device)
 
 
-def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dtype: str = "auto"):
+def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str | None = None, dtype: str = "auto"):
     """``(Loaded, Offloaded)``: the input streamed block by block, as ``analyze`` opens it (its ``open_model``: a
     family with an adapter entry, safetensors, the tokenizer); its parameters are on ``meta`` except the
-    embedding, final norm and head, and its forward streams the blocks. A quantized model and an encoder are
-    refused as :func:`open_input` refuses them."""
+    embedding, final norm and head, and its forward streams the blocks. A quantized model is refused as
+    :func:`open_input` refuses it, and with ``causal`` so is an encoder."""
     from ..analysis.analyze import open_model
     from ..offload import raw_config
 
@@ -69,7 +69,7 @@ def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str, dt
     model, tok, om = open_model(Path(model_dir), dtype, True, None, None)
     refuse_quantized(model, model_dir, command)
     refuse_design(model, command)
-    if not om.view.causal:
+    if causal and not om.view.causal:
         raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return Loaded(model, tok, om.view), om
 

@@ -44,9 +44,9 @@ exactly, keeps the directory loadable by plain transformers, and does not shrink
 still builds the skipped modules, so every Hugging Face family is zeroed there. The record's ``surgery``
 says which was done (``"removed"`` / ``"zeroed"``) and ``note`` why.
 
-An encoder (BERT) is pruned by blocks, in memory: its angular distance is averaged over every real token, its
-``loss`` is the distance 1 - cos of its sentence embeddings to the whole model's, and each stage's row holds that
-cosine to the input's (:class:`~.common.Quality`) instead of a loss it does not have.
+An encoder (BERT) is pruned by blocks (streamed too, by ``angular`` or ``bi``): its angular distance is averaged
+over every real token, its ``loss`` is the distance 1 - cos of its sentence embeddings to the whole model's, and
+each stage's row holds that cosine to the input's (:class:`~.common.Quality`) instead of a loss it does not have.
 
 How a removal is done to the model is :mod:`layerlab.compress.removal`'s; this module chooses what to remove,
 writes the output and records it.
@@ -332,18 +332,15 @@ def prune(model_dir: str | Path, *, remove: int, metric: str = "angular", unit: 
             "dtype": dtype, "offload": streamed, **({"probes": probes} if probes else {})}
     if streamed:
         _check_offload(metric, unit, heal_steps)
-        (_, tok, _), om = open_offloaded_input(model_dir, "prune", dtype=dtype,
-                                               causal="--offload streams causal LMs (prune an encoder in memory: "
-                                                      "--no-offload)")
+        (_, tok, _), om = open_offloaded_input(model_dir, "prune", dtype=dtype)
+        _check_encoder(om.view, metric, heal_steps, probes, streamed=True)
         if announce is not None:
             announce(f"{model_dir}: {reason}")
         return _prune_offloaded(om, tok, model_dir=model_dir, remove=remove, metric=metric, unit=unit, out=out,
                                 data=data, tokens=tokens, measure_tokens=measure_tokens, args=args, probes=probes)
     # healing trains: with dtype auto it loads in float32, as before dtypes were kept (a bf16 optimizer step is lossy)
     model, tok, v = open_input(model_dir, "prune", dtype="float32" if heal_steps and dtype == "auto" else dtype)
-    if not v.causal and (heal_steps or probes):  # what trains or probes a language model
-        raise LayerlabError(f"{'healing trains' if heal_steps else '--tasks probe'} a causal LM; this model is an "
-                            "encoder (prune it without them)")
+    _check_encoder(v, metric, heal_steps, probes, streamed=False)
     if announce is not None:
         announce(f"{model_dir}: {reason}")
     _check_remove(model, v, unit, remove)
@@ -423,6 +420,20 @@ def _greedy_loss_streamed(model, tok, n: int, data, tokens: int, v: LayerView) -
     return sorted(removed), {"greedy": steps, "fidelity": fidelity}
 
 
+def _check_encoder(v: LayerView, metric: str, heal_steps: int, probes: dict | None, streamed: bool) -> None:
+    """What an encoder cannot take, in one line: healing and ``--tasks`` (they train and probe a causal LM), and
+    streamed, the ``loss`` metric (its skip-streams compare with the model that has the chosen blocks removed,
+    where an encoder's distance is to the whole model's embeddings, as :func:`by_loss` measures it)."""
+    if v.causal:
+        return
+    if heal_steps or probes:
+        raise LayerlabError(f"{'healing trains' if heal_steps else '--tasks probe'} a causal LM; this model is an "
+                            "encoder (prune it without them)")
+    if streamed and metric == "loss":
+        raise LayerlabError("prune --offload --metric loss measures a causal LM's loss; stream an encoder with "
+                            "--metric angular or bi, or choose by loss in memory (--no-offload)")
+
+
 def _check_offload(metric: str, unit: str, heal_steps: int) -> None:
     if metric not in OFFLOAD_METRICS:
         raise LayerlabError(f"prune in offload mode chooses by {', '.join(OFFLOAD_METRICS)}; --metric {metric} "
@@ -457,7 +468,7 @@ def _prune_offloaded(om, tok, *, model_dir, remove: int, metric: str, unit: str,
     model, v = om.model, om.view
     _check_remove(model, v, unit, remove, om)
     with staged_output(model_dir, out, "prune", args) as stage:
-        quality = Quality(True)  # a streamed input is a causal LM (open_offloaded_input)
+        quality = Quality(v.causal)
         before = _stage(model, tok, data, tokens, quality, om, probes=probes)
         present = [True] * v.num_layers if unit == "block" else present_sublayers(model, unit, om)
         if metric == "loss":

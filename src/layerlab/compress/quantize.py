@@ -344,9 +344,8 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
             raise LayerlabError(f"quantize in offload mode ranks blocks by {' or '.join(OFFLOAD_IMPORTANCE)}; "
                                 f"--importance {importance} runs a quantized forward of the whole model per block "
                                 "and width: use --no-offload")
-        (_, tok, _), om = open_offloaded_input(model_dir, "quantize", dtype=dtype,
-                                               causal="--offload streams causal LMs (quantize an encoder in "
-                                                      "memory: --no-offload)")
+        (_, tok, _), om = open_offloaded_input(model_dir, "quantize", dtype=dtype)
+        _check_encoder(om.view, importance, probes)
         if announce is not None:
             announce(f"{model_dir}: {reason}")
         return _quantize_offloaded(om, tok, model_dir=model_dir, out=out, bits=bits, importance=importance,
@@ -354,11 +353,7 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
                                    calibration_tokens=calibration_tokens, seed=seed, baselines=baselines, args=args,
                                    output=output, probes=probes)
     model, tok, v = open_input(model_dir, "quantize", dtype=dtype)
-    if not v.causal and (importance == "loss" or probes):  # what reads a language model's loss or predictions
-        what = "--importance loss ranks blocks by language-model loss" if importance == "loss" else \
-            "--tasks probe a causal LM"
-        raise LayerlabError(f"{what}; this model is an encoder (quantize it by --importance lim or zd, without "
-                            "--tasks)")
+    _check_encoder(v, importance, probes)
     if announce is not None:
         announce(f"{model_dir}: {reason}")
     quality = Quality(v.causal)  # an encoder's rows: its embeddings' cosine to the input's
@@ -392,6 +387,15 @@ def quantize(model_dir: str | Path, *, bits: float, out: str | Path, importance:
     return stage.record
 
 
+def _check_encoder(v, importance: str, probes: dict | None) -> None:
+    """What reads a language model's loss or predictions is refused for an encoder, in one line."""
+    if not v.causal and (importance == "loss" or probes):
+        what = "--importance loss ranks blocks by language-model loss" if importance == "loss" else \
+            "--tasks probe a causal LM"
+        raise LayerlabError(f"{what}; this model is an encoder (quantize it by --importance lim or zd, without "
+                            "--tasks)")
+
+
 OFFLOAD_IMPORTANCE = ("lim", "zd")  # one streamed pass (LIM) or one read of each block's weights (ZD)
 
 
@@ -423,7 +427,7 @@ def _quantize_offloaded(om, tok, *, model_dir, out, bits: float, importance: str
         scores, cost = _importance(q, model, held, importance, bits, widths, False, hold=om.block)
         chosen = allocate(sizes, bits, widths, cost, fill=True)
         runs = {**(_baselines(sizes, bits, widths, seed) if baselines else {}), importance: chosen}
-        quality = Quality(True)  # a streamed input is a causal LM (open_offloaded_input)
+        quality = Quality(v.causal)
         before = {"avg_bits": None, "bytes": param_bytes(model), **_measure(model, tok, data, tokens, quality, probes)}
         rows = {"original": before}
         for name, alloc in runs.items():
