@@ -21,12 +21,11 @@ from ..model import refuse_design
 from ..packed import refuse_quantized
 
 
-def open_input(model_dir: str | Path, command: str, *, causal: str | None = None,
-               need_tokenizer: bool = True, dtype: str | torch.dtype = torch.float32) -> Loaded:
+def open_input(model_dir: str | Path, command: str, *, need_tokenizer: bool = True,
+               dtype: str | torch.dtype = torch.float32) -> Loaded:
     """The input model, tokenizer and view, loaded in ``dtype`` (``"auto"``: the checkpoint's own); a quantized
-    model is refused, and with ``causal`` (what the command does that needs one) so is an encoder. A model
-    without a tokenizer is refused too, unless ``need_tokenizer`` is False (the command reads no text): its
-    tokenizer is then None."""
+    model is refused (what a command cannot do to an encoder, it refuses itself). A model without a tokenizer is
+    refused too, unless ``need_tokenizer`` is False (the command reads no text): its tokenizer is then None."""
     if isinstance(dtype, str) and dtype != "auto":
         from ..offload import resolve_dtype
 
@@ -34,8 +33,6 @@ def open_input(model_dir: str | Path, command: str, *, causal: str | None = None
     loaded = load_model(model_dir, need_tokenizer=need_tokenizer, dtype=dtype)
     refuse_quantized(loaded.model, model_dir, command)
     refuse_design(loaded.model, command)
-    if causal and not loaded.view.causal:
-        raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return loaded
 
 
@@ -55,11 +52,11 @@ def input_mode(model_dir: str | Path, *, dtype: str = "auto", offload: bool | No
     return choose_offload(model_dir, offload, max_memory, dtype, device)
 
 
-def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str | None = None, dtype: str = "auto"):
+def open_offloaded_input(model_dir: str | Path, command: str, *, dtype: str = "auto"):
     """``(Loaded, Offloaded)``: the input streamed block by block, as ``analyze`` opens it (its ``open_model``: a
     family with an adapter entry, safetensors, the tokenizer); its parameters are on ``meta`` except the
     embedding, final norm and head, and its forward streams the blocks. A quantized model is refused as
-    :func:`open_input` refuses it, and with ``causal`` so is an encoder."""
+    :func:`open_input` refuses it."""
     from ..analysis.analyze import open_model
     from ..offload import raw_config
 
@@ -69,8 +66,6 @@ def open_offloaded_input(model_dir: str | Path, command: str, *, causal: str | N
     model, tok, om = open_model(Path(model_dir), dtype, True, None, None)
     refuse_quantized(model, model_dir, command)
     refuse_design(model, command)
-    if causal and not om.view.causal:
-        raise LayerlabError(f"{command} {causal}; this model is an encoder")
     return Loaded(model, tok, om.view), om
 
 
