@@ -297,6 +297,13 @@ def check_fidelity(v, input_ids: torch.Tensor, mask: torch.Tensor, states: list[
             "tolerance": tol, "passed": True}
 
 
+def check_trace(v, input_ids: torch.Tensor, mask: torch.Tensor, t, out) -> dict:
+    """:func:`check_fidelity` of a batch's finished trace ``t`` and its output ``out``, on the batch's
+    :func:`fidelity_rows`: for a command that traces its own forwards (prune's stream measures, LIM); called
+    outside the trace, so that the plain forward is not recorded."""
+    return check_fidelity(v, input_ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+
+
 @torch.no_grad()
 def certify(v, input_ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """:func:`check_fidelity` where a command's own forwards are not traced (prune's ``loss`` metric): a traced

@@ -67,8 +67,8 @@ import torch.nn.functional as F
 
 from ..adapters import SUBLAYERS, LayerView, view
 from ..allocator import param_bytes
-from ..analysis.analyze import certify, check_fidelity, fidelity_rows
-from ..analysis.stats import RemovalSums, angular, last_token_index
+from ..analysis.analyze import certify, check_trace
+from ..analysis.stats import RemovalSums, angular, last_token_index, output_loss_terms
 from ..data import batches, window_length
 from ..defaults import MEASURE_TOKENS
 from ..errors import LayerlabError, choices_error
@@ -161,7 +161,7 @@ def stream_measures(model, tok, data, tokens: int, unit: str = "block", present:
         with v.trace(sublayers=unit != "block") as t:
             out = v.forward(ids, mask)
         if fidelity is None:
-            fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+            fidelity = check_trace(v, ids, mask, t, out)
         del out  # a batch's logits are not kept past the check
         if unit == "block":
             x_in, x_out = t.resid_in, t.resid_out
@@ -218,7 +218,8 @@ def bi_choice(measures: dict, n: int, unit: str) -> tuple[list[int], dict]:
 def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "block",
                   reference: list[torch.Tensor] | None = None) -> float:
     """The loss with ``skip`` removed; an encoder's (``reference``: the whole model's sentence embeddings, per
-    batch) the mean of 1 - cos(embedding, the whole model's) over windows, as analyze's removal delta reads it."""
+    batch) the mean of 1 - cos(embedding, the whole model's) over windows, as analyze's removal delta reads it
+    (:func:`~layerlab.analysis.stats.output_loss_terms`)."""
     total, count = 0.0, 0
     with v.skip(*skip) if unit == "block" else v.skip_sublayers(unit, *skip):
         for k, (ids, mask) in enumerate(batches_):
@@ -226,8 +227,7 @@ def _skipped_loss(v: LayerView, batches_: list, skip: list[int], unit: str = "bl
             if reference is None:
                 part, n = masked_loss_sum(out.logits, ids, mask)
             else:
-                emb = mean_pooled(out.last_hidden_state, mask)
-                part, n = float((1 - F.cosine_similarity(emb, reference[k], dim=-1)).sum()), int(ids.shape[0])
+                part, n = output_loss_terms(False, out, ids, mask, reference[k])
             total, count = total + part, count + n
     return total / max(count, 1)
 

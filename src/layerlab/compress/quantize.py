@@ -55,7 +55,7 @@ import torch
 
 from ..adapters import view
 from ..allocator import param_bytes
-from ..analysis.analyze import check_fidelity, fidelity_rows
+from ..analysis.analyze import check_trace
 from ..data import batches, window_length
 from ..defaults import CALIBRATION_TOKENS, QUANT_GROUP, QUANT_WIDTHS
 from ..errors import LayerlabError, choices_error
@@ -253,7 +253,7 @@ def lim_scores(model, held) -> tuple[list[float], dict | None]:
         with v.trace(sublayers=False) as t:
             out = v.forward(ids, mask)
         if fidelity is None:  # outside the trace: the plain forward must not be recorded
-            fidelity = check_fidelity(v, ids, mask, [t.resid_in[0], *t.resid_out], out, rows=fidelity_rows(mask))
+            fidelity = check_trace(v, ids, mask, t, out)
         del out  # a batch's logits are not kept past the check
         for i in range(v.num_layers):
             cos = torch.nn.functional.cosine_similarity(t.resid_in[i].float(), t.resid_out[i].float(), dim=-1)
